@@ -1,0 +1,223 @@
+r"""Train state, optimizers, and per-device train and evaluation steps for recurrent LMs.
+
+Truncated backpropagation through time (notes, section 13.7): each step unrolls the
+model over ``T`` tokens of every batch row, backpropagates through those ``T`` steps
+only, and hands the final hidden state (with ``stop_gradient``) to the next batch when
+batches are sequential (``Batch.reset`` is False), so row ``b`` of batch ``i + 1``
+continues from where row ``b`` of batch ``i`` stopped.
+
+The steps are written per device: with ``axis_name=None`` they run under plain
+``jit``; with an axis name the gradient and metric sums are reduced over that axis with
+``lax.psum``, so the same function runs under ``jax.shard_map`` or ``jax.pmap`` and
+computes exactly what one device computes on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from lm_jax import language_model as lm_lib
+
+PyTree = Any
+
+GRAD_REDUCTIONS = ("token_mean", "sum_over_time")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Arrays only: everything a step reads and writes, and everything a resume needs.
+
+  Attributes:
+    step: int32 scalar, number of updates applied.
+    params: model parameters.
+    opt_state: optimizer state; the learning rate lives here (``inject_hyperparams``)
+      so host-side schedules can change it and checkpoints keep it.
+    rng: raw ``uint32[2]`` PRNG key; per-step keys are ``fold_in(rng, step)``.
+    rnn_state: the hidden state carried between sequential batches, per layer.
+  """
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+  rnn_state: PyTree
+
+
+def make_optimizer(name: str, learning_rate: float, *, clip: float | None = None,
+                   momentum: float = 0.0, weight_decay: float = 0.0
+                   ) -> optax.GradientTransformation:
+  """Global-norm clipping followed by SGD or Adam(W), learning rate injectable.
+
+  The learning rate is a hyperparameter in the optimizer state
+  (``opt_state.hyperparams["learning_rate"]``) so epoch-level schedules that depend
+  on validation results (Mikolov's halving) can be applied from the host.
+  """
+  if name not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+  def factory(learning_rate):
+    if name == "sgd":
+      opt = optax.sgd(learning_rate, momentum=momentum or None)
+    elif name == "adam":
+      opt = optax.adam(learning_rate)
+    else:
+      opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+    if clip:
+      opt = optax.chain(optax.clip_by_global_norm(clip), opt)
+    return opt
+
+  return optax.inject_hyperparams(factory)(learning_rate=learning_rate)
+
+
+def get_learning_rate(state: TrainState) -> jax.Array:
+  return state.opt_state.hyperparams["learning_rate"]
+
+
+def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
+  """Returns ``state`` with the optimizer's learning rate replaced (host side)."""
+  hyper = dict(state.opt_state.hyperparams)
+  old = hyper["learning_rate"]
+  hyper["learning_rate"] = jnp.asarray(learning_rate, dtype=old.dtype)
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+
+def create_train_state(model: lm_lib.LanguageModel, optimizer: optax.GradientTransformation,
+                       *, seed: int, batch_size: int) -> TrainState:
+  """Initial state: params from ``seed``, zero hidden state for ``batch_size`` rows."""
+  init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+  params = model.init(init_key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), rng=rng,
+                    rnn_state=model.initial_state(batch_size))
+
+
+def _reset_where(reset: jax.Array, rnn_state: PyTree) -> PyTree:
+  return jax.tree.map(lambda s: jnp.where(reset, jnp.zeros_like(s), s), rnn_state)
+
+
+def _psum(x, axis_name):
+  return x if axis_name is None else lax.psum(x, axis_name)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+               model: lm_lib.LanguageModel, optimizer: optax.GradientTransformation,
+               grad_reduction: str = "token_mean", axis_name: str | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  r"""One truncated-BPTT update on this device's rows of the batch.
+
+  The objective over the global batch is
+
+  .. math::
+    L(\theta) = \frac{1}{Z} \sum_{b, t} m_{bt} \, \ell_{bt}(\theta),
+
+  with :math:`Z` the number of unmasked tokens (``token_mean``) or the number of
+  batch rows (``sum_over_time``: the loss summed over time and averaged over rows, as
+  Zaremba et al. 2014 and TensorFlow's PTB tutorial train with SGD lr 1). Each device
+  differentiates its share :math:`\frac{1}{Z}\sum_{b \in \text{dev}}` and the shares
+  are summed with ``psum``, so gradients are exact for any split.
+
+  Args:
+    state: this device's train state (``rnn_state`` holds its rows).
+    batch: ``inputs_BxT``, ``targets_BxT`` (int32), ``mask_BxT`` (bool) and ``reset``
+      (bool scalar: zero the carried state first, for random batches and new epochs).
+    model: the language model.
+    optimizer: an optax transformation made by :func:`make_optimizer`.
+    grad_reduction: ``"token_mean"`` or ``"sum_over_time"``.
+    axis_name: the device axis to reduce over, or None on one device.
+
+  Returns:
+    The new state and metric sums ``loss_sum`` (nats), ``token_count``, ``grad_norm``
+    (of the averaged gradient, before clipping), and ``learning_rate``.
+  """
+  if grad_reduction not in GRAD_REDUCTIONS:
+    raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
+  mask_BxT = batch["mask_BxT"]
+  token_count = _psum(mask_BxT.sum().astype(jnp.float32), axis_name)
+  if grad_reduction == "token_mean":
+    denominator = token_count
+  else:
+    denominator = _psum(jnp.float32(mask_BxT.shape[0]), axis_name)
+  rnn_state = lax.stop_gradient(_reset_where(batch["reset"], state.rnn_state))
+  dropout_key = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:
+    dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
+
+  def loss_fn(params):
+    loss_BxT, new_rnn_state = model.loss(params, batch["inputs_BxT"], batch["targets_BxT"],
+                                         rnn_state, mask_BxT=mask_BxT, dropout_key=dropout_key)
+    loss_sum = jnp.sum(loss_BxT)
+    return loss_sum / denominator, (loss_sum, new_rnn_state)
+
+  grads, (loss_sum, new_rnn_state) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads = _psum(grads, axis_name)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, rnn_state=lax.stop_gradient(new_rnn_state))
+  metrics = {"loss_sum": _psum(loss_sum, axis_name), "token_count": token_count,
+             "grad_norm": optax.tree.norm(grads),
+             "learning_rate": get_learning_rate(state).astype(jnp.float32)}
+  return new_state, metrics
+
+
+def eval_step(params: PyTree, rnn_state: PyTree, batch: dict[str, jax.Array], *,
+              model: lm_lib.LanguageModel, axis_name: str | None = None
+              ) -> tuple[PyTree, dict[str, jax.Array]]:
+  """Loss sums of one evaluation batch, with the state carried (reset if asked)."""
+  rnn_state = _reset_where(batch["reset"], rnn_state)
+  loss_BxT, new_rnn_state = model.loss(params, batch["inputs_BxT"], batch["targets_BxT"],
+                                       rnn_state, mask_BxT=batch["mask_BxT"])
+  metrics = {"loss_sum": _psum(jnp.sum(loss_BxT), axis_name),
+             "token_count": _psum(batch["mask_BxT"].sum().astype(jnp.float32), axis_name)}
+  return new_rnn_state, metrics
+
+
+def batch_to_arrays(batch) -> dict[str, Any]:
+  """A host ``lm_jax.batching.Batch`` as the dict the steps take."""
+  return {"inputs_BxT": batch.inputs_BxT, "targets_BxT": batch.targets_BxT,
+          "mask_BxT": batch.mask_BxT, "reset": jnp.asarray(batch.reset)}
+
+
+def evaluate(params: PyTree, batches, *, model: lm_lib.LanguageModel, batch_size: int,
+             eval_fn: Callable | None = None) -> dict[str, float]:
+  """Exact loss over a whole split: every target token counted once, state carried.
+
+  Args:
+    params: model parameters.
+    batches: iterable of ``Batch`` covering the split (``batching.eval_batches``).
+    model: the language model.
+    batch_size: rows per batch (for the initial state).
+    eval_fn: a jitted ``eval_step`` with ``model`` bound; built here if None.
+
+  Returns:
+    ``loss_nats`` (mean per token), ``perplexity`` = e^loss, ``bits_per_token`` =
+    loss / ln 2, and ``tokens``.
+  """
+  if eval_fn is None:
+    eval_fn = jax.jit(lambda p, s, b: eval_step(p, s, b, model=model))
+  rnn_state = model.initial_state(batch_size)
+  loss_sum, count = 0.0, 0.0
+  pending = []
+  for batch in batches:
+    rnn_state, metrics = eval_fn(params, rnn_state, batch_to_arrays(batch))
+    pending.append(metrics)
+  for metrics in pending:  # fetch after dispatching everything: no device stalls
+    loss_sum += float(metrics["loss_sum"])
+    count += float(metrics["token_count"])
+  return summarize_loss(loss_sum, count)
+
+
+def summarize_loss(loss_sum: float, token_count: float) -> dict[str, float]:
+  """Mean nats per token, perplexity (e^nats) and bits per token from sums."""
+  if token_count <= 0:
+    raise ValueError("cannot summarise a loss over zero tokens")
+  loss = loss_sum / token_count
+  return {"loss_nats": loss, "perplexity": math.exp(loss),
+          "bits_per_token": loss / math.log(2.0), "tokens": int(token_count)}
