@@ -35,6 +35,7 @@ class MetricsWriter:
   def __init__(self, path: str, *, resume_step: int | None = None, enabled: bool = True):
     self.path = path
     self.enabled = enabled
+    self.kept: list[dict[str, Any]] = []
     if not enabled:
       return
     kept = []
@@ -44,6 +45,7 @@ class MetricsWriter:
       for record in kept:
         f.write(json.dumps(record) + "\n")
     os.replace(path + ".tmp", path)
+    self.kept = kept
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:

@@ -174,7 +174,10 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
                  run_logging.format_eta(progress.eta_seconds(step)))
     window.update(loss_sum=0.0, token_count=0.0, grad_norm=0.0, steps=0)
 
-  last_eval: dict[tuple[int, str], dict[str, Any]] = {}
+  # Evaluations already recorded at the restored step are not repeated (nor re-logged).
+  last_eval: dict[tuple[int, str], dict[str, Any]] = {
+      (r["step"], r["split"]): r for r in writer.kept
+      if r["step"] == start_step and r.get("split") in ("valid", "test")}
 
   def report_eval(step, epoch, split, tokens):
     if (step, split) in last_eval:  # the final evaluation may already have happened

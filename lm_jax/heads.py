@@ -1,0 +1,137 @@
+r"""Output heads: the layer from hidden states to a distribution over the vocabulary.
+
+An :class:`OutputHead` is five pure functions over its own params pytree, so a
+language model can swap the full softmax for a cheaper training loss (class-based,
+hierarchical, NCE) without changing anything else. The contract every head keeps:
+
+* ``loss`` is the per-token *training* objective in nats, 0 where ``where`` is
+  False. It may be a sampled estimate when given a ``key``; with ``key=None`` it
+  must be deterministic.
+* ``log_prob`` and ``log_probs`` are the exact normalised model log-probabilities,
+  used for evaluation and perplexity.
+* ``sample`` draws from ``exp(log_probs / temperature)`` renormalised; ``temperature=0``
+  is greedy argmax.
+
+References:
+  Chen, Grangier and Auli, "Strategies for training large vocabulary neural
+  language models", ACL 2016, Section 3 (the lecture's reference [3]).
+"""
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lm_jax import fused
+
+Params = Any
+
+
+class OutputHead(NamedTuple):
+  """``init(key, hidden_size) -> params``; ``loss(params, hidden_NxH, targets_N, *, key=None,
+  where=None) -> loss_N``; ``log_prob(params, hidden_NxH, targets_N) -> logp_N``;
+  ``log_probs(params, hidden_NxH) -> logp_NxV``; ``sample(params, hidden_NxH, key, *,
+  temperature=1.0) -> tokens_N``."""
+  init: Callable[..., Params]
+  loss: Callable[..., jax.Array]
+  log_prob: Callable[..., jax.Array]
+  log_probs: Callable[..., jax.Array]
+  sample: Callable[..., jax.Array]
+
+
+def _check_hidden(hidden_NxH, targets_N=None):
+  hidden_NxH = jnp.asarray(hidden_NxH)
+  if hidden_NxH.ndim != 2:
+    raise ValueError(f"hidden_NxH must have rank 2 [N, H], got shape {hidden_NxH.shape}")
+  if targets_N is not None:
+    targets_N = jnp.asarray(targets_N)
+    if targets_N.shape != hidden_NxH.shape[:1]:
+      raise ValueError(
+          f"targets_N has shape {targets_N.shape}, expected [N] = {hidden_NxH.shape[:1]}")
+    if not jnp.issubdtype(targets_N.dtype, jnp.integer):
+      raise ValueError(f"targets_N must be integer token ids, got dtype {targets_N.dtype}")
+  return hidden_NxH, targets_N
+
+
+def sample_from_log_probs(log_probs_NxV: jax.typing.ArrayLike, key: jax.Array, *,
+                          temperature: jax.typing.ArrayLike = 1.0) -> jax.Array:
+  r"""Draws a token per row with :math:`p_i \propto \exp(\log p_i / \tau)`; ``tau = 0``: argmax.
+
+  ``temperature`` may be a traced scalar (both branches are computed and selected).
+
+  Args:
+    log_probs_NxV: log-probabilities (or any logits) ``[N, V]``.
+    key: a PRNG key.
+    temperature: :math:`\tau \ge 0`.
+
+  Returns:
+    ``[N]`` int32 token ids.
+
+  >>> logp_NxV = jnp.log(jnp.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]]))
+  >>> sample_from_log_probs(logp_NxV, jax.random.PRNGKey(0), temperature=0.0).tolist()
+  [1, 0]
+  """
+  if isinstance(temperature, (int, float)) and temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  logits_NxV = jnp.asarray(log_probs_NxV, jnp.result_type(jnp.float32, log_probs_NxV))
+  greedy = jnp.asarray(temperature) <= 0
+  safe_temperature = jnp.where(greedy, 1.0, temperature)
+  drawn_N = jax.random.categorical(key, logits_NxV / safe_temperature, axis=-1)
+  return jnp.where(greedy, jnp.argmax(logits_NxV, axis=-1), drawn_N).astype(jnp.int32)
+
+
+def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32) -> OutputHead:
+  r"""The exact softmax over all ``V`` words.
+
+  .. math::
+    \log p(w \mid h) = h \cdot W_w + b_w - \log \sum_{v=1}^{V} \exp(h \cdot W_v + b_v)
+
+  ``loss`` and ``log_prob`` use :func:`lm_jax.fused.linear_softmax_cross_entropy`,
+  which never builds the ``[N, V]`` logits; ``log_probs`` and ``sample`` do.
+  Params ``{"weight_VxH", "bias_V"}``, both uniform(-init_scale, init_scale) as in
+  Zaremba et al. (2014). ``loss`` ignores ``key``.
+
+  Args:
+    vocab_size: ``V``.
+    init_scale: half-width of the uniform initialisation.
+    dtype: parameter dtype.
+
+  Returns:
+    An :class:`OutputHead`.
+
+  >>> head = full_softmax(3)
+  >>> params = {"weight_VxH": jnp.array([[1.0], [0.0], [-1.0]]), "bias_V": jnp.zeros(3)}
+  >>> h_NxH = jnp.array([[0.0], [1.0]])
+  >>> print(jnp.round(jnp.exp(head.log_probs(params, h_NxH)), 4))
+  [[0.3333 0.3333 0.3333]
+   [0.6652 0.2447 0.09  ]]
+  >>> print(jnp.round(head.loss(params, h_NxH, jnp.array([0, 0])), 4))  # log 3, -log .6652
+  [1.0986 0.4076]
+  """
+  if vocab_size < 1:
+    raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+
+  def init(key, hidden_size):
+    k_w, k_b = jax.random.split(key)
+    return {"weight_VxH": jax.random.uniform(k_w, (vocab_size, hidden_size), dtype,
+                                             -init_scale, init_scale),
+            "bias_V": jax.random.uniform(k_b, (vocab_size,), dtype, -init_scale, init_scale)}
+
+  def loss(params, hidden_NxH, targets_N, *, key=None, where=None):
+    del key  # The full softmax is exact.
+    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+    return fused.linear_softmax_cross_entropy(hidden_NxH, params["weight_VxH"], targets_N,
+                                              bias_V=params["bias_V"], where=where)
+
+  def log_prob(params, hidden_NxH, targets_N):
+    return -loss(params, hidden_NxH, targets_N)
+
+  def log_probs(params, hidden_NxH):
+    hidden_NxH, _ = _check_hidden(hidden_NxH)
+    dtype = jnp.result_type(jnp.float32, hidden_NxH, params["weight_VxH"])
+    logits_NxV = jnp.matmul(hidden_NxH, params["weight_VxH"].T, preferred_element_type=dtype)
+    return jax.nn.log_softmax(logits_NxV + params["bias_V"].astype(dtype), axis=-1)
+
+  def sample(params, hidden_NxH, key, *, temperature=1.0):
+    return sample_from_log_probs(log_probs(params, hidden_NxH), key, temperature=temperature)
+
+  return OutputHead(init, loss, log_prob, log_probs, sample)

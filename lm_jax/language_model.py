@@ -1,0 +1,164 @@
+r"""A recurrent language model (embedding, stacked RNN layers, output head) as pure functions.
+
+.. math::
+  e_t = E[w_t], \quad h^{(l)}_t = \mathrm{cell}_l(h^{(l)}_{t-1}, h^{(l-1)}_t), \quad
+  \ell_t = -\log p(w_{t+1} \mid h^{(L)}_t)
+
+Dropout follows Zaremba et al. (2014), Section 3: only on the non-recurrent
+connections (the embedding output, between layers, and before the head), never on
+the carry, with an independent mask per site and per token (inverted dropout).
+
+References:
+  Zaremba, Sutskever and Vinyals, "Recurrent neural network regularization", 2014.
+  Mikolov et al., "Recurrent neural network based language model", Interspeech 2010.
+"""
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from lm_jax import heads as heads_lib
+from lm_jax import rnn
+
+Params = Any
+State = tuple
+
+
+class LanguageModel(NamedTuple):
+  """``init(key) -> params``; ``initial_state(batch_size) -> state``;
+  ``hidden(params, inputs_BxT, state, *, mask_BxT=None, dropout_key=None)
+  -> (hidden_BxTxH, state)``; ``loss(params, inputs_BxT, targets_BxT, state, *,
+  mask_BxT=None, dropout_key=None) -> (loss_BxT, state)``;
+  ``log_probs(params, hidden_...xH) -> [..., V]``; ``head``, the :class:`~lm_jax.heads.OutputHead`;
+  ``hidden_from_embeddings(params, emb_BxTxE, state, *, mask_BxT=None, dropout_key=None)``, like
+  ``hidden`` after the embedding lookup (for gradients w.r.t. the embedded inputs)."""
+  init: Callable[..., Params]
+  initial_state: Callable[[int], State]
+  hidden: Callable[..., tuple]
+  loss: Callable[..., tuple]
+  log_probs: Callable[..., jax.Array]
+  head: heads_lib.OutputHead
+  hidden_from_embeddings: Callable[..., tuple]
+
+
+def inverted_dropout(x: jax.typing.ArrayLike, rate: float, key: Optional[jax.Array]) -> jax.Array:
+  r"""Inverted dropout: zero each entry with probability ``rate``, scale the rest by ``1/(1-rate)``.
+
+  The identity when ``key`` is None or ``rate == 0``.
+
+  >>> inverted_dropout(jnp.ones(4), 0.5, None).tolist()
+  [1.0, 1.0, 1.0, 1.0]
+  """
+  x = jnp.asarray(x)
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
+                        num_layers: int = 1, cell: Union[str, rnn.Cell] = "lstm",
+                        dropout: float = 0.0, init_scale: float = 0.1,
+                        head: Optional[heads_lib.OutputHead] = None) -> LanguageModel:
+  r"""Builds an embedding + ``num_layers`` x ``cell`` + ``head`` language model.
+
+  Params are ``{"embed_VxE", "layers": [cell params, ...], "head": head params}``, all
+  initialised uniform(-init_scale, init_scale) (Zaremba et al. use 0.1 for the small
+  model, 0.05 medium, 0.04 large). The state is a tuple of per-layer carries.
+
+  ``dropout_key`` given to ``hidden``/``loss`` is split into ``num_layers + 2`` keys:
+  one per dropout site (embedding output, each layer's output, the last feeding the
+  head) and one passed to ``head.loss`` as ``key`` (sampled heads need it). Without
+  ``dropout_key`` there is no dropout and the head's loss gets ``key=None``.
+
+  Args:
+    vocab_size: ``V``.
+    embed_size: ``E``.
+    hidden_size: ``H``, the same for every layer.
+    num_layers: depth of the stack of :func:`lm_jax.rnn.scan_layer`.
+    cell: a name for :func:`lm_jax.rnn.get_cell`, or a :class:`lm_jax.rnn.Cell`.
+    dropout: rate in ``[0, 1)`` at each non-recurrent connection.
+    init_scale: half-width of the uniform initialisation.
+    head: an :class:`~lm_jax.heads.OutputHead`; defaults to
+      ``heads.full_softmax(vocab_size, init_scale=init_scale)``.
+
+  Returns:
+    A :class:`LanguageModel`.
+
+  >>> model = make_language_model(vocab_size=5, embed_size=3, hidden_size=4, cell="gru")
+  >>> params = model.init(jax.random.PRNGKey(0))
+  >>> tokens_BxT = jnp.array([[1, 2, 3], [4, 0, 1]])
+  >>> loss_BxT, state = model.loss(params, tokens_BxT, tokens_BxT, model.initial_state(2))
+  >>> loss_BxT.shape, [s.shape for s in state]
+  ((2, 3), [(2, 4)])
+  """
+  for name, value in (("vocab_size", vocab_size), ("embed_size", embed_size),
+                      ("hidden_size", hidden_size), ("num_layers", num_layers)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+  cell = rnn.get_cell(cell) if isinstance(cell, str) else cell
+  head = heads_lib.full_softmax(vocab_size, init_scale=init_scale) if head is None else head
+  rate = dropout
+
+  def init(key):
+    k_embed, k_head, *k_layers = jax.random.split(key, num_layers + 2)
+    return {"embed_VxE": jax.random.uniform(k_embed, (vocab_size, embed_size), jnp.float32,
+                                            -init_scale, init_scale),
+            "layers": [cell.init(k, embed_size if i == 0 else hidden_size, hidden_size,
+                                 init_scale=init_scale) for i, k in enumerate(k_layers)],
+            "head": head.init(k_head, hidden_size)}
+
+  def initial_state(batch_size):
+    return tuple(cell.initial_carry(batch_size, hidden_size) for _ in range(num_layers))
+
+  def _keys(dropout_key):
+    if dropout_key is None:
+      return [None] * (num_layers + 2)
+    return list(jax.random.split(dropout_key, num_layers + 2))
+
+  def _stack(params, emb_BxTxE, state, mask_BxT, keys):
+    if len(state) != num_layers:
+      raise ValueError(f"state has {len(state)} layer carries, expected num_layers={num_layers}")
+    x_BxTxF = inverted_dropout(emb_BxTxE, rate, keys[0])
+    new_state = []
+    for layer_params, carry, key in zip(params["layers"], state, keys[1:num_layers + 1]):
+      x_BxTxF, carry = rnn.scan_layer(cell, layer_params, x_BxTxF, carry, mask_BxT)
+      x_BxTxF = inverted_dropout(x_BxTxF, rate, key)
+      new_state.append(carry)
+    return x_BxTxF, tuple(new_state)
+
+  def hidden_from_embeddings(params, emb_BxTxE, state, *, mask_BxT=None, dropout_key=None):
+    return _stack(params, emb_BxTxE, state, mask_BxT, _keys(dropout_key))
+
+  def _embed(params, inputs_BxT):
+    inputs_BxT = jnp.asarray(inputs_BxT)
+    if inputs_BxT.ndim != 2 or not jnp.issubdtype(inputs_BxT.dtype, jnp.integer):
+      raise ValueError(f"inputs_BxT must be integer token ids of rank 2 [B, T], got shape "
+                       f"{inputs_BxT.shape} dtype {inputs_BxT.dtype}")
+    return jnp.take(params["embed_VxE"], inputs_BxT, axis=0)
+
+  def hidden(params, inputs_BxT, state, *, mask_BxT=None, dropout_key=None):
+    return hidden_from_embeddings(params, _embed(params, inputs_BxT), state,
+                                  mask_BxT=mask_BxT, dropout_key=dropout_key)
+
+  def loss(params, inputs_BxT, targets_BxT, state, *, mask_BxT=None, dropout_key=None):
+    targets_BxT = jnp.asarray(targets_BxT)
+    if targets_BxT.shape != jnp.shape(inputs_BxT):
+      raise ValueError(f"targets_BxT has shape {targets_BxT.shape}, expected the inputs' "
+                       f"{jnp.shape(inputs_BxT)}")
+    keys = _keys(dropout_key)
+    hidden_BxTxH, new_state = _stack(params, _embed(params, inputs_BxT), state, mask_BxT, keys)
+    batch, steps, width = hidden_BxTxH.shape
+    where_N = None if mask_BxT is None else jnp.asarray(mask_BxT, bool).reshape(batch * steps)
+    loss_N = head.loss(params["head"], hidden_BxTxH.reshape(batch * steps, width),
+                       targets_BxT.reshape(batch * steps), key=keys[-1], where=where_N)
+    return loss_N.reshape(batch, steps), new_state
+
+  def log_probs(params, hidden_xH):
+    hidden_xH = jnp.asarray(hidden_xH)
+    logp_NxV = head.log_probs(params["head"], hidden_xH.reshape(-1, hidden_xH.shape[-1]))
+    return logp_NxV.reshape(*hidden_xH.shape[:-1], logp_NxV.shape[-1])
+
+  return LanguageModel(init, initial_state, hidden, loss, log_probs, head, hidden_from_embeddings)

@@ -1,0 +1,262 @@
+r"""Recurrent cells (Elman, GRU, LSTM) as pure functions, and a layer that scans one over time.
+
+A :class:`Cell` is four pure functions over a params dict. The input projection
+:math:`x_t W_{xh} + b` of every time step is one matmul done before the scan
+(``input_projection``); only the recurrent matmul :math:`h_{t-1} W_{hh}` stays
+inside it (``step``). Gate pre-activations have width ``G``: ``H`` (Elman),
+``3H`` (GRU, gates ``r, z, n``) or ``4H`` (LSTM, gates ``i, f, g, o``).
+Nonlinearities and the carry update run in float32 (or wider) whatever the
+input dtype; the carry keeps the dtype given to ``initial_carry``.
+
+Parameters are initialised uniform(-init_scale, init_scale), biases included,
+as in Zaremba et al. (2014).
+
+References:
+  Elman, "Finding structure in time", Cognitive Science 14, 1990.
+  Cho et al., "Learning phrase representations using RNN encoder-decoder", 2014
+  (GRU; the candidate here resets ``h W_hn + b_hn`` as PyTorch/cuDNN do).
+  Hochreiter and Schmidhuber, "Long short-term memory", 1997; gates as in
+  Zaremba, Sutskever and Vinyals, "Recurrent neural network regularization", 2014, eq. (2).
+"""
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Params = dict
+Carry = Any
+
+
+class Cell(NamedTuple):
+  """A recurrent cell: ``init``, ``input_projection``, ``step``, ``initial_carry``.
+
+  ``init(key, input_size, hidden_size, *, init_scale=0.1, dtype=float32) -> params``;
+  ``input_projection(params, x_...xE) -> proj_...xG`` (bias included, any leading dims);
+  ``step(params, carry, proj_BxG) -> (new_carry, h_BxH)``;
+  ``initial_carry(batch_size, hidden_size, dtype=float32) -> carry`` (zeros).
+  """
+  init: Callable[..., Params]
+  input_projection: Callable[[Params, jax.typing.ArrayLike], jax.Array]
+  step: Callable[[Params, Carry, jax.typing.ArrayLike], tuple]
+  initial_carry: Callable[..., Carry]
+
+
+def _uniform_params(key, input_size, hidden_size, gates, init_scale, dtype):
+  if input_size <= 0 or hidden_size <= 0:
+    raise ValueError(
+        f"input_size and hidden_size must be positive, got {input_size}, {hidden_size}")
+  k_x, k_h, k_b = jax.random.split(key, 3)
+  g = gates * hidden_size
+  uniform = lambda k, shape: jax.random.uniform(k, shape, dtype, -init_scale, init_scale)
+  return {"W_xh_ExG": uniform(k_x, (input_size, g)),
+          "W_hh_HxG": uniform(k_h, (hidden_size, g)),
+          "b_G": uniform(k_b, (g,))}
+
+
+def _input_projection(params, x_xE):
+  return jnp.matmul(x_xE, params["W_xh_ExG"]) + params["b_G"]
+
+
+def _recurrent(params, h_BxH, proj_BxG):
+  """Returns ``proj + h W_hh`` in the compute dtype (float32, or float64 under x64)."""
+  dtype = jnp.result_type(jnp.float32, h_BxH, proj_BxG, params["W_hh_HxG"])
+  rec_BxG = jnp.matmul(h_BxH, params["W_hh_HxG"], preferred_element_type=dtype)
+  return jnp.asarray(proj_BxG, dtype) + rec_BxG
+
+
+def _zeros(batch_size, hidden_size, dtype=jnp.float32):
+  return jnp.zeros((batch_size, hidden_size), dtype)
+
+
+def elman_cell(activation: str = "tanh") -> Cell:
+  r"""Elman RNN cell, the notes' :math:`h_t = \phi(x_t W_{xh} + h_{t-1} W_{hh} + b_h)`.
+
+  Params ``{"W_xh_ExG", "W_hh_HxG", "b_G"}`` with ``G = H``; the carry is ``h_BxH``.
+
+  Args:
+    activation: ``"tanh"`` or ``"relu"``, the :math:`\phi` above.
+
+  Returns:
+    A :class:`Cell`.
+  """
+  activations = {"tanh": jnp.tanh, "relu": jax.nn.relu}
+  if activation not in activations:
+    raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
+  phi = activations[activation]
+
+  def init(key, input_size, hidden_size, *, init_scale=0.1, dtype=jnp.float32):
+    return _uniform_params(key, input_size, hidden_size, 1, init_scale, dtype)
+
+  def step(params, h_BxH, proj_BxG):
+    new_h = phi(_recurrent(params, h_BxH, proj_BxG)).astype(h_BxH.dtype)
+    return new_h, new_h
+
+  return Cell(init, _input_projection, step, _zeros)
+
+
+def gru_cell() -> Cell:
+  r"""GRU cell with PyTorch/cuDNN gate equations (the reset gate acts after ``W_hn``).
+
+  .. math::
+    r &= \sigma(x W_{xr} + b_r + h W_{hr}), \quad z = \sigma(x W_{xz} + b_z + h W_{hz}) \\
+    n &= \tanh(x W_{xn} + b_n + r \odot (h W_{hn} + b_{hn})), \quad
+    h' = (1 - z) \odot n + z \odot h
+
+  Params ``{"W_xh_ExG", "W_hh_HxG", "b_G", "b_hn_H"}`` with ``G = 3H`` in the order
+  ``r, z, n``; the carry is ``h_BxH``. This is also ``flax.linen.GRUCell``.
+
+  Returns:
+    A :class:`Cell`.
+  """
+  def init(key, input_size, hidden_size, *, init_scale=0.1, dtype=jnp.float32):
+    key, k_hn = jax.random.split(key)
+    params = _uniform_params(key, input_size, hidden_size, 3, init_scale, dtype)
+    params["b_hn_H"] = jax.random.uniform(k_hn, (hidden_size,), dtype, -init_scale, init_scale)
+    return params
+
+  def step(params, h_BxH, proj_BxG):
+    dtype = jnp.result_type(jnp.float32, h_BxH, proj_BxG, params["W_hh_HxG"])
+    rec_BxG = jnp.matmul(h_BxH, params["W_hh_HxG"], preferred_element_type=dtype)
+    x_r, x_z, x_n = jnp.split(jnp.asarray(proj_BxG, dtype), 3, axis=-1)
+    h_r, h_z, h_n = jnp.split(rec_BxG, 3, axis=-1)
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * (h_n + params["b_hn_H"].astype(dtype)))
+    new_h = ((1.0 - z) * n + z * h_BxH.astype(dtype)).astype(h_BxH.dtype)
+    return new_h, new_h
+
+  return Cell(init, _input_projection, step, _zeros)
+
+
+def lstm_cell(*, forget_bias: float = 0.0) -> Cell:
+  r"""LSTM cell without peepholes; the carry is ``(c_BxH, h_BxH)``.
+
+  .. math::
+    i, f, g, o &= \sigma(\cdot), \sigma(\cdot), \tanh(\cdot), \sigma(\cdot)
+      \text{ of } x W_{xh} + h W_{hh} + b \\
+    c' &= f \odot c + i \odot g, \quad h' = o \odot \tanh(c')
+
+  Params ``{"W_xh_ExG", "W_hh_HxG", "b_G"}`` with ``G = 4H`` in the order
+  ``i, f, g, o`` (PyTorch's and ``flax.linen.OptimizedLSTMCell``'s).
+
+  Args:
+    forget_bias: added to the forget-gate slice of ``b_G`` at init (Jozefowicz
+      et al. 2015 use 1.0; 0.0, the default, is Zaremba's plain uniform init).
+
+  Returns:
+    A :class:`Cell`.
+  """
+  def init(key, input_size, hidden_size, *, init_scale=0.1, dtype=jnp.float32):
+    params = _uniform_params(key, input_size, hidden_size, 4, init_scale, dtype)
+    params["b_G"] = params["b_G"].at[hidden_size:2 * hidden_size].add(forget_bias)
+    return params
+
+  def step(params, carry, proj_BxG):
+    c_BxH, h_BxH = carry
+    i, f, g, o = jnp.split(_recurrent(params, h_BxH, proj_BxG), 4, axis=-1)
+    new_c = jax.nn.sigmoid(f) * c_BxH.astype(f.dtype) + jax.nn.sigmoid(i) * jnp.tanh(g)
+    new_h = (jax.nn.sigmoid(o) * jnp.tanh(new_c)).astype(h_BxH.dtype)
+    return (new_c.astype(c_BxH.dtype), new_h), new_h
+
+  def initial_carry(batch_size, hidden_size, dtype=jnp.float32):
+    return (_zeros(batch_size, hidden_size, dtype), _zeros(batch_size, hidden_size, dtype))
+
+  return Cell(init, _input_projection, step, initial_carry)
+
+
+CELL_NAMES = ("elman", "rnn_tanh", "rnn_relu", "gru", "lstm")
+
+
+def get_cell(name: str) -> Cell:
+  """The cell called ``name``: ``elman`` (= ``rnn_tanh``), ``rnn_relu``, ``gru`` or ``lstm``."""
+  factories = {"elman": lambda: elman_cell("tanh"), "rnn_tanh": lambda: elman_cell("tanh"),
+               "rnn_relu": lambda: elman_cell("relu"), "gru": gru_cell, "lstm": lstm_cell}
+  if name not in factories:
+    raise ValueError(f"unknown cell {name!r}; expected one of {CELL_NAMES}")
+  return factories[name]()
+
+
+def _check(params, inputs_BxTxE, carry, mask_BxT):
+  inputs_BxTxE = jnp.asarray(inputs_BxTxE)
+  if inputs_BxTxE.ndim != 3:
+    raise ValueError(f"inputs_BxTxE must have rank 3 [B, T, E], got shape {inputs_BxTxE.shape}")
+  batch, steps, embed = inputs_BxTxE.shape
+  expected_e = params["W_xh_ExG"].shape[0]
+  if embed != expected_e:
+    raise ValueError(
+        f"inputs_BxTxE has E={embed} but W_xh_ExG has shape {params['W_xh_ExG'].shape}")
+  for leaf in jax.tree_util.tree_leaves(carry):
+    if leaf.shape != (batch, params["W_hh_HxG"].shape[0]):
+      raise ValueError(f"carry leaf has shape {leaf.shape}, expected [B, H] = "
+                       f"{(batch, params['W_hh_HxG'].shape[0])}")
+  if mask_BxT is not None:
+    mask_BxT = jnp.asarray(mask_BxT)
+    if mask_BxT.shape != (batch, steps):
+      raise ValueError(f"mask_BxT has shape {mask_BxT.shape}, expected [B, T] = {(batch, steps)}")
+    mask_BxT = mask_BxT.astype(bool)
+  return inputs_BxTxE, mask_BxT
+
+
+def _scan(cell, params, xs_TxBxF, carry, mask_BxT, project, unroll):
+  """One ``lax.scan`` over time-major ``xs``; ``project`` maps an ``xs`` slice to ``proj_BxG``."""
+  keep_TxB = None if mask_BxT is None else jnp.swapaxes(mask_BxT, 0, 1)
+
+  def body(carry, xs):
+    x_BxF, keep_B = xs
+    new_carry, h_BxH = cell.step(params, carry, project(x_BxF))
+    if keep_B is not None:
+      new_carry = jax.tree_util.tree_map(
+          lambda new, old: jnp.where(keep_B[:, None], new, old), new_carry, carry)
+      h_BxH = jnp.where(keep_B[:, None], h_BxH, jnp.zeros_like(h_BxH))
+    return new_carry, h_BxH
+
+  final_carry, outputs_TxBxH = lax.scan(body, carry, (xs_TxBxF, keep_TxB), unroll=unroll)
+  return jnp.swapaxes(outputs_TxBxH, 0, 1), final_carry
+
+
+def scan_layer(cell: Cell, params: Params, inputs_BxTxE: jax.typing.ArrayLike, carry: Carry,
+               mask_BxT: Optional[jax.typing.ArrayLike] = None, *, unroll: int = 1):
+  r"""Runs ``cell`` over ``T`` steps: the input projection hoisted, then one ``lax.scan``.
+
+  .. math::
+    P = X W_{xh} + b \text{ (one matmul for all } B T \text{ rows)}, \qquad
+    (s_t, h_t) = \mathrm{step}(s_{t-1}, P_t), \quad t = 1..T
+
+  Where ``mask_BxT`` is False (padding) the carry passes through unchanged and the
+  output is zero, so a padded tail leaves the final carry equal to the carry after
+  the last real token.
+
+  Args:
+    cell: a :class:`Cell`.
+    params: ``cell.init(...)`` output.
+    inputs_BxTxE: inputs ``[B, T, E]``.
+    carry: initial carry, e.g. ``cell.initial_carry(B, H)``; leaves are ``[B, H]``.
+    mask_BxT: optional ``[B, T]``, True on real tokens.
+    unroll: passed to ``lax.scan``.
+
+  Returns:
+    ``(outputs_BxTxH, final_carry)``.
+
+  >>> cell = elman_cell("tanh")
+  >>> params = {"W_xh_ExG": jnp.ones((1, 1)), "W_hh_HxG": jnp.full((1, 1), 0.5),
+  ...           "b_G": jnp.zeros(1)}
+  >>> x_BxTxE = jnp.array([[[1.0], [0.0], [0.0]]])
+  >>> out_BxTxH, h_BxH = scan_layer(cell, params, x_BxTxE, cell.initial_carry(1, 1))
+  >>> [round(float(v), 4) for v in out_BxTxH.ravel()]  # tanh(1), tanh(.5 tanh(1)), ...
+  [0.7616, 0.3634, 0.1797]
+  """
+  inputs_BxTxE, mask_BxT = _check(params, inputs_BxTxE, carry, mask_BxT)
+  # Transpose the narrower inputs (E wide), not the projections (G wide), to time-major.
+  proj_TxBxG = cell.input_projection(params, jnp.swapaxes(inputs_BxTxE, 0, 1))
+  return _scan(cell, params, proj_TxBxG, carry, mask_BxT, lambda p: p, unroll)
+
+
+def scan_layer_unhoisted(cell: Cell, params: Params, inputs_BxTxE: jax.typing.ArrayLike,
+                         carry: Carry, mask_BxT: Optional[jax.typing.ArrayLike] = None, *,
+                         unroll: int = 1):
+  """Same maths as :func:`scan_layer` with the input projection inside the scan (naive baseline)."""
+  inputs_BxTxE, mask_BxT = _check(params, inputs_BxTxE, carry, mask_BxT)
+  x_TxBxE = jnp.swapaxes(inputs_BxTxE, 0, 1)
+  return _scan(cell, params, x_TxBxE, carry, mask_BxT,
+               lambda x_BxE: cell.input_projection(params, x_BxE), unroll)

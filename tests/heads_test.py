@@ -1,0 +1,154 @@
+"""Tests for lm_jax.heads: the OutputHead contract, checked on every head factory."""
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from lm_jax import heads
+
+N, H, V = 6, 4, 7
+# Later heads (class-based, hierarchical, NCE) join this list to get the contract tests.
+HEAD_FACTORIES = {"full_softmax": lambda v: heads.full_softmax(v, init_scale=0.5)}
+
+
+def _setup(factory_name, seed=0, dtype=jnp.float32):
+  """Params shaped like ``head.init``'s, drawn with NumPy (compiling threefry for every
+  test's init would dominate run time; ``init`` is tested on its own)."""
+  head = HEAD_FACTORIES[factory_name](V)
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda k: head.init(k, H), jax.random.PRNGKey(0))
+  params = jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.uniform(-0.5, 0.5, s.shape), dtype), shapes)
+  hidden_NxH = jnp.asarray(rng.normal(0.0, 2.0, (N, H)), dtype)
+  targets_N = jnp.asarray(rng.integers(0, V, (N,)), jnp.int32)
+  return head, params, hidden_NxH, targets_N
+
+
+@pytest.mark.parametrize("name", HEAD_FACTORIES)
+def test_log_probs_normalised_and_log_prob_is_gathered(name):
+  head, params, hidden_NxH, targets_N = _setup(name)
+  logp_NxV = head.log_probs(params, hidden_NxH)
+  assert logp_NxV.shape == (N, V)
+  np.testing.assert_allclose(jax.nn.logsumexp(logp_NxV, axis=-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(head.log_prob(params, hidden_NxH, targets_N),
+                             logp_NxV[jnp.arange(N), targets_N], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", HEAD_FACTORIES)
+def test_deterministic_loss_is_minus_log_prob_and_masks_to_zero(name):
+  head, params, hidden_NxH, targets_N = _setup(name)
+  where_N = jnp.array([True, False, True, True, False, True])
+  loss_N = head.loss(params, hidden_NxH, targets_N, where=where_N)
+  expected_N = -head.log_prob(params, hidden_NxH, targets_N)
+  np.testing.assert_allclose(loss_N, jnp.where(where_N, expected_N, 0.0), rtol=1e-5, atol=1e-6)
+  assert np.all(np.asarray(expected_N) > 0)
+  grads = jax.grad(lambda p: jnp.sum(head.loss(p, hidden_NxH, targets_N, where=jnp.zeros(N, bool))))(params)
+  for g in jax.tree_util.tree_leaves(grads):
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_full_softmax_matches_numpy_float64():
+  head, params, hidden_NxH, targets_N = _setup("full_softmax")
+  logits = np.asarray(hidden_NxH, np.float64) @ np.asarray(params["weight_VxH"], np.float64).T
+  logits += np.asarray(params["bias_V"], np.float64)
+  logp = logits - np.log(np.sum(np.exp(logits), axis=-1, keepdims=True))
+  np.testing.assert_allclose(head.log_probs(params, hidden_NxH), logp, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(head.loss(params, hidden_NxH, targets_N),
+                             -logp[np.arange(N), np.asarray(targets_N)], rtol=1e-5, atol=1e-5)
+  assert set(params) == {"weight_VxH", "bias_V"} and params["weight_VxH"].shape == (V, H)
+
+
+@pytest.mark.parametrize("name", HEAD_FACTORIES)
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sample_frequencies_match_probabilities(name, temperature):
+  head, params, hidden_NxH, _ = _setup(name)
+  draws = 4000
+  hidden_MxH = jnp.repeat(hidden_NxH[:1], draws, axis=0)
+  samples_M = jax.jit(lambda h, k: head.sample(params, h, k, temperature=temperature))(
+      hidden_MxH, jax.random.PRNGKey(42))
+  assert samples_M.shape == (draws,) and samples_M.dtype == jnp.int32
+  probs_V = np.asarray(jax.nn.softmax(head.log_probs(params, hidden_NxH[:1])[0] / temperature),
+                       np.float64)
+  counts_V = np.bincount(np.asarray(samples_M), minlength=V)
+  assert scipy.stats.chisquare(counts_V, probs_V / probs_V.sum() * draws).pvalue > 1e-3
+  # The same counts reject the untempered (or, at temperature 1, a flattened) distribution.
+  other_scale = 0.5 if temperature == 1.0 else 1.0
+  other_V = np.asarray(jax.nn.softmax(head.log_probs(params, hidden_NxH[:1])[0] * other_scale),
+                       np.float64)
+  assert scipy.stats.chisquare(counts_V, other_V / other_V.sum() * draws).pvalue < 1e-6
+
+
+@pytest.mark.parametrize("name", HEAD_FACTORIES)
+def test_temperature_zero_is_argmax_even_when_traced(name):
+  head, params, hidden_NxH, _ = _setup(name)
+  expected_N = jnp.argmax(head.log_probs(params, hidden_NxH), axis=-1)
+  key = jax.random.PRNGKey(0)
+  np.testing.assert_array_equal(head.sample(params, hidden_NxH, key, temperature=0.0), expected_N)
+  traced = jax.jit(lambda t: head.sample(params, hidden_NxH, key, temperature=t))
+  np.testing.assert_array_equal(traced(0.0), expected_N)
+  # A tiny positive temperature is (almost surely) greedy too; a huge one is not.
+  np.testing.assert_array_equal(traced(1e-4), expected_N)
+  spread_M = head.sample(params, jnp.repeat(hidden_NxH[:1], 200, 0), key, temperature=1e4)
+  assert len(np.unique(np.asarray(spread_M))) == V
+  with pytest.raises(ValueError, match="temperature must be >= 0, got -1"):
+    head.sample(params, hidden_NxH, key, temperature=-1.0)
+
+
+@pytest.mark.parametrize("name", HEAD_FACTORIES)
+def test_check_grads_of_loss(name):
+  with jax.enable_x64(True):
+    head, params, hidden_NxH, targets_N = _setup(name, dtype=jnp.float64)
+    where_N = jnp.array([True, True, False, True, True, True])
+    f = lambda p, h: jnp.sum(head.loss(p, h, targets_N, where=where_N))
+    check_grads(f, (params, hidden_NxH), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+    # A non-uniform cotangent takes the other backward path of the fused kernel.
+    g = lambda p, h: jnp.sum(jnp.arange(N) * head.loss(p, h, targets_N, where=where_N))
+    check_grads(g, (params, hidden_NxH), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", HEAD_FACTORIES)
+def test_jit_and_vmap(name):
+  head, params, hidden_NxH, targets_N = _setup(name)
+  expected_N = head.loss(params, hidden_NxH, targets_N)
+  np.testing.assert_allclose(jax.jit(head.loss)(params, hidden_NxH, targets_N), expected_N, rtol=1e-6)
+  batched = jax.vmap(head.log_prob, in_axes=(None, 0, 0))(
+      params, hidden_NxH.reshape(2, N // 2, H), targets_N.reshape(2, N // 2))
+  np.testing.assert_allclose(batched.ravel(), -expected_N, rtol=1e-5, atol=1e-6)
+
+
+@settings(deadline=None, max_examples=30)
+@given(hidden=hnp.arrays(np.float32, (3, H), elements=st.floats(-5, 5, width=32)),
+       shift=st.floats(-10, 10, width=32))
+def test_full_softmax_is_invariant_to_a_constant_bias_shift(hidden, shift):
+  head, params, _, _ = _setup("full_softmax")
+  shifted = {**params, "bias_V": params["bias_V"] + shift}
+  logp = head.log_probs(params, hidden)
+  np.testing.assert_allclose(head.log_probs(shifted, hidden), logp, atol=1e-4)
+  np.testing.assert_allclose(jax.nn.logsumexp(logp, axis=-1), 0.0, atol=1e-5)
+
+
+def test_full_softmax_init():
+  params = jax.jit(heads.full_softmax(V, init_scale=0.05).init, static_argnums=1)(
+      jax.random.PRNGKey(3), H)
+  assert params["weight_VxH"].shape == (V, H) and params["bias_V"].shape == (V,)
+  for leaf in (params["weight_VxH"], params["bias_V"]):
+    assert float(jnp.max(jnp.abs(leaf))) <= 0.05 and float(jnp.std(leaf)) > 0.01
+
+
+def test_bad_inputs_raise():
+  head, params, hidden_NxH, targets_N = _setup("full_softmax")
+  with pytest.raises(ValueError, match="vocab_size must be >= 1, got 0"):
+    heads.full_softmax(0)
+  with pytest.raises(ValueError, match=r"hidden_NxH must have rank 2 \[N, H\], got shape \(6,\)"):
+    head.log_probs(params, hidden_NxH[:, 0])
+  with pytest.raises(ValueError, match=r"targets_N has shape \(5,\), expected \[N\]"):
+    head.loss(params, hidden_NxH, targets_N[:5])
+  with pytest.raises(ValueError, match="targets_N must be integer token ids, got dtype float32"):
+    head.log_prob(params, hidden_NxH, targets_N.astype(jnp.float32))
+  with pytest.raises(ValueError, match="out of range for vocabulary size V=7"):
+    head.loss(params, hidden_NxH, targets_N.at[0].set(V))
