@@ -21,3 +21,40 @@ P     devices
 
 Logarithms are natural (nats) unless a function says ``bits`` or takes ``base``.
 """
+
+from lm_jax import batching
+from lm_jax import corpora
+from lm_jax import heads
+from lm_jax import language_model
+from lm_jax import loglinear
+from lm_jax import rnn
+from lm_jax import synthetic
+from lm_jax import text
+from lm_jax import training
+from lm_jax import zipf
+from lm_jax.fused import linear_softmax_cross_entropy
+from lm_jax.heads import OutputHead
+from lm_jax.heads import full_softmax
+from lm_jax.info_theory import bits_per_token
+from lm_jax.info_theory import cross_entropy
+from lm_jax.info_theory import entropy
+from lm_jax.info_theory import kl_divergence
+from lm_jax.info_theory import perplexity
+from lm_jax.language_model import LanguageModel
+from lm_jax.language_model import make_language_model
+from lm_jax.losses import nll
+from lm_jax.losses import sigmoid_binary_cross_entropy
+from lm_jax.losses import softmax_cross_entropy
+from lm_jax.losses import softmax_cross_entropy_with_integer_labels
+from lm_jax.rnn import elman_cell
+from lm_jax.rnn import gru_cell
+from lm_jax.rnn import lstm_cell
+from lm_jax.rnn import scan_layer
+from lm_jax.softmax import log_softmax
+from lm_jax.softmax import logsumexp
+from lm_jax.softmax import softmax
+from lm_jax.text import Vocab
+from lm_jax.training import TrainState
+from lm_jax.training import train_step
+
+__version__ = "0.1.0"
