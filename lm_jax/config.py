@@ -38,7 +38,7 @@ class TrainConfig:
   stop_when_stalled: bool = False
   clip: float = 5.0
   grad_reduction: str = "token_mean"
-  epochs: int = 1
+  epochs: int = 3
   steps: int = 0
   seed: int = 0
   checkpoint_every: int = 500

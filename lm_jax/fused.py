@@ -63,8 +63,23 @@ def _chunk_sizes(n: int, v: int, chunk_size, vocab_chunk_size) -> tuple[int, int
   for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
     if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
       raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-  return (max(1, min(int(chunk_size or _TOKEN_CHUNK), n)),
-          min(int(vocab_chunk_size or _VOCAB_CHUNK), v))
+  return (_balanced(n, chunk_size, _TOKEN_CHUNK, 8), _balanced(v, vocab_chunk_size, _VOCAB_CHUNK, 128))
+
+
+def _balanced(total: int, requested, default: int, align: int) -> int:
+  """An explicit size as given; else the default, shrunk so equal chunks cover ``total``.
+
+  ``N = 400`` with the default 256 gives two chunks of 200, not 256 + a padded 256;
+  ``V = 10002`` with 8192 gives two of 5120 (aligned), not two of 8192 with the second
+  clamped to overlap the first: at PTB sizes this halves the work.
+  """
+  if requested:
+    return max(1, min(int(requested), total))
+  if total <= default:
+    return max(total, 1)
+  num_chunks = -(-total // default)
+  size = -(-total // num_chunks)
+  return min(default, -(-size // align) * align)
 
 
 def _compute_dtype(*xs):

@@ -129,12 +129,48 @@ def _gather_labels(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
   return jnp.where(valid, picked, jnp.nan)
 
 
-def _log_normalizer(x: jax.Array, axis: int) -> jax.Array:
-  """Max-shifted logsumexp over ``axis`` (no keepdims); -inf for all -inf rows."""
-  x_max = lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+# Rows per block of the blocked logsumexp: a block of about 2**21 logits (8 MiB in
+# float32) is read from memory once for its max and then summed from cache.
+_LSE_BLOCK_ELEMENTS = 2**21
+
+
+def _row_block(num_rows: int, row_length: int) -> int:
+  """Largest divisor of ``num_rows`` with at most ``_LSE_BLOCK_ELEMENTS`` per block."""
+  target = max(1, _LSE_BLOCK_ELEMENTS // max(row_length, 1))
+  if num_rows <= target:
+    return num_rows
+  best = max(d for d in range(1, target + 1) if num_rows % d == 0)
+  return best if best * 8 >= target else num_rows  # awkward row counts: one block
+
+
+def _rows_logsumexp(x_RxV: jax.Array) -> jax.Array:
+  """Max-shifted logsumexp of each row; -inf for rows without mass."""
+  x_max = lax.stop_gradient(jnp.max(x_RxV, axis=-1, keepdims=True))
   x_max = jnp.where(jnp.isfinite(x_max), x_max, 0.0)
-  return (jnp.log(jnp.sum(jnp.exp(x - x_max), axis=axis, keepdims=True))
-          + x_max).squeeze(axis)
+  # The barrier keeps the exponentials out of the reduction's fusion: XLA:CPU then
+  # computes them in a multi-threaded elementwise loop and sums them with its fast
+  # reduction, instead of one single-threaded fused exp-and-sum.
+  exp_RxV = lax.optimization_barrier(jnp.exp(x_RxV - x_max))
+  return (jnp.log(jnp.sum(exp_RxV, axis=-1, keepdims=True)) + x_max)[:, 0]
+
+
+def _log_normalizer(x: jax.Array, axis: int) -> jax.Array:
+  """Max-shifted logsumexp over ``axis`` (no keepdims); -inf for all -inf rows.
+
+  Computed over blocks of rows (``lax.map``) so that each block's logits are read
+  from memory once and the exponentials are summed while still in cache: at
+  ``V = 131072`` this is about 4x faster on XLA:CPU than one whole-array max
+  followed by one whole-array exp-sum (measured in experiments/bench_kernels.py).
+  """
+  x = jnp.moveaxis(x, axis, -1)
+  batch_shape, row_length = x.shape[:-1], x.shape[-1]
+  x_RxV = x.reshape(-1, row_length)
+  num_rows = x_RxV.shape[0]
+  block = _row_block(num_rows, row_length)
+  if block in (0, num_rows):
+    return _rows_logsumexp(x_RxV).reshape(batch_shape)
+  blocks = x_RxV.reshape(num_rows // block, block, row_length)
+  return lax.map(_rows_logsumexp, blocks).reshape(batch_shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
