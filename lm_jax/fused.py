@@ -15,18 +15,17 @@ logsumexp (running max and running sum); each block of logits computed is
   pass 1 computes the logsumexp and keeps the chunk's logits blocks
   (``[chunk_size, V]``, when that is at most ``_KEPT_LOGITS = 2**26`` elements); pass 2
   turns each block into :math:`G = \mathrm{softmax} - \mathrm{onehot}` and
-  accumulates ``dhidden_unscaled = G W`` ``[N, H]``, ``dweight_unscaled = G^T h``
-  ``[V, H]`` and ``dbias_unscaled`` ``[V]`` (cotangent 1 for every token), saved
-  as residuals. That is ``6NHV`` FLOPs for forward plus backward, as unfused.
-  Past ``_KEPT_LOGITS`` pass 2 recomputes the blocks instead (``8NHV``), so
-  memory stays bounded for any ``V``.
-* the backward: ``dhidden = g[:, None] * dhidden_unscaled``, exactly.
-  ``dweight = g0 * dweight_unscaled`` (and ``dbias`` likewise) is exact when the
-  cotangent ``g`` is one value ``g0`` for every unmasked token, as for any sum
-  or mean of the losses; the backward checks that at run time and otherwise
-  (``lax.cond``) recomputes the blocks from the saved logsumexp for the exact
-  weighted ``dweight`` and ``dbias`` (``4NHV`` more FLOPs). Under ``vmap`` the
-  ``cond`` becomes a ``select``, which runs both branches.
+  accumulates ``dhidden_unscaled = G W`` ``[N, H]`` (cotangent 1 for every token),
+  saved as a residual with the ``[N]`` logsumexp: ``4NHV`` FLOPs. Past
+  ``_KEPT_LOGITS`` pass 2 recomputes the blocks instead, so memory stays bounded.
+* the backward: ``dhidden = g[:, None] * dhidden_unscaled``, exactly, and
+  ``dweight = G_g^T h``, ``dbias = sum_n G_g`` with :math:`G_g = g (\mathrm{softmax}
+  - \mathrm{onehot})` from logits recomputed chunk by chunk (``4NHV``): ``8NHV`` in
+  all against unfused ``6NHV``. An earlier version also accumulated the unscaled
+  ``[V, H]`` weight gradient in the forward (``6NHV``), but that residual alone was
+  1/8 of the unfused version's temporary memory; measured in
+  ``experiments/bench_kernels.py``, this one stays within 1.09x the unfused time
+  at ``V = 32768`` and uses 0.11x its memory.
 
 Defaults: ``chunk_size = min(N, 256)`` and ``vocab_chunk_size = min(V, 8192)``
 (an 8 MiB float32 block). On 2 CPU cores at ``N, H, V = 1024, 512, 131072``,
@@ -34,8 +33,8 @@ forward+backward took 5.9 s against 7.7 s with whole-vocabulary blocks (128
 MiB, whose elementwise passes go to DRAM), 6.4 s with 128-row token chunks
 (shorter contractions in ``G^T h``) and 5.9 s with 512-row chunks (twice the
 memory); unfused took 8.0 s. The kept logits of a token chunk are ``256 V`` floats
-(128 MiB at ``V = 131072``, half the ``[V, H]`` weight gradient at ``H = 512``,
-which is accumulated in place, ``_ACCUMULATE_SLICE`` elements at a time).
+(128 MiB at ``V = 131072``); the backward's ``[V, H]`` weight gradient is
+accumulated in place, ``_ACCUMULATE_SLICE`` elements at a time.
 
 References:
   Milakov and Gimelshein, "Online normalizer calculation for softmax", 2018
@@ -144,7 +143,7 @@ def _chunk_gradients(h_CxH, y_C, scale_C, lse_C, z_KxCxT, weight_VxH, bias_V, tv
   Uses the kept logits blocks ``z_KxCxT`` or, if ``None``, recomputes them.
   Returns ``(acc, G W [C, H] or None)``.
   """
-  dtype = acc[0].dtype
+  dtype = _compute_dtype(h_CxH, weight_VxH)
   h_CxH = h_CxH.astype(dtype)
 
   def body(carry, x):
@@ -156,9 +155,10 @@ def _chunk_gradients(h_CxH, y_C, scale_C, lse_C, z_KxCxT, weight_VxH, bias_V, tv
     onehot_CxT = (start + jnp.arange(tv))[None, :] == y_C[:, None]
     g_CxT = scale_C[:, None] * (jnp.exp(z_CxT - lse_C[:, None]) - onehot_CxT)
     g_CxT = jnp.where(fresh_T[None, :] & (scale_C != 0)[:, None], g_CxT, 0.0)
-    dweight_VxH = _accumulate_outer(dweight_VxH, g_CxT, h_CxH, start)
-    db_T = lax.dynamic_slice_in_dim(dbias_V, start, tv) + jnp.sum(g_CxT, axis=0)
-    dbias_V = lax.dynamic_update_slice_in_dim(dbias_V, db_T, start, axis=0)
+    if dweight_VxH is not None:
+      dweight_VxH = _accumulate_outer(dweight_VxH, g_CxT, h_CxH, start)
+      db_T = lax.dynamic_slice_in_dim(dbias_V, start, tv) + jnp.sum(g_CxT, axis=0)
+      dbias_V = lax.dynamic_update_slice_in_dim(dbias_V, db_T, start, axis=0)
     if with_dhidden:
       dh_CxH = dh_CxH + jnp.dot(g_CxT, w_TxH.astype(dtype))
     return ((dweight_VxH, dbias_V), dh_CxH), None
@@ -196,7 +196,8 @@ def _used(weight_VxH, labels_N, valid_N):
   return valid_N & (labels_N >= 0) & (labels_N < weight_VxH.shape[0])
 
 
-def _gradient_pass(tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, scale_N, lse_N, with_dhidden):
+def _gradient_pass(tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, scale_N, lse_N, with_dhidden,
+                   with_dweight=True):
   """Unscaled (or ``scale``-weighted) gradient sums over token chunks.
 
   ``lse_N=None`` computes the logsumexp too (the ``custom_vjp`` forward).
@@ -217,7 +218,7 @@ def _gradient_pass(tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, scale_N, ls
                                    with_dhidden)
     return acc, (dh_CxH, lse_C)
 
-  init = (jnp.zeros((v, h), dtype), jnp.zeros((v,), dtype))
+  init = (jnp.zeros((v, h), dtype), jnp.zeros((v,), dtype)) if with_dweight else (None, None)
   (dweight_VxH, dbias_V), (dh_KxCxH, lse_KxC) = lax.scan(body, init, xs)
   dh_NxH = None if dh_KxCxH is None else dh_KxCxH.reshape(-1, h)[:n]
   return dweight_VxH, dbias_V, dh_NxH, lse_KxC.reshape(-1)[:n]
@@ -230,12 +231,6 @@ def _primal(tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
   return _loss(lse_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
 
 
-def _uniform_cotangent(g_N, used_N):
-  """``(all used tokens share one cotangent, that value)``; ``(True, 0)`` when no token is used."""
-  g0 = jnp.where(jnp.any(used_N), g_N[jnp.argmax(used_N)], 0.0).astype(g_N.dtype)
-  return jnp.all(jnp.where(used_N, g_N == g0, True)), g0
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _fused(tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
   return _primal(tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
@@ -243,15 +238,14 @@ def _fused(tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
 
 def _fused_fwd(tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
   scale_N = _used(weight_VxH, labels_N, valid_N).astype(_compute_dtype(hidden_NxH, weight_VxH))
-  dweight_VxH, dbias_V, dhidden_NxH, lse_N = _gradient_pass(
-      tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, scale_N, None, True)
+  _, _, dhidden_NxH, lse_N = _gradient_pass(
+      tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, scale_N, None, True, with_dweight=False)
   loss_N = _loss(lse_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
-  return loss_N, (hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, lse_N, dhidden_NxH, dweight_VxH,
-                  dbias_V)
+  return loss_N, (hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, lse_N, dhidden_NxH)
 
 
 def _fused_bwd(tc, tv, residuals, g_N):
-  hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, lse_N, dhidden_NxH, dweight_VxH, dbias_V = residuals
+  hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, lse_N, dhidden_NxH = residuals
   used_N = _used(weight_VxH, labels_N, valid_N)
   g_N = g_N.astype(lse_N.dtype)
   # As the unfused kernel: an out-of-range label gives NaN gradients unless its cotangent is 0.
@@ -259,14 +253,8 @@ def _fused_bwd(tc, tv, residuals, g_N):
   poison = jnp.where(jnp.any(poisoned_N), jnp.nan, 0.0).astype(lse_N.dtype)
   g_used_N = jnp.where(used_N, g_N, 0.0)
   dhidden_NxH = jnp.where(poisoned_N[:, None], jnp.nan, g_used_N[:, None] * dhidden_NxH)
-  uniform, g0 = _uniform_cotangent(g_N, used_N)
-
-  def weighted():
-    dw_VxH, db_V, _, _ = _gradient_pass(
-        tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, g_used_N, lse_N, False)
-    return dw_VxH, db_V
-
-  dweight_VxH, dbias_V = lax.cond(uniform, lambda: (g0 * dweight_VxH, g0 * dbias_V), weighted)
+  dweight_VxH, dbias_V, _, _ = _gradient_pass(
+      tc, tv, hidden_NxH, weight_VxH, bias_V, labels_N, g_used_N, lse_N, False)
   dweight_VxH = (dweight_VxH + poison).astype(weight_VxH.dtype)
   dbias_V = None if bias_V is None else (dbias_V + poison).astype(bias_V.dtype)
   return dhidden_NxH.astype(hidden_NxH.dtype), dweight_VxH, dbias_V, None, None
@@ -294,10 +282,9 @@ def linear_softmax_cross_entropy(
   ``losses.softmax_cross_entropy_with_integer_labels(hidden @ weight.T + bias, labels)``,
   but streams over token and vocabulary chunks (see the module docstring): no
   array of ``N * V`` elements exists in the forward or the backward pass. The
-  gradient is exact for any cotangent; it costs ``6NHV`` FLOPs for forward plus
-  backward, as unfused, when the cotangent is the same for every unmasked token
-  (any sum or mean of the losses) and ``chunk_size * V <= 2**26``; otherwise it
-  recomputes blocks of logits (see the module docstring). Reverse mode only
+  gradient is exact for any cotangent; forward plus backward cost ``8NHV``
+  FLOPs (the backward recomputes the logits chunk by chunk) against the unfused
+  ``6NHV``, in a fraction of the memory (see the module docstring). Reverse mode only
   (``jax.custom_vjp``). Computed in float32 for bfloat16/float16 inputs.
 
   Out-of-range labels (``< 0`` or ``>= V``) in unmasked tokens raise
