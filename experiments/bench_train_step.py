@@ -1,8 +1,9 @@
 r"""Time of one truncated-BPTT train step with the fused output layer vs an unfused one.
 
 The unfused head computes ``hidden @ weight.T + bias`` and optax's integer-label
-cross-entropy; the fused head is ``lm_jax.heads.full_softmax`` (which calls
-``linear_softmax_cross_entropy``). Same model, same batch, interleaved rounds.
+cross-entropy; the "fused" row is ``lm_jax.heads.full_softmax``, which calls
+``linear_softmax_cross_entropy`` when ``N * V > 2**24`` and otherwise materialises the
+logits and uses lm_jax's closed-form CE kernel. Same model, same batch, interleaved rounds.
 
   python experiments/bench_train_step.py                      # PTB sizes: 2x200 LSTM, V=10002
   python experiments/bench_train_step.py --cell=elman --layers=1 --bptt=35
