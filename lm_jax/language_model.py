@@ -29,13 +29,16 @@ class LanguageModel(NamedTuple):
   ``hidden(params, inputs_BxT, state, *, mask_BxT=None, dropout_key=None)
   -> (hidden_BxTxH, state)``; ``loss(params, inputs_BxT, targets_BxT, state, *,
   mask_BxT=None, dropout_key=None) -> (loss_BxT, state)``;
-  ``log_probs(params, hidden_...xH) -> [..., V]``; ``head``, the :class:`~lm_jax.heads.OutputHead`;
+  ``nll(params, inputs_BxT, targets_BxT, state, *, mask_BxT=None) -> (nll_BxT, state)``, the
+  exact ``-log p(target)`` from ``head.log_prob`` (evaluation: for a sampled head ``loss`` is
+  only a training objective); ``log_probs(params, hidden_...xH) -> [..., V]``; ``head``, the :class:`~lm_jax.heads.OutputHead`;
   ``hidden_from_embeddings(params, emb_BxTxE, state, *, mask_BxT=None, dropout_key=None)``, like
   ``hidden`` after the embedding lookup (for gradients w.r.t. the embedded inputs)."""
   init: Callable[..., Params]
   initial_state: Callable[[int], State]
   hidden: Callable[..., tuple]
   loss: Callable[..., tuple]
+  nll: Callable[..., tuple]
   log_probs: Callable[..., jax.Array]
   head: heads_lib.OutputHead
   hidden_from_embeddings: Callable[..., tuple]
@@ -156,9 +159,21 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                        targets_BxT.reshape(batch * steps), key=keys[-1], where=where_N)
     return loss_N.reshape(batch, steps), new_state
 
+  def nll(params, inputs_BxT, targets_BxT, state, *, mask_BxT=None):
+    targets_BxT = jnp.asarray(targets_BxT)
+    hidden_BxTxH, new_state = hidden(params, inputs_BxT, state, mask_BxT=mask_BxT)
+    batch, steps, width = hidden_BxTxH.shape
+    logp_N = head.log_prob(params["head"], hidden_BxTxH.reshape(batch * steps, width),
+                           targets_BxT.reshape(batch * steps))
+    nll_BxT = -logp_N.reshape(batch, steps)
+    if mask_BxT is not None:
+      nll_BxT = jnp.where(jnp.asarray(mask_BxT, bool), nll_BxT, 0.0)
+    return nll_BxT, new_state
+
   def log_probs(params, hidden_xH):
     hidden_xH = jnp.asarray(hidden_xH)
     logp_NxV = head.log_probs(params["head"], hidden_xH.reshape(-1, hidden_xH.shape[-1]))
     return logp_NxV.reshape(*hidden_xH.shape[:-1], logp_NxV.shape[-1])
 
-  return LanguageModel(init, initial_state, hidden, loss, log_probs, head, hidden_from_embeddings)
+  return LanguageModel(init, initial_state, hidden, loss, nll, log_probs, head,
+                       hidden_from_embeddings)

@@ -170,9 +170,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 def eval_step(params: PyTree, rnn_state: PyTree, batch: dict[str, jax.Array], *,
               model: lm_lib.LanguageModel, axis_name: str | None = None
               ) -> tuple[PyTree, dict[str, jax.Array]]:
-  """Loss sums of one evaluation batch, with the state carried (reset if asked)."""
+  """Exact NLL sums (``model.nll``) of one evaluation batch, state carried (reset if asked)."""
   rnn_state = _reset_where(batch["reset"], rnn_state)
-  loss_BxT, new_rnn_state = model.loss(params, batch["inputs_BxT"], batch["targets_BxT"],
+  loss_BxT, new_rnn_state = model.nll(params, batch["inputs_BxT"], batch["targets_BxT"],
                                        rnn_state, mask_BxT=batch["mask_BxT"])
   metrics = {"loss_sum": _psum(jnp.sum(loss_BxT), axis_name),
              "token_count": _psum(batch["mask_BxT"].sum().astype(jnp.float32), axis_name)}

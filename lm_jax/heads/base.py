@@ -30,16 +30,86 @@ _UNFUSED_MAX_LOGITS = 2**24
 Params = Any
 
 
+class RowSparse(NamedTuple):
+  """How a head's training loss reads only a few rows of its big output matrices.
+
+  ``gather(params, targets_N, key) -> (rows, index, aux)``: ``rows`` has the structure of
+  ``params`` with each big leaf replaced by the rows the loss needs (``[K, ...]``, repeats
+  allowed); ``index`` has the same structure, holding for each gathered leaf the ``[K]``
+  int row ids and ``None`` for a leaf the loss uses whole; ``aux`` is whatever else the
+  loss needs (local target positions, path signs, sampled ids, ...).
+  ``loss(rows, hidden_NxH, aux, *, where=None) -> loss_N``.
+
+  A head with this field computes ``head.loss`` as ``sparse.loss(*gather(...))``, so the
+  dense and the sparse update differentiate the same function.
+  """
+  gather: Callable[..., tuple]
+  loss: Callable[..., jax.Array]
+
+
 class OutputHead(NamedTuple):
   """``init(key, hidden_size) -> params``; ``loss(params, hidden_NxH, targets_N, *, key=None,
   where=None) -> loss_N``; ``log_prob(params, hidden_NxH, targets_N) -> logp_N``;
   ``log_probs(params, hidden_NxH) -> logp_NxV``; ``sample(params, hidden_NxH, key, *,
-  temperature=1.0) -> tokens_N``."""
+  temperature=1.0) -> tokens_N``; ``sparse``: a :class:`RowSparse` for heads whose loss
+  touches few output rows (``None``: the loss needs every row, e.g. the full softmax)."""
   init: Callable[..., Params]
   loss: Callable[..., jax.Array]
   log_prob: Callable[..., jax.Array]
   log_probs: Callable[..., jax.Array]
   sample: Callable[..., jax.Array]
+  sparse: Optional[RowSparse] = None
+
+
+def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.ArrayLike,
+                    targets_N: jax.typing.ArrayLike, learning_rate: jax.typing.ArrayLike, *,
+                    key: Optional[jax.Array] = None, where: Optional[jax.typing.ArrayLike] = None
+                    ) -> tuple[Params, jax.Array, jax.Array]:
+  r"""One SGD step on the head's params that touches only the rows its loss reads.
+
+  With :math:`L = rac{1}{|\mathcal{N}|}\sum_{n} \ell_n` (mean over the tokens where
+  ``where`` holds), each gathered row :math:`r` is updated
+  :math:`W_r \leftarrow W_r - \eta\, \partial L / \partial W_r` by a scatter-add (repeated
+  rows add their gradients, which is the exact gradient), and small leaves used whole get the
+  dense update. This is word2vec's update; its cost is O(rows x H), not O(V H), when the
+  caller donates ``params`` so that XLA scatters in place (``jax.jit(...,
+  donate_argnums=...)``).
+
+  Args:
+    head: an :class:`OutputHead` whose ``sparse`` is not None.
+    params: the head's params.
+    hidden_NxH: hidden states ``[N, H]``.
+    targets_N: target ids ``[N]``.
+    learning_rate: :math:`\eta`.
+    key: PRNG key for sampled heads.
+    where: optional ``[N]`` bool mask of the tokens that count.
+
+  Returns:
+    ``(new_params, loss_N, grad_hidden_NxH)``: the gradient of :math:`L` w.r.t. the hidden
+    states, to backpropagate into the network below the head.
+  """
+  if head.sparse is None:
+    raise ValueError("this head has no sparse row form (OutputHead.sparse is None); "
+                     "use a dense optimizer update")
+  rows, index, aux = head.sparse.gather(params, targets_N, key)
+  hidden_NxH = jnp.asarray(hidden_NxH)
+  weight_N = (jnp.ones(hidden_NxH.shape[:1], jnp.float32) if where is None
+              else jnp.asarray(where, jnp.float32))
+  denominator = jnp.maximum(weight_N.sum(), 1.0)
+
+  def objective(rows, hidden_NxH):
+    loss_N = head.sparse.loss(rows, hidden_NxH, aux, where=where)
+    return jnp.sum(loss_N * weight_N) / denominator, loss_N
+
+  (_, loss_N), (grad_rows, grad_hidden_NxH) = jax.value_and_grad(
+      objective, argnums=(0, 1), has_aux=True)(rows, hidden_NxH)
+
+  def update(idx, param, grad):
+    grad = (learning_rate * grad).astype(param.dtype)
+    return param - grad if idx is None else param.at[idx].add(-grad)
+
+  new_params = jax.tree.map(update, index, params, grad_rows, is_leaf=lambda x: x is None)
+  return new_params, loss_N, grad_hidden_NxH
 
 
 def _check_hidden(hidden_NxH, targets_N=None):
