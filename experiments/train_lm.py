@@ -10,9 +10,15 @@ validation cross-entropy beside the language's true entropy rate. Examples:
       --workdir=runs/ptb_lstm
 
 Rerunning the same command with the same --workdir resumes from the latest checkpoint.
+SIGTERM or Ctrl-C finishes the current step, saves a checkpoint and exits with 143 / 130.
+
+Several devices: the batch rows are split over all of them (--parallel=auto). Several
+processes (hosts): start the same command in each with --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or the JAX_* environment variables).
 """
 
 import dataclasses
+import sys
 
 from absl import app
 from absl import flags
@@ -20,7 +26,7 @@ from absl import logging
 
 from lm_jax import run_logging
 from lm_jax.config import TrainConfig
-from lm_jax.trainer import train_and_evaluate
+from lm_jax.trainer import TrainingInterrupted, train_and_evaluate
 
 _D = TrainConfig()
 _HELP = {
@@ -58,6 +64,26 @@ _HELP = {
     "eval_every": "also evaluate on validation every this many steps (0: epoch ends only)",
     "log_every": "report train metrics every this many steps",
     "eval_batch_size": "rows for evaluation (each row a contiguous stream, state carried)",
+    "head": "output layer: full, class, hsm, dsoftmax, nce, neg or sampled",
+    "head_classes": "class/hsm heads: number of classes (0: sqrt of the vocabulary size)",
+    "head_binning": "class head: how words are binned into classes (mass: equal unigram mass)",
+    "head_tree": "hsm head: huffman, balanced or class (two-level) tree",
+    "head_samples": "nce/neg/sampled heads: noise samples per step",
+    "head_noise": "nce/neg/sampled heads: noise distribution unigram, log_uniform or uniform",
+    "head_noise_power": "nce/neg/sampled heads: unigram counts raised to this power",
+    "head_shared_samples": "nce/neg/sampled heads: one noise sample set shared by the batch",
+    "head_bands": "dsoftmax head: frequency bands as words:dims,... (most frequent first)",
+    "head_log_z": "nce head: the log normaliser, learned or a fixed number",
+    "skip_nonfinite": "skip an update whose loss or gradient is NaN/Inf (counted in "
+                      "metrics.jsonl) instead of stopping the run",
+    "parallel": "auto (shard_map over all devices when there are several, else none), none, "
+                "shard_map or pmap (one process)",
+    "coordinator_address": "host:port of process 0 for a multi-process run "
+                           "(or $JAX_COORDINATOR_ADDRESS)",
+    "num_processes": "processes in a multi-process run (0: one, or $JAX_NUM_PROCESSES / "
+                     "the cluster's)",
+    "process_id": "this process's index in [0, num_processes) (-1: $JAX_PROCESS_ID or the "
+                  "cluster's)",
 }
 
 for field in dataclasses.fields(TrainConfig):
@@ -80,7 +106,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax's INFO chatter off; progress comes below
   run_logging.configure_console()
   config = TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)})
-  train_and_evaluate(config)
+  try:
+    train_and_evaluate(config)
+  except TrainingInterrupted as e:
+    run_logging.logger.error("%s", e)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def _as_tokens(tokens) -> np.ndarray:
 
 
 def get_batch(tokens, position: BatchPosition, *, batch_size: int, bptt: int, strategy: str,
-              seed: int) -> Batch:
+              seed: int, rows: tuple[int, int] | None = None) -> Batch:
   """The training batch at ``position``: a pure function of its arguments.
 
   Args:
@@ -107,9 +107,12 @@ def get_batch(tokens, position: BatchPosition, *, batch_size: int, bptt: int, st
     bptt: ``T`` steps.
     strategy: "sequential" or "random" (module docstring).
     seed: with the epoch, determines the offset and the shuffle.
+    rows: ``(start, stop)``: build only rows ``[start, stop)`` of the ``B`` (a process's
+      share in data-parallel training; equal to ``shard_rows`` of the whole batch).
 
   Returns:
-    ``Batch`` with int32 ``[B, T]`` inputs and targets, an all-True mask, and ``reset``.
+    ``Batch`` with int32 ``[B, T]`` (or ``[stop - start, T]``) inputs and targets, an
+    all-True mask, and ``reset``.
   """
   tokens = _as_tokens(tokens)
   n = num_batches(len(tokens), batch_size, bptt, strategy)
@@ -127,9 +130,15 @@ def get_batch(tokens, position: BatchPosition, *, batch_size: int, bptt: int, st
     order = rng.permutation(num_subsequences)[index * batch_size:(index + 1) * batch_size]
     row_starts_B = offset + order * bptt
     reset = True
+  if rows is not None:
+    start, stop = rows
+    if not 0 <= start < stop <= batch_size:
+      raise ValueError(f"rows={tuple(rows)} must satisfy 0 <= start < stop <= batch_size="
+                       f"{batch_size}")
+    row_starts_B = row_starts_B[start:stop]
   window_BxT1 = tokens[row_starts_B[:, None] + np.arange(bptt + 1)].astype(np.int32)
   return Batch(inputs_BxT=window_BxT1[:, :-1], targets_BxT=window_BxT1[:, 1:],
-               mask_BxT=np.ones((batch_size, bptt), dtype=bool), reset=bool(reset))
+               mask_BxT=np.ones(window_BxT1[:, 1:].shape, dtype=bool), reset=bool(reset))
 
 
 def next_position(position: BatchPosition, n_batches: int) -> BatchPosition:

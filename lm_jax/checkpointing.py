@@ -38,7 +38,24 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, 
                                              meta=ocp.args.JsonSave(meta)), force=True)
 
 
+def _restore_target(x: Any) -> jax.ShapeDtypeStruct:
+  """The leaf's shape, dtype and sharding; without a sharding, this process's first device.
+
+  Orbax otherwise falls back to the sharding saved in the checkpoint, which names the
+  devices of the run that wrote it and fails on another device count.
+  """
+  struct = ocp.utils.to_shape_dtype_struct(x)
+  if getattr(struct, "sharding", None) is None:
+    struct = jax.ShapeDtypeStruct(struct.shape, struct.dtype,
+                                  sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+  return struct
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """``current``'s fields that ``saved`` disagrees on (keys that older checkpoints lack are
+  compared with ``config.FINGERPRINT_DEFAULTS``)."""
+  from lm_jax.config import FINGERPRINT_DEFAULTS  # pylint: disable=g-import-not-at-top
+  saved = {**{k: v for k, v in FINGERPRINT_DEFAULTS.items() if k in current}, **saved}
   keys = sorted(set(saved) | set(current))
   return [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
           for k in keys if saved.get(k) != current.get(k)]
@@ -59,14 +76,18 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  target = jax.tree.map(_restore_target, abstract_state)
   failures = []
 
   def quarantine(step, path, error):
     failures.append(f"{path}: {type(error).__name__}: {error}")
     dest = os.path.join(str(manager.directory) + ".quarantine", f"{step}-{int(time.time())}")
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    shutil.move(path, dest)
+    if jax.process_index() == 0:  # one mover; the others wait for it
+      os.makedirs(os.path.dirname(dest), exist_ok=True)
+      shutil.move(path, dest)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"lm_jax quarantine {step}")
     manager.reload()
     logging.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and trying an older "
                     "one", path, type(error).__name__, error, dest)

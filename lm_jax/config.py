@@ -6,6 +6,25 @@ import dataclasses
 
 CORPORA = ("synthetic", "ptb", "wikitext2", "text")
 CELLS = ("elman", "rnn_tanh", "rnn_relu", "gru", "lstm")
+PARALLEL_MODES = ("auto", "none", "shard_map", "pmap")
+HEAD_TREES = ("huffman", "balanced", "class")
+HEAD_NOISES = ("unigram", "log_uniform", "uniform")
+# Which TrainConfig fields each output head reads, under the name its factory takes.
+HEAD_OPTION_FIELDS = {
+    "full": {},
+    "class": {"num_classes": "head_classes", "binning": "head_binning"},
+    "hsm": {"tree": "head_tree", "num_classes": "head_classes"},
+    "dsoftmax": {"bands": "head_bands"},
+    "nce": {"noise": "head_noise", "noise_power": "head_noise_power",
+            "num_samples": "head_samples", "shared_samples": "head_shared_samples",
+            "log_z": "head_log_z"},
+    "neg": {"noise": "head_noise", "noise_power": "head_noise_power",
+            "num_samples": "head_samples", "shared_samples": "head_shared_samples"},
+    "sampled": {"noise": "head_noise", "noise_power": "head_noise_power",
+                "num_samples": "head_samples", "shared_samples": "head_shared_samples"},
+}
+# Fingerprint entries of checkpoints written before these keys existed.
+FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}}
 
 
 @dataclasses.dataclass
@@ -45,10 +64,86 @@ class TrainConfig:
   eval_every: int = 0
   log_every: int = 100
   eval_batch_size: int = 10
+  head: str = "full"
+  head_classes: int = 0
+  head_binning: str = "mass"
+  head_tree: str = "huffman"
+  head_samples: int = 64
+  head_noise: str = "unigram"
+  head_noise_power: float = 0.75
+  head_shared_samples: bool = True
+  head_bands: str = ""
+  head_log_z: str = "learned"
+  skip_nonfinite: bool = False
+  parallel: str = "auto"
+  coordinator_address: str = ""
+  num_processes: int = 0
+  process_id: int = -1
 
-  def validate(self) -> None:
-    """Raises ValueError naming the flag(s) for anything inconsistent, before any work."""
+  def head_options(self) -> dict:
+    """The keyword options of ``heads.make_head`` that ``self.head`` uses, and only those."""
+    fields = HEAD_OPTION_FIELDS.get(self.head, {})
+    return {option: getattr(self, name) for option, name in fields.items()}
+
+  def _head_problems(self) -> list[str]:
+    from lm_jax import heads  # pylint: disable=g-import-not-at-top
+    if self.head not in heads.HEAD_NAMES:
+      return [f"--head={self.head!r} is not one of {heads.HEAD_NAMES}"]
     problems = []
+    used = set(HEAD_OPTION_FIELDS.get(self.head, {}).values())
+    defaults = TrainConfig()
+    for name in sorted({n for opts in HEAD_OPTION_FIELDS.values() for n in opts.values()}):
+      if name not in used and getattr(self, name) != getattr(defaults, name):
+        problems.append(f"--{name}={getattr(self, name)!r} has no effect with "
+                        f"--head={self.head} (it only applies to --head="
+                        + "|".join(h for h, o in HEAD_OPTION_FIELDS.items() if name in o.values())
+                        + ")")
+    if self.head_tree not in HEAD_TREES:
+      problems.append(f"--head_tree={self.head_tree!r} is not one of {HEAD_TREES}")
+    if self.head_noise not in HEAD_NOISES:
+      problems.append(f"--head_noise={self.head_noise!r} is not one of {HEAD_NOISES}")
+    if self.head_classes < 0:
+      problems.append(f"--head_classes={self.head_classes} must be >= 0 (0: sqrt of the "
+                      "vocabulary size)")
+    if self.head_samples < 1:
+      problems.append(f"--head_samples={self.head_samples} must be >= 1")
+    return problems
+
+  def _device_problems(self, num_devices: int, num_processes: int) -> list[str]:
+    problems = []
+    if num_processes > 1 and self.parallel in ("none", "pmap"):
+      problems.append(f"--parallel={self.parallel} cannot span {num_processes} processes; use "
+                      "--parallel=shard_map (or auto)")
+    if self.parallel == "none" or (self.parallel == "auto" and num_devices == 1):
+      return problems
+    if self.batch_size % num_devices:
+      where = (f"{num_processes} processes x {num_devices // num_processes} local devices"
+               if num_processes > 1 else f"{num_devices} devices")
+      problems.append(f"--batch_size={self.batch_size} is not divisible by the {where} = "
+                      f"{num_devices} of --parallel={self.parallel}; use a multiple of "
+                      f"{num_devices} or --parallel=none")
+    return problems
+
+  def validate(self, *, num_devices: int | None = None, num_processes: int = 1) -> None:
+    """Raises ValueError naming the flag(s) for anything inconsistent, before any work.
+
+    With ``num_devices`` (all devices of all processes), also checks that the batches
+    split evenly over the devices the run will use.
+    """
+    problems = self._head_problems()
+    if self.parallel not in PARALLEL_MODES:
+      problems.append(f"--parallel={self.parallel!r} is not one of {PARALLEL_MODES}")
+    if self.num_processes < 0:
+      problems.append(f"--num_processes={self.num_processes} must be >= 0 (0: one process, "
+                      "or as the JAX_* environment variables say)")
+    if self.num_processes > 1 and not self.coordinator_address:
+      problems.append(f"--num_processes={self.num_processes} needs --coordinator_address "
+                      "(host:port of process 0)")
+    if self.coordinator_address and not 0 <= self.process_id < max(self.num_processes, 1):
+      problems.append(f"--process_id={self.process_id} must be in [0, --num_processes="
+                      f"{self.num_processes}) with --coordinator_address")
+    if num_devices is not None:
+      problems += self._device_problems(num_devices, num_processes)
     if self.corpus not in CORPORA:
       problems.append(f"--corpus={self.corpus!r} is not one of {CORPORA}")
     if self.corpus == "text" and not self.text_path:
@@ -82,4 +177,5 @@ def model_fingerprint(config: TrainConfig, vocab_size: int) -> dict:
   """What a checkpoint must agree on with the current run to be restorable."""
   return {"vocab_size": vocab_size, "cell": config.cell, "layers": config.layers,
           "hidden": config.hidden, "embed": config.embed, "batch_size": config.batch_size,
-          "optimizer": config.optimizer, "corpus": config.corpus}
+          "optimizer": config.optimizer, "corpus": config.corpus, "head": config.head,
+          "head_options": config.head_options()}

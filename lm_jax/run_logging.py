@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 logger = logging.getLogger("lm_jax")
 
@@ -24,6 +24,27 @@ def configure_console(level: int = logging.INFO) -> None:
   logger.propagate = False
 
 
+def write_json(path: str, payload: Any) -> None:
+  """Writes JSON atomically (a temporary file, then a rename)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def check_or_save_vocab(workdir: str, vocab) -> None:
+  """Saves ``vocab.json``, or checks that the one already there is the same vocabulary."""
+  path = os.path.join(workdir, "vocab.json")
+  if os.path.exists(path):
+    saved = type(vocab).load(path)
+    if saved != vocab:
+      from lm_jax.checkpointing import CheckpointMismatchError  # pylint: disable=g-import-not-at-top
+      raise CheckpointMismatchError(
+          f"{path} (size {len(saved)}) differs from the vocabulary of this run's corpus "
+          f"(size {len(vocab)}); use a new --workdir or the original corpus flags")
+  else:
+    vocab.save(path)
+
+
 class MetricsWriter:
   """Appends one JSON object per report to ``metrics.jsonl``.
 
@@ -32,7 +53,9 @@ class MetricsWriter:
   times and speeds) as one that never stopped.
   """
 
-  def __init__(self, path: str, *, resume_step: int | None = None, enabled: bool = True):
+  def __init__(self, path: str, *, resume_step: int | None = None, enabled: bool = True,
+               keep_at_resume_step: Callable[[dict[str, Any]], bool] | None = None):
+    """``keep_at_resume_step``: which records AT ``resume_step`` to keep (default all)."""
     self.path = path
     self.enabled = enabled
     self.kept: list[dict[str, Any]] = []
@@ -40,7 +63,9 @@ class MetricsWriter:
       return
     kept = []
     if resume_step is not None and os.path.exists(path):
-      kept = [r for r in read_metrics(path) if r.get("step", 0) <= resume_step]
+      keep = keep_at_resume_step or (lambda r: True)
+      kept = [r for r in read_metrics(path) if r.get("step", 0) < resume_step
+              or (r.get("step", 0) == resume_step and keep(r))]
     with open(path + ".tmp", "w") as f:
       for record in kept:
         f.write(json.dumps(record) + "\n")
@@ -53,6 +78,39 @@ class MetricsWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
+
+
+class TrainWindow:
+  """Sums of the train metrics since the last report, as plain floats.
+
+  Checkpoints store :meth:`as_dict`, so a run stopped between reports resumes with the
+  same sums and writes the same next report. Steps whose loss or gradient was not
+  finite (skipped by ``--skip_nonfinite``) count in ``skipped`` and nowhere else.
+  """
+  FIELDS = ("loss_sum", "token_count", "grad_norm", "steps", "skipped", "lr")
+
+  def __init__(self, **values: float):
+    unknown = set(values) - set(self.FIELDS)
+    if unknown:
+      raise ValueError(f"unknown TrainWindow fields {sorted(unknown)}")
+    for name in self.FIELDS:
+      setattr(self, name, float(values.get(name, 0.0)))
+
+  def add(self, metrics: dict[str, float]) -> None:
+    self.lr = float(metrics["learning_rate"])
+    if float(metrics.get("nonfinite", 0.0)):
+      self.skipped += 1
+      return
+    self.loss_sum += float(metrics["loss_sum"])
+    self.token_count += float(metrics["token_count"])
+    self.grad_norm += float(metrics["grad_norm"])
+    self.steps += 1
+
+  def reset(self) -> None:
+    self.__init__()
+
+  def as_dict(self) -> dict[str, float]:
+    return {name: getattr(self, name) for name in self.FIELDS}
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:

@@ -10,13 +10,23 @@ Determinism and resume: the batch at step ``s`` is a pure function of
 ``(seed, epoch, index)``, the dropout key is ``fold_in(rng, step)``, and the carried
 hidden state is part of the checkpointed ``TrainState``; train metrics are reported at
 every checkpoint step as well as every ``log_every`` steps. Together these make a run
-that is killed and restarted end bit-identical to one that was not.
+that is killed and restarted end bit-identical to one that was not. A checkpoint also
+keeps the train-metric sums since the last report and the evaluations done at its step,
+so a stop between reports (SIGTERM / Ctrl-C: finish the step, save, raise
+``TrainingInterrupted``) resumes bit-identically too.
+
+Devices and processes: ``lm_jax.parallel`` runs the per-device steps under ``shard_map``
+(default with several devices), ``pmap`` or plain ``jit``; every process builds only its
+rows of each batch, only process 0 writes files other than checkpoints, and orbax
+saves and restores checkpoints collectively. A NaN/Inf loss or gradient stops the run
+naming the step and the last good checkpoint, or with ``skip_nonfinite`` the update is
+skipped inside the jitted step and counted (``skipped_steps`` in metrics.jsonl).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import math
 import os
 import time
@@ -28,15 +38,18 @@ import numpy as np
 from lm_jax import batching
 from lm_jax import checkpointing
 from lm_jax import corpora
+from lm_jax import faults
+from lm_jax import heads
 from lm_jax import language_model as lm_lib
+from lm_jax import parallel
 from lm_jax import run_logging
 from lm_jax import schedules
 from lm_jax import training
 from lm_jax.config import TrainConfig, model_fingerprint
 
 
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+NonFiniteLossError = faults.NonFiniteLossError
+TrainingInterrupted = faults.TrainingInterrupted
 
 
 def load_corpus(config: TrainConfig) -> corpora.Corpus:
@@ -55,11 +68,29 @@ def load_corpus(config: TrainConfig) -> corpora.Corpus:
   return corpora.load_corpus(config.corpus, config.data_dir, **kwargs)
 
 
-def build_model(config: TrainConfig, vocab_size: int) -> lm_lib.LanguageModel:
+def build_model(config: TrainConfig, vocab_size: int, counts: Any = None
+                ) -> lm_lib.LanguageModel:
+  """The model the flags describe; ``counts``: [V] training counts (every head but full)."""
+  head = heads.make_head(config.head, vocab_size=vocab_size, counts=counts,
+                         init_scale=config.init_scale, **config.head_options())
   return lm_lib.make_language_model(
       vocab_size=vocab_size, embed_size=config.embed, hidden_size=config.hidden,
       num_layers=config.layers, cell=config.cell, dropout=config.dropout,
-      init_scale=config.init_scale)
+      init_scale=config.init_scale, head=head)
+
+
+def check_data(config: TrainConfig, corpus: corpora.Corpus) -> int:
+  """Batches per epoch; a ValueError naming the flags if the splits are too small."""
+  try:
+    steps_per_epoch = batching.num_batches(len(corpus.train), config.batch_size, config.bptt,
+                                           config.batching)
+  except ValueError as e:
+    raise ValueError(f"--batch_size={config.batch_size} and --bptt={config.bptt} are too "
+                     f"large for the train split of {corpus.name}: {e}") from None
+  if len(corpus.valid) < 2:
+    raise ValueError(f"the valid split of {corpus.name} has {len(corpus.valid)} token(s); "
+                     "evaluation needs at least 2 (one target)")
+  return steps_per_epoch
 
 
 def _learning_rate_for_epoch(config: TrainConfig, epoch: int, current: float) -> float:
@@ -69,170 +100,181 @@ def _learning_rate_for_epoch(config: TrainConfig, epoch: int, current: float) ->
   return current
 
 
-def _write_json(path: str, payload: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
-def _check_vocab(workdir: str, vocab) -> None:
-  path = os.path.join(workdir, "vocab.json")
-  if os.path.exists(path):
-    saved = type(vocab).load(path)
-    if saved != vocab:
-      raise checkpointing.CheckpointMismatchError(
-          f"{path} (size {len(saved)}) differs from the vocabulary of this run's corpus "
-          f"(size {len(vocab)}); use a new --workdir or the original corpus flags")
-  else:
-    vocab.save(path)
-
-
 def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
-  """Trains and evaluates a recurrent LM as ``config`` says; returns results.json's dict."""
+  """Trains and evaluates a recurrent LM as ``config`` says; returns results.json's dict.
+
+  Raises:
+    ValueError: bad flags or data too small for them, before any work.
+    NonFiniteLossError: NaN/Inf loss or gradient (without ``skip_nonfinite``).
+    TrainingInterrupted: SIGTERM/SIGINT arrived; a checkpoint was saved first.
+  """
   config.validate()
+  parallel.initialize_distributed(config.coordinator_address, config.num_processes,
+                                  config.process_id)
+  config.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
+  mode = parallel.resolve_mode(config.parallel, jax.device_count())
   t_start = time.time()
   workdir = config.workdir
-  os.makedirs(workdir, exist_ok=True)
   is_writer = jax.process_index() == 0
   corpus = load_corpus(config)
   vocab = corpus.vocab
-  run_logging.logger.info("corpus %s: %d types, train/valid/test tokens %d/%d/%s; OOV mapped to <unk>: %s",
-               corpus.name, len(vocab), len(corpus.train), len(corpus.valid),
-               "-" if corpus.test is None else len(corpus.test), getattr(corpus, "oov_counts", {}))
+  steps_per_epoch = check_data(config, corpus)
+  run_logging.logger.info(
+      "corpus %s: %d types, train/valid/test tokens %d/%d/%s; OOV mapped to <unk>: %s",
+      corpus.name, len(vocab), len(corpus.train), len(corpus.valid),
+      "-" if corpus.test is None else len(corpus.test), dict(corpus.oov_counts))
+  os.makedirs(workdir, exist_ok=True)
   if is_writer:
-    _check_vocab(workdir, vocab)
-    _write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
+    run_logging.check_or_save_vocab(workdir, vocab)
+    run_logging.write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
 
-  model = build_model(config, len(vocab))
+  model = build_model(config, len(vocab), np.bincount(corpus.train, minlength=len(vocab)))
   optimizer = training.make_optimizer(config.optimizer, config.lr, clip=config.clip or None)
-  state = training.create_train_state(model, optimizer, seed=config.seed,
-                                      batch_size=config.batch_size)
-  steps_per_epoch = batching.num_batches(len(corpus.train), config.batch_size, config.bptt,
-                                         config.batching)
+  dp = parallel.make_data_parallel(
+      mode, functools.partial(training.train_step, model=model, optimizer=optimizer,
+                              grad_reduction=config.grad_reduction,
+                              skip_nonfinite=config.skip_nonfinite),
+      functools.partial(training.eval_step, model=model))
+  run_logging.logger.info("data parallel: %s over %d device(s) in %d process(es)", dp.mode,
+                          dp.num_devices, jax.process_count())
+  state = dp.put_state(training.create_train_state(model, optimizer, seed=config.seed,
+                                                   batch_size=config.batch_size))
   total_steps = config.steps or config.epochs * steps_per_epoch
   fingerprint = model_fingerprint(config, len(vocab))
 
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))
-  plateau = schedules.PlateauState()
-  restored = checkpointing.restore_latest(manager, state, fingerprint)
-  start_step = 0
+  plateau, window, skipped_total = schedules.PlateauState(), run_logging.TrainWindow(), 0
+  restored = checkpointing.restore_latest(manager, dp.get_state(state), fingerprint)
+  start_step, evals_at_start = 0, {}
   if restored is not None:
-    start_step, state, meta = restored
+    start_step, restored_state, meta = restored
+    state = dp.put_state(restored_state)
     plateau = schedules.PlateauState(**meta["plateau"])
+    window = run_logging.TrainWindow(**meta.get("window", {}))
+    skipped_total, evals_at_start = meta.get("skipped_total", 0), meta.get("evals", {})
     run_logging.logger.info("resumed from step %d (epoch %d, batch %d)", start_step,
-                 meta["position"]["epoch"], meta["position"]["index"])
+                            meta["position"]["epoch"], meta["position"]["index"])
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  writer = run_logging.MetricsWriter(metrics_path, resume_step=start_step, enabled=is_writer)
-
-  train_fn = jax.jit(lambda s, b: training.train_step(
-      s, b, model=model, optimizer=optimizer, grad_reduction=config.grad_reduction),
-      donate_argnums=0)
-  eval_fn = jax.jit(lambda p, s, b: training.eval_step(p, s, b, model=model))
-
-  def evaluate(split_tokens):
-    batches = batching.eval_batches(split_tokens, batch_size=config.eval_batch_size,
-                                    bptt=config.bptt)
-    return training.evaluate(state.params, batches, model=model,
-                             batch_size=config.eval_batch_size, eval_fn=eval_fn)
-
+  writer = run_logging.MetricsWriter(
+      metrics_path, resume_step=start_step, enabled=is_writer,
+      keep_at_resume_step=lambda r: r.get("split") == "train" or r.get("split") in evals_at_start)
+  # Evaluations recorded in the restored checkpoint are not repeated (nor re-logged).
+  last_eval = {(start_step, split): summary for split, summary in evals_at_start.items()}
   progress = run_logging.Progress(total_steps, config.batch_size * config.bptt, start_step)
-  window = {"loss_sum": 0.0, "token_count": 0.0, "grad_norm": 0.0, "steps": 0}
   pending: list[tuple[int, Any]] = []
+  rows = dp.row_range(config.batch_size)
 
   def drain():
-    """Fetches dispatched steps' metrics; stops on a non-finite loss."""
+    """Fetches dispatched steps' metrics; stops on a non-finite loss unless told to skip."""
+    nonlocal skipped_total
     for step_done, metrics in pending:
       m = jax.device_get(metrics)
-      if not (math.isfinite(float(m["loss_sum"])) and math.isfinite(float(m["grad_norm"]))):
+      if float(m["nonfinite"]) and not config.skip_nonfinite:
+        manager.wait_until_finished()  # the checkpoint named below must be complete
         last_good = manager.latest_step()
         raise NonFiniteLossError(
             f"non-finite loss or gradient at step {step_done} (loss_sum={m['loss_sum']}, "
             f"grad_norm={m['grad_norm']}); nothing was saved after it. Last good checkpoint: "
-            f"{'none' if last_good is None else os.path.join(str(manager.directory), str(last_good))}")
-      window["loss_sum"] += float(m["loss_sum"])
-      window["token_count"] += float(m["token_count"])
-      window["grad_norm"] += float(m["grad_norm"])
-      window["steps"] += 1
-      window["lr"] = float(m["learning_rate"])
+            f"{'none' if last_good is None else os.path.join(str(manager.directory), str(last_good))}"
+            "; lower --lr, set --clip, or pass --skip_nonfinite")
+      if float(m["nonfinite"]):
+        skipped_total += 1
+        run_logging.logger.warning("step %d: non-finite loss or gradient; update skipped "
+                                   "(%d skipped so far)", step_done, skipped_total)
+      window.add(m)
     pending.clear()
 
   def report_train(step, epoch):
     drain()
-    if not window["steps"]:
+    if not (window.steps or window.skipped):
       return
-    summary = training.summarize_loss(window["loss_sum"], window["token_count"])
+    summary = (training.summarize_loss(window.loss_sum, window.token_count) if window.steps
+               else dict.fromkeys(("loss_nats", "perplexity", "bits_per_token"), math.nan))
     rate = progress.rate(step)
     record = {"step": step, "epoch": epoch, "split": "train", "loss_nats": summary["loss_nats"],
               "perplexity": summary["perplexity"], "bits_per_token": summary["bits_per_token"],
-              "tokens_per_sec": rate, "lr": window["lr"],
-              "grad_norm": window["grad_norm"] / window["steps"],
-              "wall_time": time.time() - t_start}
+              "tokens_per_sec": rate, "lr": window.lr,
+              "grad_norm": window.grad_norm / window.steps if window.steps else math.nan,
+              "skipped_steps": int(window.skipped), "wall_time": time.time() - t_start}
     writer.write(record)
-    run_logging.logger.info("step %d/%d epoch %d | loss %.4f ppl %.2f | %.0f tok/s | lr %.4g | gnorm %.3g"
-                 " | ETA %s", step, total_steps, epoch, summary["loss_nats"],
-                 summary["perplexity"], rate, window["lr"], record["grad_norm"],
-                 run_logging.format_eta(progress.eta_seconds(step)))
-    window.update(loss_sum=0.0, token_count=0.0, grad_norm=0.0, steps=0)
-
-  # Evaluations already recorded at the restored step are not repeated (nor re-logged).
-  last_eval: dict[tuple[int, str], dict[str, Any]] = {
-      (r["step"], r["split"]): r for r in writer.kept
-      if r["step"] == start_step and r.get("split") in ("valid", "test")}
+    run_logging.logger.info(
+        "step %d/%d epoch %d | loss %.4f ppl %.2f | %.0f tok/s | lr %.4g | gnorm %.3g%s | ETA %s",
+        step, total_steps, epoch, summary["loss_nats"], summary["perplexity"], rate, window.lr,
+        record["grad_norm"], f" | skipped {int(window.skipped)} (total {skipped_total})"
+        if config.skip_nonfinite else "", run_logging.format_eta(progress.eta_seconds(step)))
+    window.reset()
 
   def report_eval(step, epoch, split, tokens):
     if (step, split) in last_eval:  # the final evaluation may already have happened
       return last_eval[(step, split)]
-    summary = last_eval[(step, split)] = evaluate(tokens)
-    record = {"step": step, "epoch": epoch, "split": split, **summary,
-              "wall_time": time.time() - t_start}
-    writer.write(record)
-    run_logging.logger.info("step %d %s: loss %.4f nats, perplexity %.2f, %.4f bits/token", step, split,
-                 summary["loss_nats"], summary["perplexity"], summary["bits_per_token"])
+    summary = last_eval[(step, split)] = parallel.evaluate(
+        dp, state.params, tokens, initial_state=model.initial_state,
+        batch_size=config.eval_batch_size, bptt=config.bptt)
+    writer.write({"step": step, "epoch": epoch, "split": split, **summary,
+                  "wall_time": time.time() - t_start})
+    run_logging.logger.info("step %d %s: loss %.4f nats, perplexity %.2f, %.4f bits/token", step,
+                            split, summary["loss_nats"], summary["perplexity"],
+                            summary["bits_per_token"])
     return summary
 
+  def plot():
+    if is_writer:
+      run_logging.plot_learning_curve(run_logging.read_metrics(metrics_path),
+                                      os.path.join(workdir, "learning_curve.png"),
+                                      true_entropy_bits=corpus.true_entropy_bits,
+                                      title=f"{config.cell} on {corpus.name}")
+
   def checkpoint(step):
+    drain()
     epoch, index = divmod(step, steps_per_epoch)
     save_meta = {"config": fingerprint, "plateau": dataclasses.asdict(plateau),
-                 "position": {"epoch": epoch, "index": index}}
-    checkpointing.save(manager, step, state, save_meta)
+                 "position": {"epoch": epoch, "index": index}, "window": window.as_dict(),
+                 "skipped_total": skipped_total,
+                 "evals": {split: v for (s, split), v in last_eval.items() if s == step}}
+    checkpointing.save(manager, step, dp.get_state(state), save_meta)
 
   step = start_step
-  while step < total_steps and not plateau.stop:
-    epoch, index = divmod(step, steps_per_epoch)
-    if index == 0:
-      lr = _learning_rate_for_epoch(config, epoch + 1, float(training.get_learning_rate(state)))
-      state = training.set_learning_rate(state, lr)
-    batch = batching.get_batch(corpus.train, batching.BatchPosition(epoch, index),
-                               batch_size=config.batch_size, bptt=config.bptt,
-                               strategy=config.batching, seed=config.seed)
-    state, metrics = train_fn(state, training.batch_to_arrays(batch))
-    if len(pending) >= 1:  # fetch step t-1's metrics after dispatching step t
-      drain()
-    pending.append((step + 1, metrics))
-    step += 1
-    epoch_done = step % steps_per_epoch == 0
-    due_checkpoint = step % config.checkpoint_every == 0 or epoch_done or step == total_steps
-    if step % config.log_every == 0 or due_checkpoint:
-      report_train(step, epoch + 1)
-    if epoch_done or (config.eval_every and step % config.eval_every == 0):
-      valid = report_eval(step, epoch + 1, "valid", corpus.valid)
-      if epoch_done and config.lr_schedule == "plateau":
-        plateau, factor = schedules.plateau_update(plateau, valid["loss_nats"],
-                                                   stop_when_stalled=config.stop_when_stalled)
-        state = training.set_learning_rate(
-            state, float(training.get_learning_rate(state)) * factor)
-      if is_writer:
-        run_logging.plot_learning_curve(run_logging.read_metrics(metrics_path),
-                                        os.path.join(workdir, "learning_curve.png"),
-                                        true_entropy_bits=corpus.true_entropy_bits,
-                                        title=f"{config.cell} on {corpus.name}")
-    if due_checkpoint:
-      checkpoint(step)
+  with faults.StopSignals() as stop:
+    while step < total_steps and not plateau.stop:
+      epoch, index = divmod(step, steps_per_epoch)
+      if index == 0:
+        lr = _learning_rate_for_epoch(config, epoch + 1, float(training.get_learning_rate(state)))
+        state = dp.put_state(training.set_learning_rate(dp.get_state(state), lr))
+      batch = batching.get_batch(corpus.train, batching.BatchPosition(epoch, index),
+                                 batch_size=config.batch_size, bptt=config.bptt,
+                                 strategy=config.batching, seed=config.seed, rows=rows)
+      state, metrics = dp.train_step(state, dp.put_batch(batch, config.batch_size))
+      if len(pending) >= 1:  # fetch step t-1's metrics after dispatching step t
+        drain()
+      pending.append((step + 1, metrics))
+      step += 1
+      epoch_done = step % steps_per_epoch == 0
+      due_checkpoint = step % config.checkpoint_every == 0 or epoch_done or step == total_steps
+      if step % config.log_every == 0 or due_checkpoint:
+        report_train(step, epoch + 1)
+      if epoch_done or (config.eval_every and step % config.eval_every == 0):
+        valid = report_eval(step, epoch + 1, "valid", corpus.valid)
+        if epoch_done and config.lr_schedule == "plateau":
+          plateau, factor = schedules.plateau_update(plateau, valid["loss_nats"],
+                                                     stop_when_stalled=config.stop_when_stalled)
+          lr = float(training.get_learning_rate(state)) * factor
+          state = dp.put_state(training.set_learning_rate(dp.get_state(state), lr))
+        plot()
+      if due_checkpoint:
+        checkpoint(step)
+      signum = faults.any_process(stop.signum)
+      if signum is not None:
+        if not due_checkpoint:
+          checkpoint(step)
+        manager.wait_until_finished()
+        raise TrainingInterrupted(signum, step, os.path.join(str(manager.directory), str(step)))
   drain()
   manager.wait_until_finished()
 
   final_epoch = max(1, math.ceil(step / steps_per_epoch))
-  results: dict[str, Any] = {"steps": step, "epochs": step / steps_per_epoch}
+  results: dict[str, Any] = {"steps": step, "epochs": step / steps_per_epoch,
+                             "skipped_steps": skipped_total, "parallel": dp.mode,
+                             "num_devices": dp.num_devices, "num_processes": jax.process_count()}
   valid = report_eval(step, final_epoch, "valid", corpus.valid)
   results.update(valid_perplexity=valid["perplexity"], valid_bits_per_token=valid["bits_per_token"],
                  valid_loss_nats=valid["loss_nats"])
@@ -255,10 +297,7 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   results.update(wall_time_sec=time.time() - t_start, flags=dataclasses.asdict(config),
                  num_parameters=int(sum(x.size for x in jax.tree.leaves(state.params))))
   if is_writer:
-    _write_json(os.path.join(workdir, "results.json"), results)
-    run_logging.plot_learning_curve(run_logging.read_metrics(metrics_path),
-                                    os.path.join(workdir, "learning_curve.png"),
-                                    true_entropy_bits=corpus.true_entropy_bits,
-                                    title=f"{config.cell} on {corpus.name}")
+    run_logging.write_json(os.path.join(workdir, "results.json"), results)
+  plot()
   run_logging.logger.info("results: %s", {k: v for k, v in results.items() if k != "flags"})
   return results

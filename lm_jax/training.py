@@ -109,8 +109,8 @@ def _psum(x, axis_name):
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                model: lm_lib.LanguageModel, optimizer: optax.GradientTransformation,
-               grad_reduction: str = "token_mean", axis_name: str | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               grad_reduction: str = "token_mean", axis_name: str | None = None,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
   r"""One truncated-BPTT update on this device's rows of the batch.
 
   The objective over the global batch is
@@ -132,10 +132,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     optimizer: an optax transformation made by :func:`make_optimizer`.
     grad_reduction: ``"token_mean"`` or ``"sum_over_time"``.
     axis_name: the device axis to reduce over, or None on one device.
+    skip_nonfinite: if the loss or the gradient is NaN or infinite, return the state
+      unchanged except ``step + 1`` (no update, hidden state as before), decided on the
+      reduced values so every device agrees.
 
   Returns:
     The new state and metric sums ``loss_sum`` (nats), ``token_count``, ``grad_norm``
-    (of the averaged gradient, before clipping), and ``learning_rate``.
+    (of the averaged gradient, before clipping), ``learning_rate``, and ``nonfinite``
+    (1.0 where the loss or gradient was not finite, else 0.0).
   """
   if grad_reduction not in GRAD_REDUCTIONS:
     raise ValueError(f"grad_reduction must be one of {GRAD_REDUCTIONS}, got {grad_reduction!r}")
@@ -161,9 +165,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             opt_state=opt_state, rnn_state=lax.stop_gradient(new_rnn_state))
-  metrics = {"loss_sum": _psum(loss_sum, axis_name), "token_count": token_count,
-             "grad_norm": optax.tree.norm(grads),
-             "learning_rate": get_learning_rate(state).astype(jnp.float32)}
+  loss_sum = _psum(loss_sum, axis_name)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    keep = state.replace(step=new_state.step)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, keep)
+  metrics = {"loss_sum": loss_sum, "token_count": token_count, "grad_norm": grad_norm,
+             "learning_rate": get_learning_rate(state).astype(jnp.float32),
+             "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return new_state, metrics
 
 

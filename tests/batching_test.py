@@ -169,3 +169,20 @@ def test_shard_rows_errors():
     batching.shard_rows(batch, 3, 0)
   with pytest.raises(ValueError, match=r"shard_index=2 is outside \[0, num_shards=2\)"):
     batching.shard_rows(batch, 2, 2)
+
+
+@pytest.mark.parametrize("strategy", ["sequential", "random"])
+def test_get_batch_rows_equal_shard_rows(strategy):
+  """A process builds only its rows; they are exactly its shard of the whole batch."""
+  tokens = np.arange(500)
+  whole = batching.get_batch(tokens, batching.BatchPosition(1, 2), batch_size=6, bptt=5,
+                             strategy=strategy, seed=3)
+  for shard in range(3):
+    part = batching.get_batch(tokens, batching.BatchPosition(1, 2), batch_size=6, bptt=5,
+                              strategy=strategy, seed=3, rows=(2 * shard, 2 * shard + 2))
+    want = batching.shard_rows(whole, 3, shard)
+    for got, expected in zip(part, want):
+      np.testing.assert_array_equal(got, expected)
+  with pytest.raises(ValueError, match=r"rows=\(4, 9\) must satisfy"):
+    batching.get_batch(tokens, batching.BatchPosition(0, 0), batch_size=6, bptt=5,
+                       strategy=strategy, seed=3, rows=(4, 9))

@@ -254,3 +254,18 @@ def test_real_corpora_counts_match_the_data_readme():
                                  letters_only=True)) == 32_775
   tm = corpora.load_corpus("timemachine", data_dir)
   assert len(tm.vocab) == 31 and len(tm.train) + len(tm.valid) == 173_428
+
+
+def test_a_line_too_long_to_read_at_once_is_streamed(tmp_path, monkeypatch):
+  """A 4 MB file with no newline: the reader never holds more than one chunk of text."""
+  from lm_jax import text
+  path = tmp_path / "one_line.txt"
+  with open(path, "wb") as f:
+    f.write(b"ab " * ((4 << 20) // 3))
+  pieces = []
+  real_feed = text.StreamTokenizer.feed
+  monkeypatch.setattr(text.StreamTokenizer, "feed",
+                      lambda self, piece: pieces.append(len(piece)) or real_feed(self, piece))
+  tokens = corpora.read_tokens(path, level="word", chunk_bytes=1 << 16)
+  assert len(tokens) == (4 << 20) // 3 + 1 and tokens[-1] == "<eos>"
+  assert max(pieces) <= 1 << 16 and len(pieces) > 20

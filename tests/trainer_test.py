@@ -150,22 +150,39 @@ def test_train_lm_script_smoke_and_generate(tmp_path):
   assert gen.stdout.split()[:2] == ["s1", "s2"] and len(gen.stdout.split()) == 7
 
 
+def _wait_for(predicate, timeout=300.0):
+  deadline = time.time() + timeout
+  while not predicate() and time.time() < deadline:
+    time.sleep(0.01)
+
+
 @pytest.mark.slow
-def test_kill_9_then_rerun_ends_bit_identical(tmp_path):
-  """SIGKILL at a random moment (maybe mid-step, maybe mid-checkpoint); the rerun catches up."""
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_then_rerun_ends_bit_identical(tmp_path, seed):
+  """SIGKILL at random moments: one during a checkpoint write (orbax's tmp directory seen),
+  others at a uniformly random time of the run (mid-step, mid-eval, mid-write alike); each
+  time the same command restarts; the final rerun ends as an uninterrupted run, bit for bit."""
   extra = ["--steps=60", "--checkpoint_every=4"]
+  t0 = time.time()
   straight = subprocess.run(_script(tmp_path / "straight", *extra), capture_output=True,
                             text=True, timeout=600, cwd=REPO)
   assert straight.returncode == 0, straight.stderr[-3000:]
-  rng = random.Random(0)
+  run_seconds = time.time() - t0
+  rng = random.Random(seed)
   workdir = tmp_path / "killed"
-  for attempt in range(2):
+  ckpt_dir = workdir / "checkpoints"
+
+  def writing_checkpoint():
+    return ckpt_dir.exists() and any("tmp" in name for name in os.listdir(ckpt_dir))
+
+  for attempt in range(3):
     proc = subprocess.Popen(_script(workdir, *extra), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.time() + 300
-    while not os.path.exists(workdir / "checkpoints" / "4") and time.time() < deadline:
-      time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 1.5))
+    if attempt == 0:
+      _wait_for(writing_checkpoint)
+    else:
+      time.sleep(rng.uniform(0.0, run_seconds))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
   rerun = subprocess.run(_script(workdir, *extra), capture_output=True, text=True, timeout=600,
@@ -173,3 +190,66 @@ def test_kill_9_then_rerun_ends_bit_identical(tmp_path):
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert _metrics(tmp_path / "straight") == _metrics(workdir)
   _assert_same_params(_final_params(tmp_path / "straight"), _final_params(workdir))
+
+
+def test_head_options_hold_only_what_each_head_uses():
+  config = TrainConfig()
+  assert config.head_options() == {}
+  expected = {
+      "class": {"num_classes", "binning"}, "hsm": {"tree", "num_classes"},
+      "dsoftmax": {"bands"},
+      "nce": {"noise", "noise_power", "num_samples", "shared_samples", "log_z"},
+      "neg": {"noise", "noise_power", "num_samples", "shared_samples"},
+      "sampled": {"noise", "noise_power", "num_samples", "shared_samples"}}
+  for head, keys in expected.items():
+    assert set(TrainConfig(head=head).head_options()) == keys, head
+  assert TrainConfig(head="nce", head_samples=5).head_options()["num_samples"] == 5
+  from lm_jax.config import model_fingerprint
+  fingerprint = model_fingerprint(TrainConfig(head="hsm", head_tree="balanced"), 10)
+  assert fingerprint["head"] == "hsm" and fingerprint["head_options"]["tree"] == "balanced"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(head="mixture"), r"--head='mixture' is not one of"),
+    (dict(head_samples=8), r"--head_samples=8 has no effect with --head=full"),
+    (dict(head="class", head_tree="balanced"), r"--head_tree='balanced' has no effect with "
+                                                r"--head=class .*--head=hsm"),
+    (dict(head="hsm", head_tree="random"), r"--head_tree='random' is not one of"),
+    (dict(head="neg", head_log_z="1.0"), r"--head_log_z='1.0' has no effect with --head=neg"),
+    (dict(head="nce", head_noise="zipf"), r"--head_noise='zipf'"),
+    (dict(batch_size=200, bptt=20), r"--batch_size=200 and --bptt=20 are too large for the "
+                                    r"train split of synthetic: 3000 tokens are too few")])
+def test_bad_head_and_size_flags_fail_before_any_work(tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    trainer.train_and_evaluate(_config(tmp_path, **overrides))
+  assert not os.path.exists(tmp_path / "vocab.json")
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_full_head_is_built_through_make_head(tmp_path, monkeypatch):
+  from lm_jax import heads
+  calls = []
+  real = heads.make_head
+  monkeypatch.setattr(heads, "make_head", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+  trainer.train_and_evaluate(_config(tmp_path, steps=2, log_every=1))
+  (args, kwargs), = calls
+  assert args == ("full",) and kwargs["vocab_size"] == 20 and kwargs["counts"].sum() == 3000
+
+
+def test_one_token_language_and_oov_count_in_the_log(tmp_path, caplog):
+  """A text of one repeated character learns it (perplexity near 1); unseen chars are <unk>."""
+  path = tmp_path / "one.txt"
+  path.write_text("a" * 2000 + "b")  # 'b' only in the valid split: one OOV token
+  caplog.set_level("INFO", logger="lm_jax")
+  results = trainer.train_and_evaluate(_config(
+      tmp_path / "w", corpus="text", text_path=str(path), level="char", steps=40, lr=3e-2))
+  assert "'valid': 1" in caplog.text and "5 types" in caplog.text
+  assert results["valid_perplexity"] < 1.3
+
+
+def test_eval_rows_beyond_the_split_still_count_every_token(tmp_path):
+  results = trainer.train_and_evaluate(_config(tmp_path, steps=2, synthetic_train_tokens=400,
+                                               eval_batch_size=64))
+  records = run_logging.read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert [r["tokens"] for r in records if r["split"] == "valid"] == [39]
+  assert np.isfinite(results["valid_perplexity"])

@@ -177,3 +177,23 @@ def test_evaluate_is_exact_over_the_split():
 def test_summarize_loss_rejects_zero_tokens():
   with pytest.raises(ValueError, match="zero tokens"):
     training.summarize_loss(0.0, 0.0)
+
+
+def test_skip_nonfinite_keeps_the_state_but_counts_the_step():
+  model = _model()
+  opt = training.make_optimizer("adam", 1e-2)
+  state = _state(model, opt)
+  state = state.replace(rnn_state=jax.tree.map(lambda s: s + 0.5, state.rnn_state))
+  bad = dict(_batch(1), inputs_BxT=_batch(1)["inputs_BxT"].at[0, 0].set(10**6))  # embeds NaN
+  new, metrics = training.train_step(state, bad, model=model, optimizer=opt,
+                                     skip_nonfinite=True)
+  assert float(metrics["nonfinite"]) == 1.0 and int(new.step) == 1
+  for field in ("params", "opt_state", "rng", "rnn_state"):
+    jax.tree.map(np.testing.assert_array_equal, getattr(new, field), getattr(state, field))
+  unguarded, m = training.train_step(state, bad, model=model, optimizer=opt)
+  assert float(m["nonfinite"]) == 1.0
+  assert not np.isfinite(np.asarray(unguarded.params["embed_VxE"])).all()
+  good, m = training.train_step(state, _batch(1), model=model, optimizer=opt,
+                                skip_nonfinite=True)
+  assert float(m["nonfinite"]) == 0.0
+  assert not np.array_equal(good.params["embed_VxE"], state.params["embed_VxE"])

@@ -1,0 +1,173 @@
+r"""Loss forward+backward time per token of every output head against the full softmax.
+
+Synthetic Zipfian targets (ids in decreasing frequency, counts proportional to 1/rank),
+``N`` tokens of hidden size ``H``, at each vocabulary size ``V``. Two ways to apply the
+gradient of the head's output matrices:
+
+* ``dense``: ``jax.grad`` of the mean loss w.r.t. all head params and the hidden states.
+  Whatever the head reads, the gradient of a ``[V, H]`` matrix is a ``[V, H]`` array, so
+  this costs at least O(V H) per step (zero-fill plus scatter).
+* ``sparse``: :func:`lm_jax.heads.sparse_sgd_step`, gradients w.r.t. the gathered rows
+  only, applied by an in-place scatter-add (params donated), as word2vec's SGD does. Only
+  heads whose loss reads few rows have it (not ``full`` or ``dsoftmax``).
+
+Every head at a given ``V`` is timed in the same interleaved rounds as the full softmax,
+and reported as a ratio to it. The full softmax at large ``V`` is timed on fewer tokens
+(``--full_max_logits``) and reported per token (its cost is linear in ``N``).
+
+  python experiments/bench_heads.py                                   # V = 10k, 100k, 1M
+  python experiments/bench_heads.py --vocab_sizes=10000,100000 --repeats=3
+"""
+import functools
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm_jax import benchmarking
+from lm_jax import heads
+
+_VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["10000", "100000", "1000000"], "V values")
+_HIDDEN = flags.DEFINE_integer("hidden", 256, "H")
+_TOKENS = flags.DEFINE_integer("tokens", 4096, "N, tokens per step")
+_HEADS = flags.DEFINE_list("heads", list(heads.HEAD_NAMES), "heads to time")
+_MODES = flags.DEFINE_list("modes", ["dense", "sparse"], "gradient application")
+_SAMPLES = flags.DEFINE_integer("num_samples", 64, "K for nce / neg / sampled")
+_FULL_MAX_LOGITS = flags.DEFINE_integer(
+    "full_max_logits", 4096 * 100_000, "the full softmax is timed on N = this / V tokens "
+    "when that is fewer than --tokens")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed rounds (medians reported)")
+_JSON_OUT = flags.DEFINE_string("json_out", "results/bench_heads.json", "output JSON")
+_PLOT_OUT = flags.DEFINE_string("plot_out", "results/bench_heads.png", "log-log plot")
+
+
+def zipf_counts(vocab_size: int, total: float = 1e9) -> np.ndarray:
+  """Counts proportional to ``1 / rank``, decreasing with the id, at least 1."""
+  ranks = np.arange(1, vocab_size + 1, dtype=np.float64)
+  weights = 1.0 / ranks
+  return np.maximum(1, np.round(total * weights / weights.sum())).astype(np.int64)
+
+
+def _inputs(vocab_size, num_tokens, hidden, counts, seed=0):
+  rng = np.random.default_rng(seed)
+  targets_N = rng.choice(vocab_size, size=num_tokens, p=counts / counts.sum()).astype(np.int32)
+  hidden_NxH = rng.normal(0.0, 1.0, (num_tokens, hidden)).astype(np.float32)
+  return jnp.asarray(hidden_NxH), jnp.asarray(targets_N)
+
+
+def _head_options(name):
+  if name in ("nce", "neg", "sampled"):
+    return {"num_samples": _SAMPLES.value}
+  return {}
+
+
+def _dense_fn(head, params, hidden_NxH, targets_N, key):
+  def objective(params, hidden_NxH):
+    return jnp.mean(head.loss(params, hidden_NxH, targets_N, key=key))
+
+  grad_fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
+  return lambda: grad_fn(params, hidden_NxH)
+
+
+def _sparse_fn(head, params, hidden_NxH, targets_N, key):
+  step = jax.jit(functools.partial(heads.sparse_sgd_step, head), donate_argnums=0)
+  holder = [params]
+
+  def run():
+    holder[0], loss_N, grad_hidden_NxH = step(holder[0], hidden_NxH, targets_N, 1e-3, key=key)
+    return holder[0], loss_N, grad_hidden_NxH
+
+  return run
+
+
+def bench_vocab_size(vocab_size):
+  """Rows ``{head, mode, V, tokens, us_per_token, vs_full}`` for one ``V``."""
+  counts = zipf_counts(vocab_size)
+  hidden, num_tokens = _HIDDEN.value, _TOKENS.value
+  full_tokens = max(64, min(num_tokens, _FULL_MAX_LOGITS.value // vocab_size))
+  key = jax.random.PRNGKey(1)
+  fns, tokens = {}, {}
+  for name in _HEADS.value:
+    head = heads.make_head(name, vocab_size=vocab_size, counts=counts, **_head_options(name))
+    n = full_tokens if name == "full" else num_tokens
+    hidden_NxH, targets_N = _inputs(vocab_size, n, hidden, counts)
+    for mode in _MODES.value:
+      if mode == "sparse" and head.sparse is None:
+        continue
+      params = head.init(jax.random.PRNGKey(0), hidden)
+      make = _dense_fn if mode == "dense" else _sparse_fn
+      fns[(name, mode)] = make(head, params, hidden_NxH, targets_N, key)
+      tokens[(name, mode)] = n
+  start = time.time()
+  samples = benchmarking.time_interleaved({k: f for k, f in fns.items()}, (),
+                                          repeats=_REPEATS.value, warmup=1)
+  print(f"V={vocab_size}: timed {len(fns)} functions in {time.time() - start:.0f} s")
+  rows = []
+  for (name, mode), secs in samples.items():
+    us = 1e6 * float(np.median(secs)) / tokens[(name, mode)]
+    rows.append({"head": name, "mode": mode, "V": vocab_size, "tokens": tokens[(name, mode)],
+                 "us_per_token": us})
+  full_us = next((r["us_per_token"] for r in rows if r["head"] == "full"), float("nan"))
+  for row in rows:
+    row["speedup_vs_full"] = full_us / row["us_per_token"]
+  del fns, samples
+  return rows
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for (name, mode) in sorted({(r["head"], r["mode"]) for r in rows}):
+    pts = sorted((r["V"], r["us_per_token"]) for r in rows if (r["head"], r["mode"]) == (name, mode))
+    vs, us = zip(*pts)
+    ax.plot(vs, us, "-o" if mode == "dense" else "--s", label=f"{name} ({mode})")
+  vs = np.array(sorted({r["V"] for r in rows}), np.float64)
+  anchor = min(r["us_per_token"] for r in rows if r["V"] == vs[0])
+  for label, shape in (("O(V)", vs / vs[0]), ("O(sqrt V)", np.sqrt(vs / vs[0])),
+                       ("O(log V)", np.log(vs) / np.log(vs[0]))):
+    ax.plot(vs, anchor * shape, ":", color="gray", linewidth=1)
+    ax.annotate(label, (vs[-1], anchor * shape[-1]), fontsize=8, color="gray")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("vocabulary size V")
+  ax.set_ylabel("loss fwd+bwd, microseconds per token")
+  ax.set_title(f"output heads, H={_HIDDEN.value}, N={_TOKENS.value}")
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  rows = []
+  for v in (int(v) for v in _VOCAB_SIZES.value):
+    rows.extend(bench_vocab_size(v))
+  growth = {}
+  sizes = sorted({r["V"] for r in rows})
+  for (name, mode) in sorted({(r["head"], r["mode"]) for r in rows}):
+    by_v = {r["V"]: r["us_per_token"] for r in rows if (r["head"], r["mode"]) == (name, mode)}
+    if sizes[0] in by_v and sizes[-1] in by_v:
+      growth[f"{name}/{mode}"] = by_v[sizes[-1]] / by_v[sizes[0]]
+  benchmarking.print_table(rows, ["V", "head", "mode", "tokens", "us_per_token",
+                                  "speedup_vs_full"])
+  print(f"time per token at V={sizes[-1]} / at V={sizes[0]}:")
+  benchmarking.print_table([{"head/mode": k, "growth": g} for k, g in growth.items()],
+                           ["head/mode", "growth"])
+  benchmarking.write_json(_JSON_OUT.value, {
+      "benchmark": "bench_heads", "rows": rows, "growth_first_to_last_V": growth,
+      "notes": "full softmax timed on min(N, full_max_logits / V) tokens, reported per token",
+      "flags": {k: flags.FLAGS[k].value for k in ("vocab_sizes", "hidden", "tokens", "heads",
+                                                  "modes", "num_samples", "full_max_logits",
+                                                  "repeats")}})
+  plot(rows, _PLOT_OUT.value)
+  print(f"wrote {_JSON_OUT.value} and {_PLOT_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

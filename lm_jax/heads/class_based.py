@@ -1,0 +1,360 @@
+r"""Class-based softmax: a softmax over frequency classes times a softmax inside the class.
+
+Words are binned by frequency into :math:`C` classes (Mikolov et al. 2011) and
+
+.. math::
+  p(y \mid h) = p(c(y) \mid h)\; p(y \mid c(y), h),
+
+each factor an ordinary softmax, the second over the members of :math:`c(y)` only. The
+word rows are stored class-major, so a class is a window of ``M`` consecutive rows (``M`` the
+largest class size); training groups the tokens by class (:func:`class_work_list`) so that
+``K`` tokens share each gathered window, and costs :math:`O(H (C + M))` per token instead of
+:math:`O(H V)`; with :math:`C = \sqrt V` classes of similar size that is :math:`O(H \sqrt V)`.
+
+References:
+  Mikolov, Kombrink, Burget, Cernocky and Khudanpur, "Extensions of recurrent neural
+  network language model", ICASSP 2011, Section 3 (frequency binning).
+  Goodman, "Classes for fast maximum entropy training", ICASSP 2001.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm_jax.heads.base import OutputHead
+from lm_jax.heads.base import RowSparse
+from lm_jax.heads.base import _check_hidden
+from lm_jax.heads.base import sample_from_log_probs
+
+BINNINGS = ("mass", "sqrt")
+
+
+def check_counts(counts) -> np.ndarray:
+  """``counts`` as a 1-D float64 NumPy array; raises ``ValueError`` naming the problem."""
+  counts = np.asarray(counts)
+  if counts.ndim != 1:
+    raise ValueError(f"counts must be 1-D [V], got shape {counts.shape}")
+  if counts.shape[0] < 2:
+    raise ValueError(f"need a vocabulary of V >= 2 words, got V = {counts.shape[0]}")
+  if not (np.issubdtype(counts.dtype, np.integer) or np.issubdtype(counts.dtype, np.floating)):
+    raise ValueError(f"counts must be numbers, got dtype {counts.dtype}")
+  if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+    bad = counts[~(np.isfinite(counts) & (counts >= 0))][0]
+    raise ValueError(f"counts must be finite and >= 0, got {bad}")
+  return counts.astype(np.float64)
+
+
+def word_classes(counts, num_classes: Optional[int] = None, *, binning: str = "mass"):
+  r"""Frequency binning of the vocabulary into classes of equal shares of (sqrt-)unigram mass.
+
+  Words are sorted by decreasing count (stable: ties by id); word :math:`i` in that order,
+  whose preceding words hold the share :math:`s_i = \sum_{j<i} m_j / \sum_j m_j` of the
+  mass, goes to class :math:`\lfloor C s_i \rfloor`, with :math:`m_j` the count
+  (``binning="mass"``, Mikolov et al. 2011) or its square root (``binning="sqrt"``, which
+  gives the rare words more, smaller classes). A word heavier than one share would leave
+  classes empty; the assignment is then moved the least needed so that every class is
+  non-empty. Zero-count words go to the last classes.
+
+  Args:
+    counts: ``[V]`` training counts (>= 0), ``V >= 2``.
+    num_classes: ``C`` in ``[1, V]``; default :math:`\lceil \sqrt V \rceil`.
+    binning: ``"mass"`` or ``"sqrt"``.
+
+  Returns:
+    ``(class_of_V, position_in_class_V, members_CxM, member_mask_CxM)``: int32 ``[V]``
+    class of each id, int32 ``[V]`` its column in ``members_CxM``, int32 ``[C, M]`` the
+    ids of each class (padding repeats the class's first id), bool ``[C, M]`` which
+    entries are real.
+
+  >>> class_of_V, position_V, members_CxM, mask_CxM = word_classes([1, 6, 1, 2], 2)
+  >>> class_of_V.tolist(), position_V.tolist()
+  ([1, 0, 1, 1], [1, 0, 2, 0])
+  >>> members_CxM.tolist(), mask_CxM.tolist()
+  ([[1, 1, 1], [3, 0, 2]], [[True, False, False], [True, True, True]])
+  """
+  counts = check_counts(counts)
+  vocab_size = counts.shape[0]
+  if num_classes is None:
+    num_classes = math.ceil(math.sqrt(vocab_size))
+  if not 1 <= num_classes <= vocab_size:
+    raise ValueError(f"num_classes must be in [1, V = {vocab_size}], got {num_classes}")
+  if binning not in BINNINGS:
+    raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
+  order_V = np.argsort(-counts, kind="stable")
+  mass_V = counts[order_V] if binning == "mass" else np.sqrt(counts[order_V])
+  if mass_V.sum() <= 0:
+    mass_V = np.ones_like(mass_V)
+  share_before_V = (np.cumsum(mass_V) - mass_V) / mass_V.sum()
+  ideal_V = np.minimum(np.floor(num_classes * share_before_V), num_classes - 1)
+  # Word i (sorted) may use class i at most and must leave C - 1 - class <= V - 1 - i words.
+  rank_V = np.arange(vocab_size)
+  clipped_V = np.clip(ideal_V, num_classes - vocab_size + rank_V, rank_V)
+  # Steps of at most one class, so no class is skipped: s_i = min_{j<=i}(c_j - j) + i.
+  sorted_class_V = (np.minimum.accumulate(clipped_V - rank_V) + rank_V).astype(np.int32)
+  class_of_V = np.empty(vocab_size, np.int32)
+  class_of_V[order_V] = sorted_class_V
+  sizes_C = np.bincount(sorted_class_V, minlength=num_classes)
+  starts_C = np.cumsum(sizes_C) - sizes_C
+  position_in_class_V = np.empty(vocab_size, np.int32)
+  position_in_class_V[order_V] = rank_V - starts_C[sorted_class_V]
+  width = int(sizes_C.max())
+  column_M = np.arange(width)
+  member_mask_CxM = column_M[None, :] < sizes_C[:, None]
+  slot_CxM = starts_C[:, None] + np.where(member_mask_CxM, column_M[None, :], 0)
+  members_CxM = order_V[slot_CxM].astype(np.int32)
+  return class_of_V, position_in_class_V, members_CxM, member_mask_CxM
+
+
+def class_major_rows(counts, num_classes: Optional[int] = None, *, binning: str = "sqrt"
+                     ) -> np.ndarray:
+  """Row of each word in :func:`class_softmax`'s ``word_weight_VxH``: classes contiguous, in
+  class order, each in its :func:`word_classes` member order. Returns int32 ``[V]``.
+
+  >>> class_major_rows([1, 6, 1, 2], 2, binning="mass").tolist()
+  [2, 0, 3, 1]
+  """
+  class_of_V, position_V, _, member_mask_CxM = word_classes(counts, num_classes, binning=binning)
+  size_C = member_mask_CxM.sum(axis=1)
+  return (np.cumsum(size_C) - size_C)[class_of_V].astype(np.int32) + position_V
+
+
+class WorkList(NamedTuple):
+  """Tokens grouped by class into ``L`` items of ``K`` slots (see :func:`class_work_list`)."""
+  item_class_L: jax.Array  # int32 class of each item (padding items: class C - 1).
+  token_LxK: jax.Array  # int32 token held by each slot (0 where the slot is empty).
+  valid_LxK: jax.Array  # bool, True where the slot holds a token.
+  item_N: jax.Array  # int32 item of each token.
+  slot_N: jax.Array  # int32 slot of each token in its item.
+
+
+def num_work_items(num_tokens: int, num_classes: int, tokens_per_item: int) -> int:
+  r"""Static item count :math:`L = \lfloor (N + (K-1) \min(C, N)) / K \rfloor`, enough for any
+  targets: a class with :math:`n_c > 0` tokens needs :math:`\lceil n_c / K \rceil \le (n_c + K -
+  1) / K` items and at most :math:`\min(C, N)` classes are non-empty."""
+  return (num_tokens + (tokens_per_item - 1) * min(num_classes, num_tokens)) // tokens_per_item
+
+
+def class_work_list(class_N: jax.typing.ArrayLike, num_classes: int,
+                    tokens_per_item: int) -> WorkList:
+  r"""Groups the tokens by class into items of ``K`` consecutive same-class tokens.
+
+  Tokens are stably sorted by class; class :math:`c` with :math:`n_c` tokens gets
+  :math:`\lceil n_c / K \rceil` items (none if :math:`n_c = 0`), the last one partly empty;
+  the ``L`` items (:func:`num_work_items`) are ordered by class, unused ones at the end.
+  Each token sits in exactly one slot, so per-slot results are read back with a gather.
+  Pure JAX with static shapes; a sort and prefix sums, no loop.
+
+  Args:
+    class_N: ``[N]`` int class of each token, in ``[0, C)``.
+    num_classes: ``C``.
+    tokens_per_item: ``K >= 1``.
+
+  Returns:
+    A :class:`WorkList`.
+
+  >>> work = class_work_list(jnp.array([2, 0, 2, 2, 0]), 3, 2)
+  >>> work.item_class_L.tolist(), work.token_LxK.tolist()
+  ([0, 2, 2, 2], [[1, 4], [0, 2], [3, 0], [0, 0]])
+  >>> work.valid_LxK.astype(int).tolist()
+  [[1, 1], [1, 1], [1, 0], [0, 0]]
+  >>> work.item_N.tolist(), work.slot_N.tolist()
+  ([1, 0, 1, 2, 0], [0, 0, 1, 0, 1])
+  """
+  if tokens_per_item < 1:
+    raise ValueError(f"tokens_per_item must be >= 1, got {tokens_per_item}")
+  class_N = jnp.asarray(class_N, jnp.int32)
+  num_tokens, cap = class_N.shape[0], tokens_per_item
+  order_N = jnp.argsort(class_N, stable=True)
+  count_C = jnp.zeros(num_classes, jnp.int32).at[class_N].add(1)
+  first_token_C = jnp.cumsum(count_C) - count_C
+  items_C = (count_C + cap - 1) // cap
+  item_end_C = jnp.cumsum(items_C)
+  first_item_C = item_end_C - items_C
+  item_L = jnp.arange(num_work_items(num_tokens, num_classes, cap), dtype=jnp.int32)
+  item_class_L = jnp.minimum(jnp.searchsorted(item_end_C, item_L, side="right"),
+                             num_classes - 1).astype(jnp.int32)
+  # Rank within the class of each slot's token; past the class's count (or for padding items,
+  # which sit past the last class's items) the slot is empty.
+  rank_LxK = ((item_L - first_item_C[item_class_L]) * cap)[:, None] + jnp.arange(cap)
+  valid_LxK = rank_LxK < count_C[item_class_L][:, None]
+  sorted_LxK = jnp.minimum(first_token_C[item_class_L][:, None] + rank_LxK, num_tokens - 1)
+  token_LxK = jnp.where(valid_LxK, order_N[sorted_LxK], 0).astype(jnp.int32)
+  sorted_class_N = class_N[order_N]
+  rank_sorted_N = jnp.arange(num_tokens) - first_token_C[sorted_class_N]
+  unsort = lambda x: jnp.zeros(num_tokens, jnp.int32).at[order_N].set(
+      x.astype(jnp.int32), unique_indices=True)
+  return WorkList(item_class_L, token_LxK, valid_LxK,
+                  unsort(first_item_C[sorted_class_N] + rank_sorted_N // cap),
+                  unsort(rank_sorted_N % cap))
+
+
+def _tokens_per_item(num_tokens, num_classes):
+  """Default ``K``: the power of two nearest to the mean tokens per class, in [1, 32]."""
+  mean = max(num_tokens / num_classes, 1.0)
+  return int(min(32, 2 ** round(math.log2(mean))))
+
+
+def _class_log_softmax_at(hidden_NxH, class_weight_CxH, class_bias_C, class_N, compute):
+  logits_NxC = (jnp.matmul(hidden_NxH, class_weight_CxH.astype(compute).T)
+                + class_bias_C.astype(compute))
+  max_N = jax.lax.stop_gradient(jnp.max(logits_NxC, axis=-1, keepdims=True))
+  shifted_NxC = logits_NxC - max_N
+  return (jnp.take_along_axis(shifted_NxC, class_N[:, None], axis=-1)[:, 0]
+          - jnp.log(jnp.sum(jnp.exp(shifted_NxC), axis=-1)))
+
+
+def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "sqrt",
+                  tokens_per_item: Optional[int] = None, init_scale: float = 0.1,
+                  dtype=jnp.float32) -> OutputHead:
+  r"""Two-level class-based softmax over frequency classes (see :func:`word_classes`).
+
+  .. math::
+    \log p(y \mid h) = \big(u_{c} \cdot h + a_{c} - \log \textstyle\sum_{c'} e^{u_{c'} \cdot h
+    + a_{c'}}\big) + \big(w_y \cdot h + b_y - \log \textstyle\sum_{v \in c} e^{w_v \cdot h
+    + b_v}\big), \quad c = c(y).
+
+  Params ``{"class_weight_CxH", "class_bias_C", "word_weight_VxH", "word_bias_V"}``, uniform
+  in ``[-init_scale, init_scale]``. The word rows are stored **class-major**: row ``r`` holds
+  word ``words_by_row[r]`` (classes contiguous, each in decreasing frequency), so a class is
+  the ``M``-row window starting at ``min(first row of c, V - M)`` (``M`` the largest class),
+  with no padding rows. Training (``loss``, ``log_prob``) sorts the tokens by class into
+  :func:`class_work_list` items of ``K`` tokens, gathers one window per item and scores each
+  item's ``[K, H]`` hidden states against it in one batched matmul, then reads back each
+  token's log-sum-exp and target logit: :math:`O(H (C + M))` per token, ``K`` tokens sharing
+  each gathered window (so the backward scatters ``L`` windows, not ``N M`` rows). ``loss``
+  ignores ``key``. ``log_probs`` builds the full ``[N, V]`` distribution in :math:`O(V H)`.
+  ``sample`` at ``temperature=1.0`` (a Python number) draws the class, then the word in it,
+  in :math:`O(H (C + M))`; tempering does not factor over the two levels, so any other
+  temperature, or a traced one, samples from ``log_probs`` via
+  :func:`~lm_jax.heads.base.sample_from_log_probs`. ``sparse`` gathers the items' windows.
+
+  The default ``binning="sqrt"`` keeps ``M`` small (628 at a Zipfian ``V = 100k``, against
+  3742 for ``"mass"``, whose equal-mass classes put thousands of rare words together), and
+  the training cost grows with ``M``.
+
+  Args:
+    counts: ``[V]`` training counts of each id.
+    num_classes: ``C``; default :math:`\lceil \sqrt V \rceil`.
+    binning: ``"sqrt"`` or ``"mass"`` (Mikolov).
+    tokens_per_item: ``K``; default the power of two nearest to ``N / C`` (at most 32).
+    init_scale: half-width of the uniform initialisation.
+    dtype: parameter dtype.
+
+  Returns:
+    An :class:`~lm_jax.heads.base.OutputHead`.
+
+  References:
+    Mikolov et al., ICASSP 2011, Eq. (4); Chen, Grangier and Auli, ACL 2016, Section 3.2.
+
+  >>> head = class_softmax([3, 2, 1], 2, binning="mass")  # classes {0} and {1, 2}
+  >>> params = {"class_weight_CxH": jnp.array([[1.0], [0.0]]), "class_bias_C": jnp.zeros(2),
+  ...           "word_weight_VxH": jnp.zeros((3, 1)), "word_bias_V": jnp.array([0.0, 1.0, 0.0])}
+  >>> print(jnp.round(jnp.exp(head.log_probs(params, jnp.array([[0.0]]))), 4))
+  [[0.5    0.3655 0.1345]]
+  """
+  if tokens_per_item is not None and tokens_per_item < 1:
+    raise ValueError(f"tokens_per_item must be >= 1, got {tokens_per_item}")
+  class_of_V, _, members_CxM, member_mask_CxM = word_classes(counts, num_classes, binning=binning)
+  vocab_size = class_of_V.shape[0]
+  num_classes, width = members_CxM.shape
+  size_C = member_mask_CxM.sum(axis=1)
+  first_row_C = np.cumsum(size_C) - size_C
+  row_of_V = class_major_rows(counts, num_classes, binning=binning)
+  words_by_row = np.argsort(row_of_V).astype(np.int32)
+  class_of_row = class_of_V[words_by_row]
+  window_C = np.minimum(first_row_C, vocab_size - width).astype(np.int32)
+  row_CxM = window_C[:, None] + np.arange(width)
+  window_mask_CxM = (row_CxM >= first_row_C[:, None]) & (row_CxM < (first_row_C + size_C)[:, None])
+  column_V = (row_of_V - window_C[class_of_V]).astype(np.int32)
+
+  def init(key, hidden_size):
+    keys = jax.random.split(key, 4)
+    shapes = {"class_weight_CxH": (num_classes, hidden_size), "class_bias_C": (num_classes,),
+              "word_weight_VxH": (vocab_size, hidden_size), "word_bias_V": (vocab_size,)}
+    return {name: jax.random.uniform(k, shape, dtype, -init_scale, init_scale)
+            for k, (name, shape) in zip(keys, sorted(shapes.items()))}
+
+  def gather(params, targets_N, key=None):
+    del key
+    targets_N = jnp.asarray(targets_N)
+    class_N = jnp.asarray(class_of_V)[targets_N]
+    cap = tokens_per_item or _tokens_per_item(targets_N.shape[0], num_classes)
+    work = class_work_list(class_N, num_classes, cap)
+    start_L = jnp.asarray(window_C)[work.item_class_L]
+    rows_LM = (start_L[:, None] + jnp.arange(width)).reshape(-1)
+    rows = {"class_weight_CxH": params["class_weight_CxH"],
+            "class_bias_C": params["class_bias_C"],
+            "word_weight_VxH": params["word_weight_VxH"][rows_LM],
+            "word_bias_V": params["word_bias_V"][rows_LM]}
+    index = {"class_weight_CxH": None, "class_bias_C": None,
+             "word_weight_VxH": rows_LM, "word_bias_V": rows_LM}
+    aux = (class_N, work, jnp.asarray(column_V)[targets_N],
+           jnp.asarray(window_mask_CxM)[work.item_class_L])
+    return rows, index, aux
+
+  def sparse_loss(rows, hidden_NxH, aux, *, where=None):
+    class_N, work, column_N, mask_LxM = aux
+    compute = jnp.result_type(jnp.float32, hidden_NxH, rows["word_weight_VxH"])
+    hidden_NxH = jnp.asarray(hidden_NxH, compute)
+    class_logp_N = _class_log_softmax_at(hidden_NxH, rows["class_weight_CxH"],
+                                         rows["class_bias_C"], class_N, compute)
+    num_items = mask_LxM.shape[0]
+    weight_LxMxH = rows["word_weight_VxH"].astype(compute).reshape(num_items, width, -1)
+    logits_LxKxM = (jnp.einsum("lkh,lmh->lkm", hidden_NxH[work.token_LxK], weight_LxMxH)
+                    + rows["word_bias_V"].astype(compute).reshape(num_items, 1, width))
+    logits_LxKxM = jnp.where(mask_LxM[:, None, :], logits_LxKxM, -jnp.inf)
+    max_LxK = jax.lax.stop_gradient(jnp.max(logits_LxKxM, axis=-1))
+    lse_LxK = max_LxK + jnp.log(jnp.sum(jnp.exp(logits_LxKxM - max_LxK[..., None]), axis=-1))
+    word_logp_N = (logits_LxKxM[work.item_N, work.slot_N, column_N]
+                   - lse_LxK[work.item_N, work.slot_N])
+    loss_N = -(class_logp_N + word_logp_N)
+    return loss_N if where is None else jnp.where(where, loss_N, 0.0)
+
+  def loss(params, hidden_NxH, targets_N, *, key=None, where=None):
+    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+    rows, _, aux = gather(params, targets_N, key)
+    return sparse_loss(rows, hidden_NxH, aux, where=where)
+
+  def log_prob(params, hidden_NxH, targets_N):
+    return -loss(params, hidden_NxH, targets_N)
+
+  def class_log_probs(params, hidden_NxH, compute):
+    logits_NxC = (jnp.matmul(hidden_NxH, params["class_weight_CxH"].astype(compute).T)
+                  + params["class_bias_C"].astype(compute))
+    return jax.nn.log_softmax(logits_NxC, axis=-1)
+
+  def log_probs(params, hidden_NxH):
+    hidden_NxH, _ = _check_hidden(hidden_NxH)
+    compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
+    hidden_NxH = hidden_NxH.astype(compute)
+    logits_RxN = (jnp.matmul(params["word_weight_VxH"].astype(compute), hidden_NxH.T)
+                  + params["word_bias_V"].astype(compute)[:, None])  # Rows in class-major order.
+    segments = dict(segment_ids=jnp.asarray(class_of_row), num_segments=num_classes,
+                    indices_are_sorted=True)
+    max_CxN = jax.lax.stop_gradient(jax.ops.segment_max(logits_RxN, **segments))
+    shifted_RxN = logits_RxN - max_CxN[class_of_row]
+    lse_CxN = jnp.log(jax.ops.segment_sum(jnp.exp(shifted_RxN), **segments))
+    within_RxN = shifted_RxN - lse_CxN[class_of_row]
+    word_logp_NxR = class_log_probs(params, hidden_NxH, compute)[:, class_of_row] + within_RxN.T
+    return word_logp_NxR[:, row_of_V]
+
+  def sample(params, hidden_NxH, key, *, temperature=1.0):
+    if not (isinstance(temperature, (int, float)) and temperature == 1.0):
+      return sample_from_log_probs(log_probs(params, hidden_NxH), key, temperature=temperature)
+    hidden_NxH, _ = _check_hidden(hidden_NxH)
+    compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
+    hidden_NxH = hidden_NxH.astype(compute)
+    key_class, key_word = jax.random.split(key)
+    class_N = jax.random.categorical(key_class, class_log_probs(params, hidden_NxH, compute))
+    rows_NxM = jnp.asarray(row_CxM)[class_N]
+    word_logits_NxM = (
+        jnp.einsum("nmh,nh->nm", params["word_weight_VxH"][rows_NxM].astype(compute), hidden_NxH)
+        + params["word_bias_V"][rows_NxM].astype(compute))
+    word_logits_NxM = jnp.where(jnp.asarray(window_mask_CxM)[class_N], word_logits_NxM, -jnp.inf)
+    column_N = jax.random.categorical(key_word, word_logits_NxM)
+    row_N = jnp.take_along_axis(rows_NxM, column_N[:, None], axis=-1)[:, 0]
+    return jnp.asarray(words_by_row)[row_N]
+
+  return OutputHead(init, loss, log_prob, log_probs, sample, RowSparse(gather, sparse_loss))

@@ -1,0 +1,208 @@
+"""Tests for lm_jax.heads.trees and lm_jax.heads.hierarchical: tree builders and the vectorised walk."""
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from lm_jax.heads import base
+from lm_jax.heads import hierarchical
+from lm_jax.heads import trees
+
+N, H = 6, 3
+COUNTS = np.array([40, 3, 25, 0, 9, 9, 1, 14, 2, 6, 0, 5])  # V = 12, ids not sorted by count
+V = COUNTS.shape[0]
+TREES = {
+    "huffman": lambda: trees.huffman_tree(COUNTS),
+    "balanced": lambda: trees.balanced_tree(V),
+    "class_huffman": lambda: trees.class_tree(COUNTS, 4),
+    "class_balanced": lambda: trees.class_tree(COUNTS, 3, binning="sqrt", within="balanced"),
+}
+
+
+def _setup(kind="huffman", seed=0, dtype=jnp.float32):
+  tree = TREES[kind]()
+  head = hierarchical.hierarchical_softmax(tree)
+  rng = np.random.default_rng(seed)
+  params = {"node_weight_IxH": jnp.asarray(rng.uniform(-1, 1, (V - 1, H)), dtype),
+            "node_bias_I": jnp.asarray(rng.uniform(-1, 1, (V - 1,)), dtype)}
+  hidden_NxH = jnp.asarray(rng.normal(0.0, 1.5, (N, H)), dtype)
+  targets_N = jnp.asarray(rng.integers(0, V, (N,)), jnp.int32)
+  return tree, head, params, hidden_NxH, targets_N
+
+
+def _codes(tree):
+  return ["".join("0" if s > 0 else "1" for s in tree.signs_VxD[w, :tree.depth_V[w]])
+          for w in range(len(tree.depth_V))]
+
+
+def _check_tree(tree, vocab_size):
+  assert tree.num_inner == vocab_size - 1 and tree.children_Ix2.shape == (vocab_size - 1, 2)
+  np.testing.assert_array_equal(tree.mask_VxD.sum(1), tree.depth_V)  # depth = code length
+  assert np.all(tree.signs_VxD[~tree.mask_VxD] == 0) and np.all(tree.nodes_VxD[:, 0] == 0)
+  codes = _codes(tree)
+  assert len(set(codes)) == vocab_size
+  for a in codes:  # Prefix-free.
+    assert not any(b != a and b.startswith(a) for b in codes)
+  # Every leaf appears once among the children, every inner node but the root once.
+  children = np.sort(tree.children_Ix2.reshape(-1))
+  np.testing.assert_array_equal(children, np.r_[~np.arange(vocab_size)[::-1], 1:vocab_size - 1])
+
+
+def _entropy_bits(counts):
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log2(p)).sum())
+
+
+@settings(deadline=None, max_examples=50)
+@given(counts=hnp.arrays(np.int64, st.integers(2, 40), elements=st.integers(0, 10**5)))
+def test_huffman_codes_optimal_and_no_worse_than_balanced(counts):
+  counts = counts + (counts.sum() == 0)  # At least one nonzero count for the entropy.
+  huffman = trees.huffman_tree(counts)
+  _check_tree(huffman, len(counts))
+  more_frequent = counts[:, None] > counts[None, :]
+  assert not np.any(more_frequent & (huffman.depth_V[:, None] > huffman.depth_V[None, :]))
+  expected = trees.expected_depth(huffman, counts)
+  entropy = _entropy_bits(counts)
+  assert entropy - 1e-9 <= expected
+  if np.count_nonzero(counts) >= 2:  # Within one bit of the entropy (Shannon / Huffman bound).
+    assert expected < entropy + 1
+  else:  # A single word holds all the mass: entropy 0, and a binary tree needs depth 1.
+    assert expected == 1.0
+  assert expected <= trees.expected_depth(trees.balanced_tree(len(counts)), counts) + 1e-12
+
+
+@pytest.mark.parametrize("vocab_size", [2, 3, 5, 8, 12, 100])
+def test_balanced_depths(vocab_size):
+  tree = trees.balanced_tree(vocab_size)
+  _check_tree(tree, vocab_size)
+  assert tree.depth_V.max() == int(np.ceil(np.log2(vocab_size)))
+  assert tree.depth_V.min() == int(np.floor(np.log2(vocab_size)))
+
+
+def test_handmade_huffman_and_class_tree():
+  assert trees.huffman_tree([5, 1, 1, 3]).depth_V.tolist() == [1, 3, 3, 2]
+  tree = trees.class_tree([8, 4, 2, 1, 1], 2, within="balanced")  # classes {0}, {1, 2, 3, 4}
+  assert tree.depth_V.tolist() == [1, 3, 3, 3, 3]
+  for kind in ("class_huffman", "class_balanced"):
+    _check_tree(TREES[kind](), V)
+
+
+def _walk_probabilities(tree, params, hidden_H):
+  """Explicit float64 walk: recurse from the root along children, multiplying sigmoids."""
+  w = np.asarray(params["node_weight_IxH"], np.float64)
+  b = np.asarray(params["node_bias_I"], np.float64)
+  h = np.asarray(hidden_H, np.float64)
+  probs = np.zeros(V)
+  stack = [(0, 1.0)]
+  while stack:
+    node, prob = stack.pop()
+    p_first = 1.0 / (1.0 + np.exp(-(w[node] @ h + b[node])))
+    for child, p in zip(tree.children_Ix2[node], (p_first, 1.0 - p_first)):
+      if child < 0:
+        probs[~child] = prob * p
+      else:
+        stack.append((child, prob * p))
+  return probs
+
+
+@pytest.mark.parametrize("kind", list(TREES))
+def test_walk_equals_product_of_sigmoids_and_is_normalised(kind):
+  tree, head, params, hidden_NxH, targets_N = _setup(kind)
+  logp_NxV = head.log_probs(params, hidden_NxH)
+  expected = np.stack([_walk_probabilities(tree, params, h) for h in hidden_NxH])
+  np.testing.assert_allclose(np.exp(logp_NxV), expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(jax.nn.logsumexp(logp_NxV, axis=-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(head.log_prob(params, hidden_NxH, targets_N),
+                             logp_NxV[jnp.arange(N), targets_N], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(head.loss(params, hidden_NxH, targets_N),
+                             -np.log(expected[np.arange(N), np.asarray(targets_N)]), rtol=1e-5)
+
+
+def test_where_masks_loss_and_gradient():
+  _, head, params, hidden_NxH, targets_N = _setup()
+  where_N = jnp.array([True, False, True, False, False, True])
+  loss_N = head.loss(params, hidden_NxH, targets_N, where=where_N)
+  np.testing.assert_allclose(loss_N, jnp.where(where_N, head.loss(params, hidden_NxH, targets_N),
+                                               0.0), rtol=1e-6)
+  grads = jax.grad(lambda p, h: jnp.sum(head.loss(p, h, targets_N, where=jnp.zeros(N, bool))),
+                   argnums=(0, 1))(params, hidden_NxH)
+  for g in jax.tree.leaves(grads):
+    np.testing.assert_array_equal(g, 0.0)
+
+
+def test_check_grads_of_loss():
+  with jax.enable_x64(True):
+    _, head, params, hidden_NxH, targets_N = _setup("class_balanced", dtype=jnp.float64)
+    where_N = jnp.array([True, True, False, True, True, True])
+    check_grads(lambda p, h: head.loss(p, h, targets_N, where=where_N), (params, hidden_NxH),
+                order=1, modes=("fwd", "rev"))
+
+
+def test_sparse_sgd_step_equals_dense_step():
+  _, head, params, hidden_NxH, targets_N = _setup()
+  targets_N = targets_N.at[1].set(targets_N[0])  # Repeated paths must add their gradients.
+  where_N = jnp.array([True, True, False, True, True, True])
+  learning_rate = 0.3
+
+  def mean_loss(p, h):
+    return jnp.sum(head.loss(p, h, targets_N, where=where_N)) / 5.0
+
+  grads, grad_h = jax.grad(mean_loss, argnums=(0, 1))(params, hidden_NxH)
+  new_params, _, sparse_grad_h = jax.jit(
+      lambda p, h: base.sparse_sgd_step(head, p, h, targets_N, learning_rate, where=where_N))(
+          params, hidden_NxH)
+  for name in params:
+    np.testing.assert_allclose(new_params[name], params[name] - learning_rate * grads[name],
+                               atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(sparse_grad_h, grad_h, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,temperature", [("huffman", 1.0), ("class_balanced", 1.0),
+                                              ("huffman", 0.5)])
+def test_sample_matches_log_probs(kind, temperature):
+  _, head, params, hidden_NxH, _ = _setup(kind)
+  draws = 4000
+  hidden_MxH = jnp.repeat(hidden_NxH[:1], draws, axis=0)
+  samples_M = jax.jit(lambda h, k: head.sample(params, h, k, temperature=temperature))(
+      hidden_MxH, jax.random.PRNGKey(3))
+  assert samples_M.dtype == jnp.int32 and samples_M.shape == (draws,)
+  probs_V = np.asarray(jax.nn.softmax(head.log_probs(params, hidden_NxH[:1])[0] / temperature),
+                       np.float64)
+  counts_V = np.bincount(np.asarray(samples_M), minlength=V)
+  assert scipy.stats.chisquare(counts_V, probs_V / probs_V.sum() * draws).pvalue > 1e-3
+  assert scipy.stats.chisquare(counts_V, np.full(V, draws / V)).pvalue < 1e-3
+  greedy_N = head.sample(params, hidden_NxH, jax.random.PRNGKey(0), temperature=0.0)
+  np.testing.assert_array_equal(greedy_N, jnp.argmax(head.log_probs(params, hidden_NxH), -1))
+
+
+def test_bfloat16_inputs_computed_in_float32_and_jit_vmap():
+  _, head, params, hidden_NxH, targets_N = _setup()
+  loss_bf16 = head.loss(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+                        hidden_NxH.astype(jnp.bfloat16), targets_N)
+  assert loss_bf16.dtype == jnp.float32
+  np.testing.assert_allclose(loss_bf16, head.loss(params, hidden_NxH, targets_N), rtol=0.05)
+  vmapped = jax.jit(jax.vmap(lambda h, t: head.loss(params, h, t)))(
+      hidden_NxH[:, None], targets_N[:, None])[:, 0]
+  np.testing.assert_allclose(vmapped, head.loss(params, hidden_NxH, targets_N), rtol=1e-6)
+  params = head.init(jax.random.PRNGKey(0), H)
+  assert params["node_weight_IxH"].shape == (V - 1, H) and params["node_bias_I"].shape == (V - 1,)
+
+
+def test_bad_inputs_raise():
+  with pytest.raises(ValueError, match=r"1-D \[V\], got shape \(2, 2\)"):
+    trees.huffman_tree(np.ones((2, 2)))
+  with pytest.raises(ValueError, match="finite and >= 0, got -3"):
+    trees.class_tree([4, -3, 1])
+  with pytest.raises(ValueError, match="V >= 2 words, got V = 1"):
+    trees.huffman_tree([5])
+  with pytest.raises(ValueError, match="V >= 2 words, got vocab_size = 1"):
+    trees.balanced_tree(1)
+  with pytest.raises(ValueError, match="within must be 'huffman' or 'balanced', got 'flat'"):
+    trees.class_tree(COUNTS, within="flat")
+  with pytest.raises(ValueError, match="tree must be a lm_jax.heads.trees.Tree, got list"):
+    hierarchical.hierarchical_softmax([0, 1])
