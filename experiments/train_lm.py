@@ -37,6 +37,8 @@ _HELP = {
     "level": "char or word, for --corpus=text",
     "lowercase": "lower-case the text (--corpus=text)",
     "letters_only": "map every non-letter to a space, as D2L's Time Machine (--corpus=text)",
+    "text_max_tokens": "--corpus=text: keep only the first this many tokens before splitting "
+                       "(D2L 0.17's Time Machine: 10000); 0: all",
     "synthetic_vocab_size": "synthetic corpus: language size (0: the library default)",
     "synthetic_train_tokens": "synthetic corpus: train tokens (valid and test get a tenth each)",
     "cell": "elman (= rnn_tanh), rnn_relu, gru or lstm",
@@ -64,9 +66,12 @@ _HELP = {
     "eval_every": "also evaluate on validation every this many steps (0: epoch ends only)",
     "log_every": "report train metrics every this many steps",
     "eval_batch_size": "rows for evaluation (each row a contiguous stream, state carried)",
+    "tie_weights": "share the embedding matrix with the output layer (needs --embed == "
+                   "--hidden and a head with a [V, H] weight: full, nce, neg, sampled)",
     "head": "output layer: full, class, hsm, dsoftmax, nce, neg or sampled",
     "head_classes": "class/hsm heads: number of classes (0: sqrt of the vocabulary size)",
-    "head_binning": "class head: how words are binned into classes (mass: equal unigram mass)",
+    "head_binning": "class head binning: sqrt (equal shares of sqrt-frequency mass: small "
+                    "classes, fast) or mass (Mikolov: equal unigram mass)",
     "head_tree": "hsm head: huffman, balanced or class (two-level) tree",
     "head_samples": "nce/neg/sampled heads: noise samples per step",
     "head_noise": "nce/neg/sampled heads: noise distribution unigram, log_uniform or uniform",

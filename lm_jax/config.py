@@ -24,7 +24,7 @@ HEAD_OPTION_FIELDS = {
                 "num_samples": "head_samples", "shared_samples": "head_shared_samples"},
 }
 # Fingerprint entries of checkpoints written before these keys existed.
-FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}}
+FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}, "tie_weights": False}
 
 
 @dataclasses.dataclass
@@ -40,11 +40,13 @@ class TrainConfig:
   synthetic_train_tokens: int = 1_000_000
   lowercase: bool = False
   letters_only: bool = False
+  text_max_tokens: int = 0
   cell: str = "lstm"
   layers: int = 1
   hidden: int = 128
   embed: int = 64
   dropout: float = 0.0
+  tie_weights: bool = False
   init_scale: float = 0.1
   batch_size: int = 32
   bptt: int = 32
@@ -66,7 +68,7 @@ class TrainConfig:
   eval_batch_size: int = 10
   head: str = "full"
   head_classes: int = 0
-  head_binning: str = "mass"
+  head_binning: str = "sqrt"
   head_tree: str = "huffman"
   head_samples: int = 64
   head_noise: str = "unigram"
@@ -165,6 +167,12 @@ class TrainConfig:
       problems.append(f"--epochs={self.epochs} and --steps={self.steps}: one must be positive")
     if not 0.0 <= self.dropout < 1.0:
       problems.append(f"--dropout={self.dropout} must be in [0, 1)")
+    if self.tie_weights and self.embed != self.hidden:
+      problems.append(f"--tie_weights needs --embed == --hidden, got --embed={self.embed} "
+                      f"and --hidden={self.hidden}")
+    if self.tie_weights and self.head in ("class", "hsm", "dsoftmax"):
+      problems.append(f"--tie_weights needs a head with a [V, H] output matrix, not "
+                      f"--head={self.head}")
     if self.lr <= 0:
       problems.append(f"--lr={self.lr} must be positive")
     if self.clip < 0:
@@ -178,4 +186,4 @@ def model_fingerprint(config: TrainConfig, vocab_size: int) -> dict:
   return {"vocab_size": vocab_size, "cell": config.cell, "layers": config.layers,
           "hidden": config.hidden, "embed": config.embed, "batch_size": config.batch_size,
           "optimizer": config.optimizer, "corpus": config.corpus, "head": config.head,
-          "head_options": config.head_options()}
+          "head_options": config.head_options(), "tie_weights": config.tie_weights}

@@ -191,19 +191,25 @@ def load_wikitext2(data_dir: str | os.PathLike | None = None, **vocab_kwargs: An
 
 def load_text(path: str | os.PathLike, *, level: str = "char", valid_fraction: float = 0.1,
               test_fraction: float = 0.0, lowercase: bool = False, letters_only: bool = False,
-              add_eos: bool = False, name: str | None = None, **vocab_kwargs: Any) -> Corpus:
+              add_eos: bool = False, name: str | None = None, max_tokens: int = 0,
+              **vocab_kwargs: Any) -> Corpus:
   """One plain text file, split contiguously: train first, then valid, then test.
 
   Split sizes are ``round(n * fraction)`` tokens; ``test_fraction=0`` gives
   ``test=None``. The Time Machine in D2L's setting is
-  ``load_text(path, level="char", lowercase=True, letters_only=True)``.
+  ``load_text(path, level="char", lowercase=True, letters_only=True)``; D2L (0.17)
+  also keeps only the first ``max_tokens=10000`` characters.
   """
+  if max_tokens < 0:
+    raise CorpusError(f"max_tokens must be >= 0 (0: all), got {max_tokens}")
   if not (0.0 < valid_fraction < 1.0 and 0.0 <= test_fraction < 1.0
           and valid_fraction + test_fraction < 1.0):
     raise CorpusError(f"need 0 < valid_fraction < 1, 0 <= test_fraction < 1 and their sum "
                       f"< 1, got {valid_fraction} and {test_fraction}")
   tokens = read_tokens(path, level=level, add_eos=add_eos, lowercase=lowercase,
                        letters_only=letters_only)
+  if max_tokens:
+    tokens = tokens[:max_tokens]
   n = len(tokens)
   n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
   n_train = n - n_valid - n_test

@@ -45,7 +45,7 @@ def _generate(model, params, prompt_1xT, key, num_tokens, temperature):
 
   def step(carry, step_key):
     h_1xH, state = carry
-    token_1 = model.head.sample(params["head"], h_1xH, step_key, temperature=temperature)
+    token_1 = model.head.sample(model.head_params(params), h_1xH, step_key, temperature=temperature)
     hidden, state = model.hidden(params, token_1[:, None].astype(jnp.int32), state)
     return (hidden[:, -1], state), token_1[0]
 
@@ -61,8 +61,16 @@ def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.Language
   with open(config_path) as f:
     config = TrainConfig(**json.load(f))
   vocab = text.Vocab.load(os.path.join(workdir, "vocab.json"))
-  from lm_jax.trainer import build_model  # pylint: disable=g-import-not-at-top
-  model = build_model(config, len(vocab))
+  from lm_jax.trainer import COUNTS_FILE, build_model  # pylint: disable=g-import-not-at-top
+  counts = None
+  counts_path = os.path.join(workdir, COUNTS_FILE)
+  if os.path.exists(counts_path):  # workdirs from before the heads issue have none (full only)
+    with open(counts_path) as f:
+      counts = json.load(f)
+  elif config.head != "full":
+    raise FileNotFoundError(f"{counts_path} not found: head {config.head!r} is built from the "
+                            "training counts train_lm.py saves there")
+  model = build_model(config, len(vocab), counts)
   optimizer = training.make_optimizer(config.optimizer, config.lr, clip=config.clip or None)
   abstract = jax.eval_shape(lambda: training.create_train_state(
       model, optimizer, seed=config.seed, batch_size=config.batch_size))

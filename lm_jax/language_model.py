@@ -28,12 +28,15 @@ class LanguageModel(NamedTuple):
   """``init(key) -> params``; ``initial_state(batch_size) -> state``;
   ``hidden(params, inputs_BxT, state, *, mask_BxT=None, dropout_key=None)
   -> (hidden_BxTxH, state)``; ``loss(params, inputs_BxT, targets_BxT, state, *,
-  mask_BxT=None, dropout_key=None) -> (loss_BxT, state)``;
+  mask_BxT=None, dropout_key=None, row_ids_B=None) -> (loss_BxT, state)`` (``row_ids_B``: the
+  rows' global batch indices, so dropout masks do not depend on the device split);
   ``nll(params, inputs_BxT, targets_BxT, state, *, mask_BxT=None) -> (nll_BxT, state)``, the
   exact ``-log p(target)`` from ``head.log_prob`` (evaluation: for a sampled head ``loss`` is
   only a training objective); ``log_probs(params, hidden_...xH) -> [..., V]``; ``head``, the :class:`~lm_jax.heads.OutputHead`;
   ``hidden_from_embeddings(params, emb_BxTxE, state, *, mask_BxT=None, dropout_key=None)``, like
-  ``hidden`` after the embedding lookup (for gradients w.r.t. the embedded inputs)."""
+  ``hidden`` after the embedding lookup (for gradients w.r.t. the embedded inputs);
+  ``head_params(params)``, the params to give ``head``'s functions (with tied weights, the
+  embedding as ``weight_VxH``)."""
   init: Callable[..., Params]
   initial_state: Callable[[int], State]
   hidden: Callable[..., tuple]
@@ -42,12 +45,17 @@ class LanguageModel(NamedTuple):
   log_probs: Callable[..., jax.Array]
   head: heads_lib.OutputHead
   hidden_from_embeddings: Callable[..., tuple]
+  head_params: Callable[[Params], Params]
 
 
-def inverted_dropout(x: jax.typing.ArrayLike, rate: float, key: Optional[jax.Array]) -> jax.Array:
+def inverted_dropout(x: jax.typing.ArrayLike, rate: float, key: Optional[jax.Array], *,
+                     row_ids: Optional[jax.typing.ArrayLike] = None) -> jax.Array:
   r"""Inverted dropout: zero each entry with probability ``rate``, scale the rest by ``1/(1-rate)``.
 
-  The identity when ``key`` is None or ``rate == 0``.
+  The identity when ``key`` is None or ``rate == 0``. With ``row_ids`` (``[B]`` ints, the
+  rows' global indices in the batch) row ``b``'s mask is drawn from
+  ``fold_in(key, row_ids[b])``, so it does not depend on how the batch's rows are split over
+  devices: P devices draw exactly the masks one device draws for the whole batch.
 
   >>> inverted_dropout(jnp.ones(4), 0.5, None).tolist()
   [1.0, 1.0, 1.0, 1.0]
@@ -55,14 +63,19 @@ def inverted_dropout(x: jax.typing.ArrayLike, rate: float, key: Optional[jax.Arr
   x = jnp.asarray(x)
   if key is None or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  if row_ids is None:
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  else:
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(row_ids))
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(row_keys)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
 def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                         num_layers: int = 1, cell: Union[str, rnn.Cell] = "lstm",
                         dropout: float = 0.0, init_scale: float = 0.1,
-                        head: Optional[heads_lib.OutputHead] = None) -> LanguageModel:
+                        head: Optional[heads_lib.OutputHead] = None,
+                        tie_weights: bool = False) -> LanguageModel:
   r"""Builds an embedding + ``num_layers`` x ``cell`` + ``head`` language model.
 
   Params are ``{"embed_VxE", "layers": [cell params, ...], "head": head params}``, all
@@ -84,6 +97,10 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
     init_scale: half-width of the uniform initialisation.
     head: an :class:`~lm_jax.heads.OutputHead`; defaults to
       ``heads.full_softmax(vocab_size, init_scale=init_scale)``.
+    tie_weights: use the embedding matrix as the head's ``weight_VxH`` (Press and Wolf
+      2017; Inan et al. 2017): needs ``embed_size == hidden_size`` and a head with a
+      ``weight_VxH`` param (full softmax, NCE, negative sampling, sampled softmax). The
+      head's own copy is not stored; its gradient flows into ``embed_VxE``.
 
   Returns:
     A :class:`LanguageModel`.
@@ -104,14 +121,28 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
   cell = rnn.get_cell(cell) if isinstance(cell, str) else cell
   head = heads_lib.full_softmax(vocab_size, init_scale=init_scale) if head is None else head
   rate = dropout
+  if tie_weights and embed_size != hidden_size:
+    raise ValueError(f"tie_weights needs embed_size == hidden_size, got {embed_size} and "
+                     f"{hidden_size}")
 
   def init(key):
     k_embed, k_head, *k_layers = jax.random.split(key, num_layers + 2)
+    head_params = head.init(k_head, hidden_size)
+    if tie_weights:
+      if not isinstance(head_params, dict) or "weight_VxH" not in head_params:
+        raise ValueError("tie_weights needs a head with a weight_VxH param (full, nce, neg, "
+                         f"sampled); this head's params are {jax.tree.structure(head_params)}")
+      head_params = {k: v for k, v in head_params.items() if k != "weight_VxH"}
     return {"embed_VxE": jax.random.uniform(k_embed, (vocab_size, embed_size), jnp.float32,
                                             -init_scale, init_scale),
             "layers": [cell.init(k, embed_size if i == 0 else hidden_size, hidden_size,
                                  init_scale=init_scale) for i, k in enumerate(k_layers)],
-            "head": head.init(k_head, hidden_size)}
+            "head": head_params}
+
+  def _head_params(params):
+    if not tie_weights:
+      return params["head"]
+    return {**params["head"], "weight_VxH": params["embed_VxE"]}
 
   def initial_state(batch_size):
     return tuple(cell.initial_carry(batch_size, hidden_size) for _ in range(num_layers))
@@ -121,19 +152,20 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
       return [None] * (num_layers + 2)
     return list(jax.random.split(dropout_key, num_layers + 2))
 
-  def _stack(params, emb_BxTxE, state, mask_BxT, keys):
+  def _stack(params, emb_BxTxE, state, mask_BxT, keys, row_ids_B=None):
     if len(state) != num_layers:
       raise ValueError(f"state has {len(state)} layer carries, expected num_layers={num_layers}")
-    x_BxTxF = inverted_dropout(emb_BxTxE, rate, keys[0])
+    x_BxTxF = inverted_dropout(emb_BxTxE, rate, keys[0], row_ids=row_ids_B)
     new_state = []
     for layer_params, carry, key in zip(params["layers"], state, keys[1:num_layers + 1]):
       x_BxTxF, carry = rnn.scan_layer(cell, layer_params, x_BxTxF, carry, mask_BxT)
-      x_BxTxF = inverted_dropout(x_BxTxF, rate, key)
+      x_BxTxF = inverted_dropout(x_BxTxF, rate, key, row_ids=row_ids_B)
       new_state.append(carry)
     return x_BxTxF, tuple(new_state)
 
-  def hidden_from_embeddings(params, emb_BxTxE, state, *, mask_BxT=None, dropout_key=None):
-    return _stack(params, emb_BxTxE, state, mask_BxT, _keys(dropout_key))
+  def hidden_from_embeddings(params, emb_BxTxE, state, *, mask_BxT=None, dropout_key=None,
+                             row_ids_B=None):
+    return _stack(params, emb_BxTxE, state, mask_BxT, _keys(dropout_key), row_ids_B)
 
   def _embed(params, inputs_BxT):
     inputs_BxT = jnp.asarray(inputs_BxT)
@@ -142,20 +174,22 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                        f"{inputs_BxT.shape} dtype {inputs_BxT.dtype}")
     return jnp.take(params["embed_VxE"], inputs_BxT, axis=0)
 
-  def hidden(params, inputs_BxT, state, *, mask_BxT=None, dropout_key=None):
+  def hidden(params, inputs_BxT, state, *, mask_BxT=None, dropout_key=None, row_ids_B=None):
     return hidden_from_embeddings(params, _embed(params, inputs_BxT), state,
-                                  mask_BxT=mask_BxT, dropout_key=dropout_key)
+                                  mask_BxT=mask_BxT, dropout_key=dropout_key, row_ids_B=row_ids_B)
 
-  def loss(params, inputs_BxT, targets_BxT, state, *, mask_BxT=None, dropout_key=None):
+  def loss(params, inputs_BxT, targets_BxT, state, *, mask_BxT=None, dropout_key=None,
+           row_ids_B=None):
     targets_BxT = jnp.asarray(targets_BxT)
     if targets_BxT.shape != jnp.shape(inputs_BxT):
       raise ValueError(f"targets_BxT has shape {targets_BxT.shape}, expected the inputs' "
                        f"{jnp.shape(inputs_BxT)}")
     keys = _keys(dropout_key)
-    hidden_BxTxH, new_state = _stack(params, _embed(params, inputs_BxT), state, mask_BxT, keys)
+    hidden_BxTxH, new_state = _stack(params, _embed(params, inputs_BxT), state, mask_BxT, keys,
+                                     row_ids_B)
     batch, steps, width = hidden_BxTxH.shape
     where_N = None if mask_BxT is None else jnp.asarray(mask_BxT, bool).reshape(batch * steps)
-    loss_N = head.loss(params["head"], hidden_BxTxH.reshape(batch * steps, width),
+    loss_N = head.loss(_head_params(params), hidden_BxTxH.reshape(batch * steps, width),
                        targets_BxT.reshape(batch * steps), key=keys[-1], where=where_N)
     return loss_N.reshape(batch, steps), new_state
 
@@ -163,7 +197,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
     targets_BxT = jnp.asarray(targets_BxT)
     hidden_BxTxH, new_state = hidden(params, inputs_BxT, state, mask_BxT=mask_BxT)
     batch, steps, width = hidden_BxTxH.shape
-    logp_N = head.log_prob(params["head"], hidden_BxTxH.reshape(batch * steps, width),
+    logp_N = head.log_prob(_head_params(params), hidden_BxTxH.reshape(batch * steps, width),
                            targets_BxT.reshape(batch * steps))
     nll_BxT = -logp_N.reshape(batch, steps)
     if mask_BxT is not None:
@@ -172,8 +206,8 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
 
   def log_probs(params, hidden_xH):
     hidden_xH = jnp.asarray(hidden_xH)
-    logp_NxV = head.log_probs(params["head"], hidden_xH.reshape(-1, hidden_xH.shape[-1]))
+    logp_NxV = head.log_probs(_head_params(params), hidden_xH.reshape(-1, hidden_xH.shape[-1]))
     return logp_NxV.reshape(*hidden_xH.shape[:-1], logp_NxV.shape[-1])
 
   return LanguageModel(init, initial_state, hidden, loss, nll, log_probs, head,
-                       hidden_from_embeddings)
+                       hidden_from_embeddings, _head_params)

@@ -64,8 +64,11 @@ def load_corpus(config: TrainConfig) -> corpora.Corpus:
     if not config.text_path:
       raise ValueError("--corpus=text needs --text_path")
     kwargs = dict(path=config.text_path, level=config.level, lowercase=config.lowercase,
-                  letters_only=config.letters_only)
+                  letters_only=config.letters_only, max_tokens=config.text_max_tokens)
   return corpora.load_corpus(config.corpus, config.data_dir, **kwargs)
+
+
+COUNTS_FILE = "token_counts.json"  # [V] training count of each id, as the head saw them
 
 
 def build_model(config: TrainConfig, vocab_size: int, counts: Any = None
@@ -76,7 +79,7 @@ def build_model(config: TrainConfig, vocab_size: int, counts: Any = None
   return lm_lib.make_language_model(
       vocab_size=vocab_size, embed_size=config.embed, hidden_size=config.hidden,
       num_layers=config.layers, cell=config.cell, dropout=config.dropout,
-      init_scale=config.init_scale, head=head)
+      init_scale=config.init_scale, head=head, tie_weights=config.tie_weights)
 
 
 def check_data(config: TrainConfig, corpus: corpora.Corpus) -> int:
@@ -128,7 +131,10 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     run_logging.check_or_save_vocab(workdir, vocab)
     run_logging.write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
 
-  model = build_model(config, len(vocab), np.bincount(corpus.train, minlength=len(vocab)))
+  counts = np.bincount(corpus.train, minlength=len(vocab))
+  if is_writer:  # the head (tree, classes, noise) is built from these; generate.py reads them
+    run_logging.write_json(os.path.join(workdir, COUNTS_FILE), counts.tolist())
+  model = build_model(config, len(vocab), counts)
   optimizer = training.make_optimizer(config.optimizer, config.lr, clip=config.clip or None)
   dp = parallel.make_data_parallel(
       mode, functools.partial(training.train_step, model=model, optimizer=optimizer,

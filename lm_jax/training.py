@@ -150,13 +150,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   else:
     denominator = _psum(jnp.float32(mask_BxT.shape[0]), axis_name)
   rnn_state = lax.stop_gradient(_reset_where(batch["reset"], state.rnn_state))
+  # One key for all devices; each row's dropout mask is drawn from fold_in(key, global row),
+  # and a sampled head's shared draws from the same key, so P devices compute what one
+  # device computes on the whole batch.
   dropout_key = jax.random.fold_in(state.rng, state.step)
-  if axis_name is not None:
-    dropout_key = jax.random.fold_in(dropout_key, lax.axis_index(axis_name))
+  local_rows = mask_BxT.shape[0]
+  first_row = 0 if axis_name is None else lax.axis_index(axis_name) * local_rows
+  row_ids_B = first_row + jnp.arange(local_rows)
 
   def loss_fn(params):
     loss_BxT, new_rnn_state = model.loss(params, batch["inputs_BxT"], batch["targets_BxT"],
-                                         rnn_state, mask_BxT=mask_BxT, dropout_key=dropout_key)
+                                         rnn_state, mask_BxT=mask_BxT, dropout_key=dropout_key,
+                                         row_ids_B=row_ids_B)
     loss_sum = jnp.sum(loss_BxT)
     return loss_sum / denominator, (loss_sum, new_rnn_state)
 

@@ -269,3 +269,13 @@ def test_a_line_too_long_to_read_at_once_is_streamed(tmp_path, monkeypatch):
   tokens = corpora.read_tokens(path, level="word", chunk_bytes=1 << 16)
   assert len(tokens) == (4 << 20) // 3 + 1 and tokens[-1] == "<eos>"
   assert max(pieces) <= 1 << 16 and len(pieces) > 20
+
+
+def test_load_text_max_tokens_keeps_the_first_tokens(tmp_path):
+  path = tmp_path / "book.txt"
+  path.write_text("abcdefghij" * 3, encoding="utf-8")
+  corpus = corpora.load_text(path, level="char", max_tokens=10)
+  assert len(corpus.train) + len(corpus.valid) == 10
+  assert corpus.vocab.to_tokens(list(corpus.train)) == list("abcdefghi")  # valid: the "j"
+  with pytest.raises(corpora.CorpusError, match="max_tokens must be >= 0"):
+    corpora.load_text(path, level="char", max_tokens=-1)

@@ -229,3 +229,24 @@ def test_bad_arguments_raise():
     LSTM2.hidden(params, inputs_BxT.astype(jnp.float32), LSTM2.initial_state(B))
   with pytest.raises(ValueError, match=r"targets_BxT has shape \(3, 5\), expected the inputs' \(3, 6\)"):
     LSTM2.loss(params, inputs_BxT, targets_BxT[:, :5], LSTM2.initial_state(B))
+
+
+def test_tied_weights_share_the_embedding():
+  """A tied model equals an untied one whose head weight is the embedding; both uses
+  of the matrix contribute to its gradient."""
+  kwargs = dict(vocab_size=7, embed_size=4, hidden_size=4, cell="elman")
+  tied = lm.make_language_model(tie_weights=True, **kwargs)
+  untied = lm.make_language_model(**kwargs)
+  params = tied.init(jax.random.PRNGKey(0))
+  assert set(params["head"]) == {"bias_V"}
+  untied_params = {**params, "head": {**params["head"], "weight_VxH": params["embed_VxE"]}}
+  tokens_BxT = jnp.array([[1, 2, 3, 4], [5, 6, 0, 1]])
+  state = tied.initial_state(2)
+  loss = lambda m, p: jnp.sum(m.loss(p, tokens_BxT, tokens_BxT, state)[0])
+  np.testing.assert_allclose(loss(tied, params), loss(untied, untied_params), rtol=1e-6)
+  g_tied = jax.grad(lambda p: loss(tied, p))(params)["embed_VxE"]
+  g_untied = jax.grad(lambda p: loss(untied, p))(untied_params)
+  np.testing.assert_allclose(g_tied, g_untied["embed_VxE"] + g_untied["head"]["weight_VxH"],
+                             rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="tie_weights needs embed_size == hidden_size"):
+    lm.make_language_model(vocab_size=7, embed_size=3, hidden_size=4, tie_weights=True)

@@ -22,9 +22,9 @@ TINY = dict(corpus="synthetic", synthetic_vocab_size=16, synthetic_train_tokens=
 close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-6)
 
 
-def _model():
+def _model(dropout=0.0, head=None):
   return language_model.make_language_model(vocab_size=V, embed_size=5, hidden_size=8,
-                                            num_layers=2, cell="lstm")
+                                            num_layers=2, cell="lstm", dropout=dropout, head=head)
 
 
 def _dp(mode, model, opt, **kwargs):
@@ -41,11 +41,19 @@ def test_resolve_mode():
     parallel.resolve_mode("dp", 4)
 
 
-@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
-def test_three_carried_steps_equal_one_device(mode):
+@pytest.mark.parametrize("mode,dropout,head", [
+    ("shard_map", 0.0, None), ("pmap", 0.0, None),
+    # Dropout masks are drawn per global row and a sampled head's shared draws from one key,
+    # so these match one device too.
+    ("shard_map", 0.3, None), ("shard_map", 0.3, "nce")])
+def test_three_carried_steps_equal_one_device(mode, dropout, head):
   """Params, carried state and metrics after 3 sequential steps equal single-device ones."""
   assert jax.device_count() >= 4
-  model, opt = _model(), training.make_optimizer("adam", 1e-2, clip=1.0)
+  if head is not None:
+    from lm_jax import heads  # pylint: disable=g-import-not-at-top
+    head = heads.make_head(head, vocab_size=V, counts=np.arange(V, 0, -1), num_samples=4)
+  model = _model(dropout, head)
+  opt = training.make_optimizer("adam", 1e-2, clip=1.0)
   tokens = np.random.default_rng(0).integers(0, V, 400).astype(np.int32)
   runs = {}
   for name in ("none", mode):
