@@ -10,6 +10,7 @@ Temperature T divides the logits: T < 1 peaky, T > 1 flat, T = 0 greedy (argmax)
 import jax
 from absl import app
 from absl import flags
+from absl import logging
 
 from lm_jax import generation
 from lm_jax import text
@@ -24,6 +25,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax's INFO chatter off
   config, vocab, model, params = generation.load_trained(_WORKDIR.value)
   level = config.level if config.corpus == "text" else "word"
   prompt_tokens = text.tokenize(_PROMPT.value.lower() if config.lowercase else _PROMPT.value,

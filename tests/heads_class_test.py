@@ -6,12 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
-from lm_jax.heads import base
 from lm_jax.heads import class_based
 
 N, H = 6, 3
@@ -136,44 +134,6 @@ def test_check_grads_of_loss():
     where_N = jnp.array([True, True, False, True, True, True])
     check_grads(lambda p, h: head.loss(p, h, targets_N, where=where_N), (params, hidden_NxH),
                 order=1, modes=("fwd", "rev"))
-
-
-def test_sparse_sgd_step_equals_dense_step():
-  head, params, hidden_NxH, targets_N = _setup()
-  where_N = jnp.array([True, True, False, True, True, True])
-  learning_rate = 0.3
-
-  def mean_loss(p, h):
-    return jnp.sum(head.loss(p, h, targets_N, where=where_N)) / 5.0
-
-  grads, grad_h = jax.grad(mean_loss, argnums=(0, 1))(params, hidden_NxH)
-  new_params, loss_N, sparse_grad_h = jax.jit(
-      lambda p, h: base.sparse_sgd_step(head, p, h, targets_N, learning_rate, where=where_N))(
-          params, hidden_NxH)
-  for name in params:
-    np.testing.assert_allclose(new_params[name], params[name] - learning_rate * grads[name],
-                               atol=1e-6, err_msg=name)
-  np.testing.assert_allclose(sparse_grad_h, grad_h, atol=1e-6)
-  np.testing.assert_allclose(loss_N, head.loss(params, hidden_NxH, targets_N, where=where_N))
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_sample_matches_log_probs(temperature):
-  head, params, hidden_NxH, _ = _setup()
-  draws = 4000
-  hidden_MxH = jnp.repeat(hidden_NxH[:1], draws, axis=0)
-  samples_M = jax.jit(lambda h, k: head.sample(params, h, k, temperature=temperature))(
-      hidden_MxH, jax.random.PRNGKey(7))
-  assert samples_M.dtype == jnp.int32 and samples_M.shape == (draws,)
-  probs_V = np.asarray(jax.nn.softmax(head.log_probs(params, hidden_NxH[:1])[0] / temperature),
-                       np.float64)
-  counts_V = np.bincount(np.asarray(samples_M), minlength=V)
-  seen = probs_V > 0
-  assert scipy.stats.chisquare(counts_V[seen], probs_V[seen] / probs_V.sum() * draws).pvalue > 1e-3
-  uniform_V = np.full(V, draws / V)  # The same counts reject a wrong (uniform) distribution.
-  assert scipy.stats.chisquare(counts_V, uniform_V).pvalue < 1e-3
-  greedy_N = head.sample(params, hidden_NxH, jax.random.PRNGKey(0), temperature=0.0)
-  np.testing.assert_array_equal(greedy_N, jnp.argmax(head.log_probs(params, hidden_NxH), -1))
 
 
 def test_bfloat16_inputs_computed_in_float32_and_jit_vmap():

@@ -147,6 +147,34 @@ def test_jit_and_vmap(name):
   np.testing.assert_allclose(batched.ravel(), -expected_N, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", [n for n in HEAD_FACTORIES if HEAD_FACTORIES[n](V).sparse])
+def test_sparse_sgd_step_equals_dense_sgd_step(name):
+  """Gradients w.r.t. the gathered rows, scatter-added, are the dense gradient (repeated
+  targets and noise draws add up); the hidden-state gradient is the dense one too."""
+  head, params, hidden_NxH, targets_N = _setup(name)
+  targets_N = targets_N.at[1].set(targets_N[0])
+  where_N = jnp.array([True, True, False, True, True, True])
+  key, learning_rate = jax.random.PRNGKey(5), 0.3
+
+  def mean_loss(p, h):
+    return jnp.sum(head.loss(p, h, targets_N, key=key, where=where_N)) / 5.0
+
+  grads, grad_h = jax.grad(mean_loss, argnums=(0, 1))(params, hidden_NxH)
+  new_params, loss_N, sparse_grad_h = jax.jit(lambda p, h: heads.sparse_sgd_step(
+      head, p, h, targets_N, learning_rate, key=key, where=where_N))(params, hidden_NxH)
+  jax.tree.map(lambda new, old, g: np.testing.assert_allclose(
+      new, old - learning_rate * g, atol=1e-6), new_params, params, grads)
+  np.testing.assert_allclose(sparse_grad_h, grad_h, atol=1e-6)
+  np.testing.assert_allclose(loss_N, head.loss(params, hidden_NxH, targets_N, key=key,
+                                               where=where_N), rtol=1e-6)
+
+
+def test_sparse_sgd_step_needs_a_sparse_head():
+  head, params, hidden_NxH, targets_N = _setup("full_softmax")
+  with pytest.raises(ValueError, match="has no sparse row form"):
+    heads.sparse_sgd_step(head, params, hidden_NxH, targets_N, 0.1)
+
+
 @settings(deadline=None, max_examples=30)
 @given(hidden=hnp.arrays(np.float32, (3, H), elements=st.floats(-5, 5, width=32)),
        shift=st.floats(-10, 10, width=32))

@@ -61,6 +61,18 @@ class OutputHead(NamedTuple):
   sparse: Optional[RowSparse] = None
 
 
+def loss_from_sparse(sparse: RowSparse) -> Callable[..., jax.Array]:
+  """The head's dense ``loss(params, hidden_NxH, targets_N, *, key=None, where=None)`` as
+  ``sparse.loss(*sparse.gather(...))``: one function for the dense and the sparse update."""
+
+  def loss(params, hidden_NxH, targets_N, *, key=None, where=None):
+    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+    rows, _, aux = sparse.gather(params, targets_N, key)
+    return sparse.loss(rows, hidden_NxH, aux, where=where)
+
+  return loss
+
+
 def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.ArrayLike,
                     targets_N: jax.typing.ArrayLike, learning_rate: jax.typing.ArrayLike, *,
                     key: Optional[jax.Array] = None, where: Optional[jax.typing.ArrayLike] = None

@@ -25,6 +25,7 @@ import numpy as np
 
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
+from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import sample_from_log_probs
 
@@ -312,10 +313,8 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
     loss_N = -(class_logp_N + word_logp_N)
     return loss_N if where is None else jnp.where(where, loss_N, 0.0)
 
-  def loss(params, hidden_NxH, targets_N, *, key=None, where=None):
-    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
-    rows, _, aux = gather(params, targets_N, key)
-    return sparse_loss(rows, hidden_NxH, aux, where=where)
+  sparse = RowSparse(gather, sparse_loss)
+  loss = loss_from_sparse(sparse)
 
   def log_prob(params, hidden_NxH, targets_N):
     return -loss(params, hidden_NxH, targets_N)
@@ -357,4 +356,4 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
     row_N = jnp.take_along_axis(rows_NxM, column_N[:, None], axis=-1)[:, 0]
     return jnp.asarray(words_by_row)[row_N]
 
-  return OutputHead(init, loss, log_prob, log_probs, sample, RowSparse(gather, sparse_loss))
+  return OutputHead(init, loss, log_prob, log_probs, sample, sparse)

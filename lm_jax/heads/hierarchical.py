@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
+from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import sample_from_log_probs
 from lm_jax.heads.trees import Tree
@@ -101,10 +102,8 @@ def hierarchical_softmax(tree: Tree, *, init_scale: float = 0.1, dtype=jnp.float
     loss_N = -_path_log_prob(scores_NxD, signs_NxD.astype(compute), mask_NxD)
     return loss_N if where is None else jnp.where(where, loss_N, 0.0)
 
-  def loss(params, hidden_NxH, targets_N, *, key=None, where=None):
-    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
-    rows, _, aux = gather(params, targets_N, key)
-    return sparse_loss(rows, hidden_NxH, aux, where=where)
+  sparse = RowSparse(gather, sparse_loss)
+  loss = loss_from_sparse(sparse)
 
   def log_prob(params, hidden_NxH, targets_N):
     return -loss(params, hidden_NxH, targets_N)
@@ -141,4 +140,4 @@ def hierarchical_softmax(tree: Tree, *, init_scale: float = 0.1, dtype=jnp.float
     root_N = jnp.zeros(hidden_NxH.shape[:1], jnp.int32)
     return jnp.invert(jax.lax.fori_loop(0, depth, step, root_N)).astype(jnp.int32)
 
-  return OutputHead(init, loss, log_prob, log_probs, sample, RowSparse(gather, sparse_loss))
+  return OutputHead(init, loss, log_prob, log_probs, sample, sparse)

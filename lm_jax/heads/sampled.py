@@ -104,13 +104,11 @@ def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned
                             log_z)
     return loss_N if where is None else jnp.where(jnp.asarray(where), loss_N, 0.0)
 
-  def loss(params, hidden_NxH, targets_N, *, key=None, where=None):
-    hidden_NxH, targets_N = base._check_hidden(hidden_NxH, targets_N)
-    rows, _, aux = gather(params, targets_N, key)
-    return sparse_loss(rows, hidden_NxH, aux, where=where)
+  sparse = base.RowSparse(gather, sparse_loss)
+  loss = base.loss_from_sparse(sparse)
 
   return base.OutputHead(init, loss, full.log_prob, full.log_probs, full.sample,
-                         sparse=base.RowSparse(gather, sparse_loss))
+                         sparse=sparse)
 
 
 def nce(noise: NoiseDistribution, num_samples: int, *, log_z: Union[str, float] = 0.0,
