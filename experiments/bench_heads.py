@@ -122,10 +122,13 @@ def plot(rows, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 5))
+  names = sorted({r["head"] for r in rows})
+  colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}  # one colour a head
   for (name, mode) in sorted({(r["head"], r["mode"]) for r in rows}):
     pts = sorted((r["V"], r["us_per_token"]) for r in rows if (r["head"], r["mode"]) == (name, mode))
     vs, us = zip(*pts)
-    ax.plot(vs, us, "-o" if mode == "dense" else "--s", label=f"{name} ({mode})")
+    ax.plot(vs, us, "-o" if mode == "dense" else "--s", color=colors[name],
+            label=f"{name} ({mode})")
   vs = np.array(sorted({r["V"] for r in rows}), np.float64)
   anchor = min(r["us_per_token"] for r in rows if r["V"] == vs[0])
   for label, shape in (("O(V)", vs / vs[0]), ("O(sqrt V)", np.sqrt(vs / vs[0])),
@@ -136,7 +139,8 @@ def plot(rows, path):
   ax.set_yscale("log")
   ax.set_xlabel("vocabulary size V")
   ax.set_ylabel("loss fwd+bwd, microseconds per token")
-  ax.set_title(f"output heads, H={_HIDDEN.value}, N={_TOKENS.value}")
+  ax.set_title(f"output heads, H={_HIDDEN.value}, N={_TOKENS.value} "
+               "(solid: dense gradient, dashed: sparse rows)")
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
