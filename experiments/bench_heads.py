@@ -12,8 +12,9 @@ gradient of the head's output matrices:
   heads whose loss reads few rows have it (not ``full`` or ``dsoftmax``).
 
 Every head at a given ``V`` is timed in the same interleaved rounds as the full softmax,
-and reported as a ratio to it. The full softmax at large ``V`` is timed on fewer tokens
-(``--full_max_logits``) and reported per token (its cost is linear in ``N``).
+and reported as a ratio to it. The O(V H) heads (full softmax, D-softmax) at large ``V``
+are timed on fewer tokens (``--full_max_logits``) and reported per token (their cost is
+linear in ``N``).
 
   python experiments/bench_heads.py                                   # V = 10k, 100k, 1M
   python experiments/bench_heads.py --vocab_sizes=10000,100000 --repeats=3
@@ -92,7 +93,7 @@ def bench_vocab_size(vocab_size):
   fns, tokens = {}, {}
   for name in _HEADS.value:
     head = heads.make_head(name, vocab_size=vocab_size, counts=counts, **_head_options(name))
-    n = full_tokens if name == "full" else num_tokens
+    n = full_tokens if name in ("full", "dsoftmax") else num_tokens  # the O(V H) heads
     hidden_NxH, targets_N = _inputs(vocab_size, n, hidden, counts)
     for mode in _MODES.value:
       if mode == "sparse" and head.sparse is None:
