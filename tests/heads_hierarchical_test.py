@@ -121,18 +121,6 @@ def test_walk_equals_product_of_sigmoids_and_is_normalised(kind):
                              -np.log(expected[np.arange(N), np.asarray(targets_N)]), rtol=1e-5)
 
 
-def test_where_masks_loss_and_gradient():
-  _, head, params, hidden_NxH, targets_N = _setup()
-  where_N = jnp.array([True, False, True, False, False, True])
-  loss_N = head.loss(params, hidden_NxH, targets_N, where=where_N)
-  np.testing.assert_allclose(loss_N, jnp.where(where_N, head.loss(params, hidden_NxH, targets_N),
-                                               0.0), rtol=1e-6)
-  grads = jax.grad(lambda p, h: jnp.sum(head.loss(p, h, targets_N, where=jnp.zeros(N, bool))),
-                   argnums=(0, 1))(params, hidden_NxH)
-  for g in jax.tree.leaves(grads):
-    np.testing.assert_array_equal(g, 0.0)
-
-
 def test_check_grads_of_loss():
   with jax.enable_x64(True):
     _, head, params, hidden_NxH, targets_N = _setup("class_balanced", dtype=jnp.float64)
