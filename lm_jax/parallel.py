@@ -113,11 +113,6 @@ def _place(x, sharding):
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _batch_dict(batch: batching.Batch) -> dict[str, Any]:
-  return {"inputs_BxT": np.asarray(batch.inputs_BxT), "targets_BxT": np.asarray(batch.targets_BxT),
-          "mask_BxT": np.asarray(batch.mask_BxT), "reset": np.asarray(batch.reset)}
-
-
 def make_data_parallel(mode: str, train_step: Callable, eval_step: Callable, *,
                        devices: list | None = None) -> DataParallel:
   """Wraps per-device steps (``axis_name`` keyword) to run as ``mode`` says.
@@ -169,7 +164,7 @@ def _shard_map(train_step, eval_step, devices) -> DataParallel:
         rnn_state=jax.tree.map(lambda x: _place(x, rows), state.rnn_state))
 
   def put_batch(batch, batch_size):
-    local = _batch_dict(batch)
+    local = training.batch_to_arrays(batch)
     out = {k: jax.make_array_from_process_local_data(rows, local[k],
                                                      (batch_size, *local[k].shape[1:]))
            for k in _BATCH_KEYS}
@@ -207,7 +202,7 @@ def _pmap(train_step, eval_step, devices) -> DataParallel:
     return jnp.asarray(x).reshape(-1, *x.shape[2:])
 
   def put_batch(batch, batch_size):
-    local = _batch_dict(batch)
+    local = training.batch_to_arrays(batch)
     return {**{k: split(local[k]) for k in _BATCH_KEYS}, "reset": jnp.asarray(local["reset"])}
 
   state_axes = training.TrainState(step=None, params=None, opt_state=None, rng=None, rnn_state=0)
@@ -257,14 +252,13 @@ def evaluate(dp: DataParallel, params: Any, tokens: np.ndarray, *, initial_state
   """
   padded = batch_size + (-batch_size % dp.num_devices)
   start, stop = dp.row_range(padded)
-  rnn_state = dp.put_rows(initial_state(padded))
-  pending = []
-  for batch in batching.eval_batches(tokens, batch_size=batch_size, bptt=bptt):
+
+  def step(params, rnn_state, batch):
     batch = pad_rows(batch, dp.num_devices)
     local = batching.Batch(batch.inputs_BxT[start:stop], batch.targets_BxT[start:stop],
                            batch.mask_BxT[start:stop], batch.reset)
-    rnn_state, metrics = dp.eval_step(params, rnn_state, dp.put_batch(local, padded))
-    pending.append(metrics)
-  loss_sum = sum(float(m["loss_sum"]) for m in pending)
-  count = sum(float(m["token_count"]) for m in pending)
-  return training.summarize_loss(loss_sum, count)
+    return dp.eval_step(params, rnn_state, dp.put_batch(local, padded))
+
+  return training.evaluate_batches(
+      step, params, dp.put_rows(initial_state(padded)),
+      batching.eval_batches(tokens, batch_size=batch_size, bptt=bptt))

@@ -217,16 +217,24 @@ def evaluate(params: PyTree, batches, *, model: lm_lib.LanguageModel, batch_size
   """
   if eval_fn is None:
     eval_fn = jax.jit(lambda p, s, b: eval_step(p, s, b, model=model))
-  rnn_state = model.initial_state(batch_size)
-  loss_sum, count = 0.0, 0.0
+  return evaluate_batches(lambda p, s, b: eval_fn(p, s, batch_to_arrays(b)), params,
+                          model.initial_state(batch_size), batches)
+
+
+def evaluate_batches(step_fn: Callable, params: PyTree, rnn_state: PyTree,
+                     batches) -> dict[str, float]:
+  """Runs ``step_fn(params, rnn_state, batch) -> (rnn_state, metrics)`` over host
+  ``Batch``es, carrying the state, and summarises the summed ``loss_sum`` / ``token_count``.
+
+  Every step is dispatched before any metric is fetched, so the device never waits on
+  the host.
+  """
   pending = []
   for batch in batches:
-    rnn_state, metrics = eval_fn(params, rnn_state, batch_to_arrays(batch))
+    rnn_state, metrics = step_fn(params, rnn_state, batch)
     pending.append(metrics)
-  for metrics in pending:  # fetch after dispatching everything: no device stalls
-    loss_sum += float(metrics["loss_sum"])
-    count += float(metrics["token_count"])
-  return summarize_loss(loss_sum, count)
+  return summarize_loss(sum(float(m["loss_sum"]) for m in pending),
+                        sum(float(m["token_count"]) for m in pending))
 
 
 def summarize_loss(loss_sum: float, token_count: float) -> dict[str, float]:
