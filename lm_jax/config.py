@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 
+from lm_jax import heads
+from lm_jax import parallel
+
 CORPORA = ("synthetic", "ptb", "wikitext2", "text")
 CELLS = ("elman", "rnn_tanh", "rnn_relu", "gru", "lstm")
-PARALLEL_MODES = ("auto", "none", "shard_map", "pmap")
-HEAD_TREES = ("huffman", "balanced", "class")
-HEAD_NOISES = ("unigram", "log_uniform", "uniform")
+# The TrainConfig field behind each of heads.make_head's options.
+HEAD_OPTION_FLAGS = {"num_classes": "head_classes", "binning": "head_binning",
+                     "tree": "head_tree", "bands": "head_bands", "noise": "head_noise",
+                     "noise_power": "head_noise_power", "num_samples": "head_samples",
+                     "shared_samples": "head_shared_samples", "log_z": "head_log_z"}
 # Which TrainConfig fields each output head reads, under the name its factory takes.
-HEAD_OPTION_FIELDS = {
-    "full": {},
-    "class": {"num_classes": "head_classes", "binning": "head_binning"},
-    "hsm": {"tree": "head_tree", "num_classes": "head_classes"},
-    "dsoftmax": {"bands": "head_bands"},
-    "nce": {"noise": "head_noise", "noise_power": "head_noise_power",
-            "num_samples": "head_samples", "shared_samples": "head_shared_samples",
-            "log_z": "head_log_z"},
-    "neg": {"noise": "head_noise", "noise_power": "head_noise_power",
-            "num_samples": "head_samples", "shared_samples": "head_shared_samples"},
-    "sampled": {"noise": "head_noise", "noise_power": "head_noise_power",
-                "num_samples": "head_samples", "shared_samples": "head_shared_samples"},
-}
+HEAD_OPTION_FIELDS = {head: {option: HEAD_OPTION_FLAGS[option] for option in options}
+                      for head, options in heads.HEAD_OPTIONS.items()}
 # Fingerprint entries of checkpoints written before these keys existed.
 FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}, "tie_weights": False}
 
@@ -88,7 +82,6 @@ class TrainConfig:
     return {option: getattr(self, name) for option, name in fields.items()}
 
   def _head_problems(self) -> list[str]:
-    from lm_jax import heads  # pylint: disable=g-import-not-at-top
     if self.head not in heads.HEAD_NAMES:
       return [f"--head={self.head!r} is not one of {heads.HEAD_NAMES}"]
     problems = []
@@ -100,10 +93,11 @@ class TrainConfig:
                         f"--head={self.head} (it only applies to --head="
                         + "|".join(h for h, o in HEAD_OPTION_FIELDS.items() if name in o.values())
                         + ")")
-    if self.head_tree not in HEAD_TREES:
-      problems.append(f"--head_tree={self.head_tree!r} is not one of {HEAD_TREES}")
-    if self.head_noise not in HEAD_NOISES:
-      problems.append(f"--head_noise={self.head_noise!r} is not one of {HEAD_NOISES}")
+    if self.head_tree not in heads.TREE_KINDS:
+      problems.append(f"--head_tree={self.head_tree!r} is not one of {heads.TREE_KINDS}")
+    if self.head_noise not in heads.noise.NOISE_NAMES:
+      problems.append(f"--head_noise={self.head_noise!r} is not one of "
+                      f"{heads.noise.NOISE_NAMES}")
     if self.head_classes < 0:
       problems.append(f"--head_classes={self.head_classes} must be >= 0 (0: sqrt of the "
                       "vocabulary size)")
@@ -133,8 +127,9 @@ class TrainConfig:
     split evenly over the devices the run will use.
     """
     problems = self._head_problems()
-    if self.parallel not in PARALLEL_MODES:
-      problems.append(f"--parallel={self.parallel!r} is not one of {PARALLEL_MODES}")
+    modes = ("auto",) + parallel.MODES
+    if self.parallel not in modes:
+      problems.append(f"--parallel={self.parallel!r} is not one of {modes}")
     if self.num_processes < 0:
       problems.append(f"--num_processes={self.num_processes} must be >= 0 (0: one process, "
                       "or as the JAX_* environment variables say)")

@@ -129,15 +129,8 @@ def test_check_grads_of_loss():
                 order=1, modes=("fwd", "rev"))
 
 
-def test_bfloat16_inputs_computed_in_float32_and_jit_vmap():
-  _, head, params, hidden_NxH, targets_N = _setup()
-  loss_bf16 = head.loss(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
-                        hidden_NxH.astype(jnp.bfloat16), targets_N)
-  assert loss_bf16.dtype == jnp.float32
-  np.testing.assert_allclose(loss_bf16, head.loss(params, hidden_NxH, targets_N), rtol=0.05)
-  vmapped = jax.jit(jax.vmap(lambda h, t: head.loss(params, h, t)))(
-      hidden_NxH[:, None], targets_N[:, None])[:, 0]
-  np.testing.assert_allclose(vmapped, head.loss(params, hidden_NxH, targets_N), rtol=1e-6)
+def test_init_shapes():
+  _, head, _, _, _ = _setup()
   params = head.init(jax.random.PRNGKey(0), H)
   assert params["node_weight_IxH"].shape == (V - 1, H) and params["node_bias_I"].shape == (V - 1,)
 

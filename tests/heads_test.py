@@ -147,6 +147,21 @@ def test_jit_and_vmap(name):
   np.testing.assert_allclose(batched.ravel(), -expected_N, rtol=1e-5, atol=1e-6)
 
 
+# The full softmax follows optax instead: its loss comes back in the logits' dtype.
+@pytest.mark.parametrize("name", [n for n in HEAD_FACTORIES if n != "full_softmax"])
+def test_bfloat16_inputs_computed_in_float32_and_per_token_vmap(name):
+  head, params, hidden_NxH, targets_N = _setup(name)
+  loss_N = head.loss(params, hidden_NxH, targets_N)
+  loss_bf16 = head.loss(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
+                        hidden_NxH.astype(jnp.bfloat16), targets_N)
+  assert loss_bf16.dtype == jnp.float32
+  np.testing.assert_allclose(loss_bf16, loss_N, rtol=0.05)
+  vmapped = jax.jit(jax.vmap(lambda h, t: head.loss(params, h, t)))(
+      hidden_NxH[:, None], targets_N[:, None])[:, 0]
+  if name not in SAMPLED:  # a sampled loss depends on the rows drawn with it
+    np.testing.assert_allclose(vmapped, loss_N, rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", [n for n in HEAD_FACTORIES if HEAD_FACTORIES[n](V).sparse])
 def test_sparse_sgd_step_equals_dense_sgd_step(name):
   """Gradients w.r.t. the gathered rows, scatter-added, are the dense gradient (repeated
@@ -206,3 +221,16 @@ def test_bad_inputs_raise():
     head.log_prob(params, hidden_NxH, targets_N.astype(jnp.float32))
   with pytest.raises(ValueError, match="out of range for vocabulary size V=7"):
     head.loss(params, hidden_NxH, targets_N.at[0].set(V))
+
+
+def test_make_head_names_options_the_head_does_not_take():
+  with pytest.raises(ValueError, match=r"head 'neg' does not take option\(s\) \['log_z'\]; it "
+                                       r"takes \['noise', 'noise_power', 'num_samples', "
+                                       r"'shared_samples'\]"):
+    heads.make_head("neg", vocab_size=V, counts=COUNTS_V, log_z=0.0)
+  with pytest.raises(ValueError, match=r"head 'full' does not take option\(s\) \['tree'\]"):
+    heads.make_head("full", vocab_size=V, tree="huffman")
+  with pytest.raises(ValueError, match="unknown tree 'random'"):
+    heads.make_head("hsm", vocab_size=V, counts=COUNTS_V, tree="random")
+  with pytest.raises(ValueError, match="log_z must be 'learned' or a number, got 'big'"):
+    heads.make_head("nce", vocab_size=V, counts=COUNTS_V, log_z="big")

@@ -36,21 +36,30 @@ from lm_jax.heads.trees import huffman_tree
 
 HEAD_NAMES = ("full", "class", "hsm", "dsoftmax", "nce", "neg", "sampled")
 TREE_KINDS = ("huffman", "balanced", "class")
+_NOISE_OPTIONS = ("noise", "noise_power", "num_samples", "shared_samples")
+# The keyword options make_head accepts for each head (train_lm's flags map onto these).
+HEAD_OPTIONS = {"full": (), "class": ("num_classes", "binning"), "hsm": ("tree", "num_classes"),
+                "dsoftmax": ("bands",), "nce": _NOISE_OPTIONS + ("log_z",),
+                "neg": _NOISE_OPTIONS, "sampled": _NOISE_OPTIONS}
 
 
-def _take(options, name, *keys):
-  """Pops ``keys`` from ``options``; anything left over is an error naming the head."""
-  taken = {k: options.pop(k) for k in keys if k in options}
-  if options:
-    raise ValueError(f"head {name!r} does not take option(s) {sorted(options)}; it takes "
-                     f"{list(keys)}")
-  return taken
+def _make_tree(kind: str, counts: np.ndarray, num_classes: Any) -> Tree:
+  if kind == "huffman":
+    return huffman_tree(counts)
+  if kind == "balanced":
+    return balanced_tree(counts.size)
+  if kind == "class":
+    return class_tree(counts, num_classes or None)
+  raise ValueError(f"unknown tree {kind!r}; expected one of {TREE_KINDS}")
 
 
-def _noise(options, vocab_size, counts):
-  name = options.pop("noise", "unigram")
-  power = options.pop("noise_power", 0.75)
-  return make_noise(name, vocab_size=vocab_size, counts=counts, power=power)
+def _log_z(value: Any) -> Any:
+  if value == "learned":
+    return value
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"log_z must be 'learned' or a number, got {value!r}") from None
 
 
 def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: float = 0.1,
@@ -75,47 +84,32 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
   """
   if name not in HEAD_NAMES:
     raise ValueError(f"unknown head {name!r}; expected one of {HEAD_NAMES}")
+  unknown = sorted(set(options) - set(HEAD_OPTIONS[name]))
+  if unknown:
+    raise ValueError(f"head {name!r} does not take option(s) {unknown}; it takes "
+                     f"{list(HEAD_OPTIONS[name])}")
   if name == "full":
-    if options:
-      raise ValueError(f"head 'full' takes no options, got {sorted(options)}")
     return full_softmax(vocab_size, init_scale=init_scale)
   if counts is None:
     raise ValueError(f"head {name!r} needs the training counts of each token id (counts=[V])")
   counts = np.asarray(counts)
   if counts.shape != (vocab_size,):
     raise ValueError(f"counts has shape {counts.shape}, expected [V] = ({vocab_size},)")
-  options = dict(options)
+  get = options.get
   if name == "class":
-    kw = _take(options, name, "num_classes", "binning")
-    return class_softmax(counts, kw.pop("num_classes", None) or None, init_scale=init_scale, **kw)
+    return class_softmax(counts, get("num_classes") or None, binning=get("binning", "sqrt"),
+                         init_scale=init_scale)
   if name == "hsm":
-    kw = _take(options, name, "tree", "num_classes")
-    tree_kind = kw.get("tree", "huffman")
-    if tree_kind == "huffman":
-      tree = huffman_tree(counts)
-    elif tree_kind == "balanced":
-      tree = balanced_tree(vocab_size)
-    elif tree_kind == "class":
-      tree = class_tree(counts, kw.get("num_classes") or None)
-    else:
-      raise ValueError(f"unknown tree {tree_kind!r}; expected one of {TREE_KINDS}")
-    return hierarchical_softmax(tree, init_scale=init_scale)
+    return hierarchical_softmax(_make_tree(get("tree", "huffman"), counts, get("num_classes")),
+                                init_scale=init_scale)
   if name == "dsoftmax":
-    bands = _take(options, name, "bands").get("bands") or None
-    if isinstance(bands, str):
-      bands = parse_bands(bands)
-    return differentiated_softmax(counts, bands, init_scale=init_scale)
-  noise_dist = _noise(options, vocab_size, counts)
-  num_samples = options.pop("num_samples", 64)
+    bands = get("bands") or None
+    return differentiated_softmax(counts, parse_bands(bands) if isinstance(bands, str) else bands,
+                                  init_scale=init_scale)
+  noise_dist = make_noise(get("noise", "unigram"), vocab_size=vocab_size, counts=counts,
+                          power=get("noise_power", 0.75))
+  kw = dict(init_scale=init_scale, shared_samples=get("shared_samples", True))
   if name == "nce":
-    kw = _take(options, name, "shared_samples", "log_z")
-    log_z = kw.pop("log_z", "learned")
-    if log_z != "learned":
-      try:
-        log_z = float(log_z)
-      except (TypeError, ValueError):
-        raise ValueError(f"log_z must be 'learned' or a number, got {log_z!r}") from None
-    return nce(noise_dist, num_samples, log_z=log_z, init_scale=init_scale, **kw)
-  kw = _take(options, name, "shared_samples")
+    return nce(noise_dist, get("num_samples", 64), log_z=_log_z(get("log_z", "learned")), **kw)
   factory = negative_sampling if name == "neg" else sampled_softmax
-  return factory(noise_dist, num_samples, init_scale=init_scale, **kw)
+  return factory(noise_dist, get("num_samples", 64), **kw)

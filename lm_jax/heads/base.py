@@ -165,6 +165,26 @@ def sample_from_log_probs(log_probs_NxV: jax.typing.ArrayLike, key: jax.Array, *
   return jnp.where(greedy, jnp.argmax(logits_NxV, axis=-1), drawn_N).astype(jnp.int32)
 
 
+def sample_by_walk(walk: Callable[..., jax.Array], log_probs: Callable[..., jax.Array]
+                   ) -> Callable[..., jax.Array]:
+  r"""A head's ``sample`` that uses its cheap factorised ``walk(params, hidden_NxH, key)``
+  at temperature 1 and :func:`sample_from_log_probs` otherwise.
+
+  Tempering does not factor over a class-then-word draw or a tree's binary decisions
+  (:math:`\prod_d \sigma(s_d)^{1/\tau}` is not renormalised level by level), so any
+  temperature other than the Python number 1.0 (a traced one too) samples exactly from
+  ``exp(log_probs / temperature)``; ``walk`` gets the checked hidden states.
+  """
+
+  def sample(params, hidden_NxH, key, *, temperature=1.0):
+    if not (isinstance(temperature, (int, float)) and temperature == 1.0):
+      return sample_from_log_probs(log_probs(params, hidden_NxH), key, temperature=temperature)
+    hidden_NxH, _ = _check_hidden(hidden_NxH)
+    return walk(params, hidden_NxH, key)
+
+  return sample
+
+
 def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32) -> OutputHead:
   r"""The exact softmax over all ``V`` words.
 

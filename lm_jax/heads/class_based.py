@@ -27,7 +27,7 @@ from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import _check_hidden
-from lm_jax.heads.base import sample_from_log_probs
+from lm_jax.heads.base import sample_by_walk
 
 BINNINGS = ("mass", "sqrt")
 
@@ -339,10 +339,7 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
     word_logp_NxR = class_log_probs(params, hidden_NxH, compute)[:, class_of_row] + within_RxN.T
     return word_logp_NxR[:, row_of_V]
 
-  def sample(params, hidden_NxH, key, *, temperature=1.0):
-    if not (isinstance(temperature, (int, float)) and temperature == 1.0):
-      return sample_from_log_probs(log_probs(params, hidden_NxH), key, temperature=temperature)
-    hidden_NxH, _ = _check_hidden(hidden_NxH)
+  def walk(params, hidden_NxH, key):
     compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
     hidden_NxH = hidden_NxH.astype(compute)
     key_class, key_word = jax.random.split(key)
@@ -356,4 +353,4 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
     row_N = jnp.take_along_axis(rows_NxM, column_N[:, None], axis=-1)[:, 0]
     return jnp.asarray(words_by_row)[row_N]
 
-  return OutputHead(init, loss, log_prob, log_probs, sample, sparse)
+  return OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), sparse)

@@ -20,7 +20,7 @@ from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import _check_hidden
-from lm_jax.heads.base import sample_from_log_probs
+from lm_jax.heads.base import sample_by_walk
 from lm_jax.heads.trees import Tree
 from lm_jax.heads.trees import balanced_tree
 from lm_jax.heads.trees import class_tree
@@ -120,10 +120,7 @@ def hierarchical_softmax(tree: Tree, *, init_scale: float = 0.1, dtype=jnp.float
     return _path_log_prob(scores_NxVxD, jnp.asarray(tree.signs_VxD, compute),
                           jnp.asarray(tree.mask_VxD))
 
-  def sample(params, hidden_NxH, key, *, temperature=1.0):
-    if not (isinstance(temperature, (int, float)) and temperature == 1.0):
-      return sample_from_log_probs(log_probs(params, hidden_NxH), key, temperature=temperature)
-    hidden_NxH, _ = _check_hidden(hidden_NxH)
+  def walk(params, hidden_NxH, key):
     compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
     hidden_NxH = hidden_NxH.astype(compute)
     children_Ix2 = jnp.asarray(tree.children_Ix2)
@@ -140,4 +137,4 @@ def hierarchical_softmax(tree: Tree, *, init_scale: float = 0.1, dtype=jnp.float
     root_N = jnp.zeros(hidden_NxH.shape[:1], jnp.int32)
     return jnp.invert(jax.lax.fori_loop(0, depth, step, root_N)).astype(jnp.int32)
 
-  return OutputHead(init, loss, log_prob, log_probs, sample, sparse)
+  return OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), sparse)
