@@ -50,7 +50,8 @@ _HELP = {
     "batch_size": "rows per batch (global, over all devices)",
     "bptt": "unrolled time steps per batch (truncated BPTT length)",
     "batching": "sequential (state carried across batches) or random (state reset)",
-    "optimizer": "sgd, adam or adamw",
+    "optimizer": "sgd, adam, adamw or lazy_adam (Adam moving only the rows a gradient "
+                 "touches, as TensorFlow's LazyAdam)",
     "lr": "learning rate",
     "lr_schedule": "constant; zaremba (divide by --lr_decay_factor each epoch after "
                    "--lr_decay_start); plateau (Mikolov: halve once validation stalls)",

@@ -168,10 +168,17 @@ def test_sparse_sgd_step_equals_dense_sgd_step(name, shared):
 
 @pytest.mark.parametrize("name", FACTORIES)
 def test_evaluation_is_the_exact_full_softmax(name):
-  head = FACTORIES[name](noise.uniform_noise(V), K)
+  """Full softmax of the scores; for negative sampling of the scores plus log q."""
+  counts = np.array([50, 20, 9, 1, 0])  # q(4) = 0: floored at q(3) for evaluation
+  unigram = noise.unigram_noise(counts)
+  head = FACTORIES[name](unigram, K)
   params, hidden_NxH = _params(head)
   full = base.full_softmax(V)
-  plain = {"weight_VxH": params["weight_VxH"], "bias_V": params["bias_V"]}
+  offset_V = np.zeros(V)
+  if name == "neg":
+    q_V = counts ** 0.75 / np.sum(counts ** 0.75)
+    offset_V = np.log(np.where(q_V > 0, q_V, q_V[3]))
+  plain = {"weight_VxH": params["weight_VxH"], "bias_V": params["bias_V"] + offset_V}
   np.testing.assert_allclose(head.log_probs(params, hidden_NxH), full.log_probs(plain, hidden_NxH),
                              rtol=1e-6)
   np.testing.assert_allclose(head.log_prob(params, hidden_NxH, TARGETS_N),
@@ -179,6 +186,34 @@ def test_evaluation_is_the_exact_full_softmax(name):
   key = jax.random.PRNGKey(0)
   np.testing.assert_array_equal(head.sample(params, hidden_NxH, key),
                                 full.sample(plain, hidden_NxH, key))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_negative_sampling_evaluation_recovers_p_at_the_optimum(shared):
+  """At s_w = log p(w|x) - log(k q(w)), NEG's minimiser, evaluation returns log p exactly."""
+  rng = np.random.default_rng(3)
+  unigram = noise.unigram_noise(np.array([40, 25, 10, 4, 1]))
+  head = sampled.negative_sampling(unigram, K, shared_samples=shared)
+  log_p_V = np.log(rng.dirichlet(np.ones(V)))
+  params = {"weight_VxH": jnp.zeros((V, H)),
+            "bias_V": jnp.asarray(log_p_V - np.log(K) - np.asarray(unigram.log_probs_V),
+                                  jnp.float32)}
+  hidden_NxH = jnp.asarray(rng.normal(size=(N, H)), jnp.float32)
+  np.testing.assert_allclose(head.log_probs(params, hidden_NxH),
+                             np.broadcast_to(log_p_V, (N, V)), atol=1e-5)
+  # ... and it is the minimiser: the expected loss's gradient in each s_w is 0 there.
+  s_V = params["bias_V"]
+  expected = lambda s: jnp.sum(jnp.exp(log_p_V) * -jax.nn.log_sigmoid(s)
+                               + K * jnp.exp(unigram.log_probs_V) * -jax.nn.log_sigmoid(-s))
+  np.testing.assert_allclose(jax.grad(expected)(s_V), np.zeros(V), atol=1e-5)
+
+
+def test_noise_log_prior_floors_zero_probability_ids():
+  prior_V = sampled.noise_log_prior(noise.unigram_noise(np.array([8, 1, 0])))
+  np.testing.assert_allclose(prior_V, np.log([8 ** 0.75 / (8 ** 0.75 + 1)] + [1 / (8 ** 0.75 + 1)] * 2),
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="probability 0"):
+    sampled.noise_log_prior(noise.NoiseDistribution(2, jnp.full(2, -jnp.inf), None, None))
 
 
 def test_init_shapes_and_learned_log_z():
@@ -192,6 +227,31 @@ def test_init_shapes_and_learned_log_z():
   params, hidden_NxH = _params(head)
   grads = jax.grad(lambda p: jnp.sum(head.loss(p, hidden_NxH, TARGETS_N)))(params)
   assert grads["log_z"].shape == () and abs(float(grads["log_z"])) > 1e-4
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_init_is_the_uniform_model_at_its_own_optimum(name):
+  """Initial scores (bias offsets, log Z) minimise each loss's expectation for p = 1/V,
+  up to the +-init_scale random part, and evaluate to the uniform distribution."""
+  counts = np.array([50, 20, 9, 1, 3])
+  unigram = noise.unigram_noise(counts)
+  head = FACTORIES[name](unigram, K, init_scale=1e-6)
+  params = head.init(jax.random.PRNGKey(0), H)
+  zero_NxH = jnp.zeros((1, H))
+  np.testing.assert_allclose(head.log_probs(params, zero_NxH), np.full((1, V), -np.log(V)),
+                             atol=1e-5)
+  log_kq_V = np.log(K) + np.asarray(unigram.log_probs_V)
+  s_V = np.asarray(params["bias_V"], np.float64)
+  if name.startswith("nce"):
+    z = {"nce": 0.0, "nce_fixed": 1.5}.get(name, float(params.get("log_z", 0.0)))
+    logit_V = s_V - z - log_kq_V
+  elif name == "neg":
+    logit_V = s_V
+  else:
+    return  # sampled softmax: any constant score is its uniform optimum (checked above)
+  # expected loss sum_w (1/V) (-log sig(l_w)) + k q(w) (-log sig(-l_w)) is stationary:
+  grad_V = -(1 / V) / (1 + np.exp(logit_V)) + np.exp(log_kq_V) / (1 + np.exp(-logit_V))
+  np.testing.assert_allclose(grad_V, np.zeros(V), atol=1e-5)
 
 
 def test_sampled_softmax_gradient_approaches_full_softmax_with_many_uniform_draws():

@@ -110,6 +110,44 @@ def test_learning_rate_lives_in_the_state():
   assert float(training.get_learning_rate(state)) == 0.25
 
 
+def test_lazy_adam_equals_adam_on_dense_gradients():
+  rng = np.random.default_rng(0)
+  params = {"w_VxH": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+            "b_V": jnp.asarray(rng.normal(size=4), jnp.float32)}
+  lazy, adam = training.make_optimizer("lazy_adam", 0.01), training.make_optimizer("adam", 0.01)
+  p_lazy, p_adam, s_lazy, s_adam = params, params, lazy.init(params), adam.init(params)
+  for _ in range(5):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    u, s_lazy = lazy.update(g, s_lazy, p_lazy)
+    p_lazy = jax.tree.map(jnp.add, p_lazy, u)
+    u, s_adam = adam.update(g, s_adam, p_adam)
+    p_adam = jax.tree.map(jnp.add, p_adam, u)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p_lazy, p_adam)
+
+
+def test_lazy_adam_leaves_untouched_rows_and_their_moments_alone():
+  """Row 1 gets a gradient at step 1 only: afterwards it stays put (Adam keeps moving it)."""
+  lr, b1, b2 = 0.1, 0.9, 0.999
+  params = {"w_VxH": jnp.zeros((3, 2))}
+  lazy, adam = training.make_optimizer("lazy_adam", lr), training.make_optimizer("adam", lr)
+  s_lazy, s_adam = lazy.init(params), adam.init(params)
+  g1 = {"w_VxH": jnp.array([[1.0, -2.0], [0.5, 0.0], [0.0, 0.0]])}
+  g2 = {"w_VxH": jnp.array([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])}
+  u1, s_lazy = lazy.update(g1, s_lazy, params)
+  # Step 1 is Adam's: m/(1-b1) / sqrt(v/(1-b2)) = sign(g) where g != 0 (eps aside) ...
+  np.testing.assert_allclose(u1["w_VxH"], -lr * np.array([[1, -1], [1, 0], [0, 0]]), atol=1e-6)
+  u2, s_lazy = lazy.update(g2, s_lazy, params)
+  np.testing.assert_array_equal(u2["w_VxH"][1:], 0.0)  # ... then rows 1 and 2 stay put
+  # row 0 follows Adam's recurrences with the shared count t = 2
+  m = (1 - b1) * b1 * np.array([1.0, -2.0]) + (1 - b1) * np.array([1.0, 1.0])
+  v = (1 - b2) * b2 * np.array([1.0, 4.0]) + (1 - b2) * np.array([1.0, 1.0])
+  expected = -lr * (m / (1 - b1 ** 2)) / (np.sqrt(v / (1 - b2 ** 2)) + 1e-8)
+  np.testing.assert_allclose(u2["w_VxH"][0], expected, rtol=1e-4)
+  _, s_adam = adam.update(g1, s_adam, params)
+  u2_adam, _ = adam.update(g2, s_adam, params)
+  assert float(jnp.abs(u2_adam["w_VxH"][1, 0])) > 0.01  # plain Adam's momentum moves row 1
+
+
 def test_unknown_optimizer_is_named():
   with pytest.raises(ValueError, match="rmsprop"):
     training.make_optimizer("rmsprop", 1.0)

@@ -4,7 +4,9 @@ Each head scores the target and ``K`` ids drawn from a :class:`~lm_jax.heads.noi
 with :math:`s(w, h) = h \cdot W_w + b_w`, so its training loss reads ``N + K`` rows of
 ``weight_VxH`` (shared draws) or ``N (K + 1)`` (per-token draws), O(H K) per token, not
 O(H V). Evaluation is exact: ``log_prob``, ``log_probs`` and ``sample`` are those of
-:func:`~lm_jax.heads.base.full_softmax` on the same ``weight_VxH`` and ``bias_V``.
+:func:`~lm_jax.heads.base.full_softmax` on the same ``weight_VxH`` and ``bias_V`` (for
+negative sampling with the noise's :math:`\log q(w)` added to each score, the distribution
+its optimum estimates; see :func:`negative_sampling`).
 
 * ``shared_samples=True``: one set of ``K`` draws for the batch; the ``[N, K]`` noise
   scores are one ``[N, H] x [H, K]`` matmul. ``False``: ``K`` draws per token (a gathered
@@ -48,21 +50,39 @@ def _check_targets_in_range(targets_N, vocab_size):
                      f"for vocabulary size V={vocab_size}")
 
 
-def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned_log_z,
-                  scores_to_loss):
-  """An :class:`OutputHead` whose loss is ``scores_to_loss(s_target_N, s_noise_NxK,
-  log_kq_target_N, log_kq_noise_NxK, hit_NxK, log_z)`` on sampled rows."""
+def _check_noise(noise):
   if not isinstance(noise, NoiseDistribution):
     raise ValueError(f"noise must be a NoiseDistribution, got {type(noise).__name__}")
+
+
+def _check_args(noise, num_samples):
+  _check_noise(noise)
   if not (isinstance(num_samples, (int, np.integer)) and num_samples >= 1):
     raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+
+
+def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned_log_z,
+                  scores_to_loss, eval_offset_V=None, init_bias_V=0.0, init_log_z=0.0):
+  """An :class:`OutputHead` whose loss is ``scores_to_loss(s_target_N, s_noise_NxK,
+  log_kq_target_N, log_kq_noise_NxK, hit_NxK, log_z)`` on sampled rows; evaluation is the
+  full softmax of the scores plus ``eval_offset_V`` ([V] constants, None for 0).
+
+  ``init_bias_V`` (added to the random bias) and ``init_log_z`` place the initial model
+  where its own loss is smallest for the uniform distribution :math:`p(w|x) = 1/V`. Scores
+  near 0 would instead claim :math:`\hat p = 1` for every word under NCE: its first
+  updates then push the words drawn as noise (the frequent ones) far down and leave the
+  rarely drawn rare words on top, an exact perplexity in the millions."""
+  _check_args(noise, num_samples)
   vocab_size, k = noise.vocab_size, int(num_samples)
   full = base.full_softmax(vocab_size, init_scale=init_scale, dtype=dtype)
 
+  bias_offset_V = jnp.asarray(np.broadcast_to(init_bias_V, (vocab_size,)), jnp.float32)
+
   def init(key, hidden_size):
     params = full.init(key, hidden_size)
+    params["bias_V"] = params["bias_V"] + bias_offset_V.astype(dtype)
     if learned_log_z:
-      params["log_z"] = jnp.zeros((), dtype)
+      params["log_z"] = jnp.asarray(init_log_z, dtype)
     return params
 
   def gather(params, targets_N, key):
@@ -107,8 +127,39 @@ def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned
   sparse = base.RowSparse(gather, sparse_loss)
   loss = base.loss_from_sparse(sparse)
 
-  return base.OutputHead(init, loss, full.log_prob, full.log_probs, full.sample,
-                         sparse=sparse)
+  if eval_offset_V is None:
+    return base.OutputHead(init, loss, full.log_prob, full.log_probs, full.sample,
+                           sparse=sparse)
+  offset_V = jnp.asarray(eval_offset_V, jnp.float32)
+
+  def shifted(params):
+    return {**params, "bias_V": params["bias_V"] + offset_V.astype(params["bias_V"].dtype)}
+
+  def log_prob(params, hidden_NxH, targets_N):
+    return full.log_prob(shifted(params), hidden_NxH, targets_N)
+
+  def log_probs(params, hidden_NxH):
+    return full.log_probs(shifted(params), hidden_NxH)
+
+  def sample(params, hidden_NxH, key, *, temperature=1.0):
+    return full.sample(shifted(params), hidden_NxH, key, temperature=temperature)
+
+  return base.OutputHead(init, loss, log_prob, log_probs, sample, sparse=sparse)
+
+
+def noise_log_prior(noise: NoiseDistribution) -> np.ndarray:
+  r"""``[V]`` :math:`\log q(w)`, with ``q = 0`` ids floored at the smallest positive ``q``.
+
+  Negative sampling's evaluation offset: a zero-count id keeps the probability of the
+  rarest seen word rather than :math:`e^{-50}`, so an unseen test word costs what a rare
+  one does, not 50 nats.
+  """
+  _check_noise(noise)
+  log_q_V = np.asarray(noise.log_probs_V, np.float64)
+  finite = np.isfinite(log_q_V)
+  if not finite.any():
+    raise ValueError("the noise distribution gives every id probability 0")
+  return np.where(finite, log_q_V, log_q_V[finite].min())
 
 
 def nce(noise: NoiseDistribution, num_samples: int, *, log_z: Union[str, float] = 0.0,
@@ -127,7 +178,8 @@ def nce(noise: NoiseDistribution, num_samples: int, *, log_z: Union[str, float] 
     noise: the noise distribution :math:`q`.
     num_samples: :math:`k`.
     log_z: a float (fixed; the default 0.0 is self-normalisation) or ``"learned"`` (a scalar
-      param ``"log_z"``, initialised to 0).
+      param ``"log_z"``, initialised to :math:`\log V`; a fixed :math:`z` starts the biases
+      at :math:`z - \log V`: either way the initial model is the uniform distribution).
     shared_samples: one set of draws for the batch (True) or per token (False).
     init_scale: half-width of the uniform initialisation of ``weight_VxH`` and ``bias_V``.
     dtype: parameter dtype.
@@ -156,8 +208,12 @@ def nce(noise: NoiseDistribution, num_samples: int, *, log_z: Union[str, float] 
     return (-jax.nn.log_sigmoid(logit_target_N)
             - jnp.sum(jax.nn.log_sigmoid(-logit_noise_NxK), axis=-1))
 
+  # Uniform start: s - log Z = -log V (learned: log Z = log V; fixed: biases at z - log V).
+  _check_args(noise, num_samples)
+  log_v = float(np.log(noise.vocab_size))
   return _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned,
-                       scores_to_loss)
+                       scores_to_loss, init_bias_V=0.0 if learned else fixed_log_z - log_v,
+                       init_log_z=log_v)
 
 
 def negative_sampling(noise: NoiseDistribution, num_samples: int, *, shared_samples: bool = True,
@@ -166,6 +222,15 @@ def negative_sampling(noise: NoiseDistribution, num_samples: int, *, shared_samp
 
   .. math::
     \ell = -\log \sigma(s(y, x)) - \sum_{j=1}^{k} \log \sigma(-s(w_j, x)), \quad w_j \sim q.
+
+  Its expected loss in a context :math:`x`, :math:`\sum_w p(w|x)\,(-\log\sigma(s_w))
+  + k\,q(w)\,(-\log\sigma(-s_w))`, is smallest at :math:`\sigma(s_w)/(1-\sigma(s_w))
+  = p(w|x)/(k\,q(w))`, i.e. :math:`s_w = \log p(w|x) - \log(k\,q(w))`: the scores
+  estimate a log ratio to the noise, not :math:`\log p`. So evaluation (``log_prob``,
+  ``log_probs``, ``sample``) is the exactly normalised
+  :math:`p(w|x) = \mathrm{softmax}_w(s_w + \log q(w))` (:func:`noise_log_prior`;
+  :math:`\log k` cancels). A plain softmax of :math:`s` would favour each word by
+  :math:`1/q(w)`, rare words most.
 
   Args: as :func:`nce` (without ``log_z``).
 
@@ -182,8 +247,12 @@ def negative_sampling(noise: NoiseDistribution, num_samples: int, *, shared_samp
     del log_kq_target_N, log_kq_noise_NxK, hit_NxK, log_z
     return -jax.nn.log_sigmoid(s_target_N) - jnp.sum(jax.nn.log_sigmoid(-s_noise_NxK), axis=-1)
 
+  _check_args(noise, num_samples)
+  log_q_V = noise_log_prior(noise)
+  # Uniform start: the minimiser for p = 1/V, s_w = -log V - log k - log q(w).
   return _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, False,
-                       scores_to_loss)
+                       scores_to_loss, eval_offset_V=log_q_V,
+                       init_bias_V=-np.log(noise.vocab_size) - np.log(num_samples) - log_q_V)
 
 
 def sampled_softmax(noise: NoiseDistribution, num_samples: int, *,
