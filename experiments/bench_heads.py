@@ -37,6 +37,10 @@ _TOKENS = flags.DEFINE_integer("tokens", 4096, "N, tokens per step")
 _HEADS = flags.DEFINE_list("heads", list(heads.HEAD_NAMES), "heads to time")
 _MODES = flags.DEFINE_list("modes", ["dense", "sparse"], "gradient application")
 _SAMPLES = flags.DEFINE_integer("num_samples", 64, "K for nce / neg / sampled")
+_CLASS_BINNINGS = flags.DEFINE_list(
+    "class_binnings", ["sqrt", "equal"],
+    "class head: time one variant per binning (rows 'class' for the default sqrt, "
+    "'class_<binning>' for the others)")
 _FULL_MAX_LOGITS = flags.DEFINE_integer(
     "full_max_logits", 4096 * 100_000, "the full softmax is timed on N = this / V tokens "
     "when that is fewer than --tokens")
@@ -59,10 +63,14 @@ def _inputs(vocab_size, num_tokens, hidden, counts, seed=0):
   return jnp.asarray(hidden_NxH), jnp.asarray(targets_N)
 
 
-def _head_options(name):
+def _head_variants(name):
+  """``[(row label, make_head options)]`` for one head name."""
   if name in ("nce", "neg", "sampled"):
-    return {"num_samples": _SAMPLES.value}
-  return {}
+    return [(name, {"num_samples": _SAMPLES.value})]
+  if name == "class":
+    return [("class" if b == "sqrt" else f"class_{b}", {"binning": b})
+            for b in _CLASS_BINNINGS.value]
+  return [(name, {})]
 
 
 def _dense_fn(head, params, hidden_NxH, targets_N, key):
@@ -91,8 +99,8 @@ def bench_vocab_size(vocab_size):
   full_tokens = max(64, min(num_tokens, _FULL_MAX_LOGITS.value // vocab_size))
   key = jax.random.PRNGKey(1)
   fns, tokens = {}, {}
-  for name in _HEADS.value:
-    head = heads.make_head(name, vocab_size=vocab_size, counts=counts, **_head_options(name))
+  for name, label, options in [(n, l, o) for n in _HEADS.value for l, o in _head_variants(n)]:
+    head = heads.make_head(name, vocab_size=vocab_size, counts=counts, **options)
     n = full_tokens if name in ("full", "dsoftmax") else num_tokens  # the O(V H) heads
     hidden_NxH, targets_N = _inputs(vocab_size, n, hidden, counts)
     for mode in _MODES.value:
@@ -100,8 +108,8 @@ def bench_vocab_size(vocab_size):
         continue
       params = head.init(jax.random.PRNGKey(0), hidden)
       make = _dense_fn if mode == "dense" else _sparse_fn
-      fns[(name, mode)] = make(head, params, hidden_NxH, targets_N, key)
-      tokens[(name, mode)] = n
+      fns[(label, mode)] = make(head, params, hidden_NxH, targets_N, key)
+      tokens[(label, mode)] = n
   start = time.time()
   samples = benchmarking.time_interleaved({k: f for k, f in fns.items()}, (),
                                           repeats=_REPEATS.value, warmup=1)
@@ -168,7 +176,7 @@ def main(argv):
       "benchmark": "bench_heads", "rows": rows, "growth_first_to_last_V": growth,
       "notes": "full softmax timed on min(N, full_max_logits / V) tokens, reported per token",
       "flags": {k: flags.FLAGS[k].value for k in ("vocab_sizes", "hidden", "tokens", "heads",
-                                                  "modes", "num_samples", "full_max_logits",
+                                                  "modes", "num_samples", "class_binnings", "full_max_logits",
                                                   "repeats")}})
   plot(rows, _PLOT_OUT.value)
   print(f"wrote {_JSON_OUT.value} and {_PLOT_OUT.value}")

@@ -72,7 +72,8 @@ _HELP = {
     "head": "output layer: full, class, hsm, dsoftmax, nce, neg or sampled",
     "head_classes": "class/hsm heads: number of classes (0: sqrt of the vocabulary size)",
     "head_binning": "class head binning: sqrt (equal shares of sqrt-frequency mass: small "
-                    "classes, fast) or mass (Mikolov: equal unigram mass)",
+                    "classes, fast), mass (Mikolov: equal unigram mass) or equal (equal "
+                    "numbers of words by frequency: V/C each, fastest at large V)",
     "head_tree": "hsm head: huffman, balanced or class (two-level) tree",
     "head_samples": "nce/neg/sampled heads: noise samples per step",
     "head_noise": "nce/neg/sampled heads: noise distribution unigram, log_uniform or uniform",

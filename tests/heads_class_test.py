@@ -43,14 +43,21 @@ def _check_partition(counts, classes, num_classes):
   assert not np.any(more_frequent & (class_of_V[:, None] > class_of_V[None, :]))
 
 
-@pytest.mark.parametrize("binning", ["mass", "sqrt"])
+@pytest.mark.parametrize("binning", ["mass", "sqrt", "equal"])
 def test_equal_shares_within_one_word(binning):
   counts = np.random.default_rng(1).integers(1, 50, 200)
   classes = class_based.word_classes(counts, 10, binning=binning)
   _check_partition(counts, classes, 10)
-  mass_V = counts if binning == "mass" else np.sqrt(counts)
+  mass_V = {"mass": counts, "sqrt": np.sqrt(counts), "equal": np.ones(200)}[binning]
   mass_C = np.bincount(classes[0], weights=mass_V, minlength=10)
   assert np.all(np.abs(mass_C - mass_V.sum() / 10) <= mass_V.max() + 1e-9), mass_C
+
+
+def test_equal_binning_gives_equal_sizes_by_frequency():
+  counts = np.round(1e6 / np.arange(1, 1001)).astype(int)[::-1]  # Zipf, rarest id first
+  class_of_V, _, members_CxM, mask_CxM = class_based.word_classes(counts, 10, binning="equal")
+  np.testing.assert_array_equal(mask_CxM.sum(1), np.full(10, 100))
+  np.testing.assert_array_equal(class_of_V, np.repeat(np.arange(10), 100)[::-1])
 
 
 def test_sqrt_binning_gives_rare_words_smaller_classes():
@@ -71,7 +78,7 @@ def test_default_is_ceil_sqrt_v_classes_and_handcrafted_example():
 
 @settings(deadline=None, max_examples=50)
 @given(counts=hnp.arrays(np.int64, st.integers(2, 60), elements=st.integers(0, 10**6)),
-       fraction=st.floats(0.0, 1.0), binning=st.sampled_from(["mass", "sqrt"]))
+       fraction=st.floats(0.0, 1.0), binning=st.sampled_from(class_based.BINNINGS))
 def test_every_class_nonempty_for_any_counts(counts, fraction, binning):
   num_classes = 1 + int(fraction * (len(counts) - 1))
   _check_partition(counts, class_based.word_classes(counts, num_classes, binning=binning),
@@ -93,7 +100,7 @@ def _numpy_log_probs(params, hidden_NxH, class_of_V, row_of_V):
 
 
 def test_class_major_rows_keep_classes_contiguous():
-  for binning in ("mass", "sqrt"):
+  for binning in class_based.BINNINGS:
     class_of_V = class_based.word_classes(COUNTS, 4, binning=binning)[0]
     row_of_V = class_based.class_major_rows(COUNTS, 4, binning=binning)
     np.testing.assert_array_equal(np.sort(row_of_V), np.arange(V))  # A permutation.

@@ -21,6 +21,8 @@ HEAD_FACTORIES = {
                                             binning="mass"),
     "class_sqrt": lambda v: heads.make_head("class", vocab_size=v, counts=COUNTS_V,
                                             binning="sqrt", num_classes=2),
+    "class_equal": lambda v: heads.make_head("class", vocab_size=v, counts=COUNTS_V,
+                                             binning="equal", num_classes=3),
     "hsm_huffman": lambda v: heads.make_head("hsm", vocab_size=v, counts=COUNTS_V),
     "hsm_balanced": lambda v: heads.make_head("hsm", vocab_size=v, counts=COUNTS_V,
                                               tree="balanced"),

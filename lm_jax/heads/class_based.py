@@ -29,7 +29,7 @@ from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import sample_by_walk
 
-BINNINGS = ("mass", "sqrt")
+BINNINGS = ("mass", "sqrt", "equal")
 
 
 def check_counts(counts) -> np.ndarray:
@@ -53,15 +53,16 @@ def word_classes(counts, num_classes: Optional[int] = None, *, binning: str = "m
   Words are sorted by decreasing count (stable: ties by id); word :math:`i` in that order,
   whose preceding words hold the share :math:`s_i = \sum_{j<i} m_j / \sum_j m_j` of the
   mass, goes to class :math:`\lfloor C s_i \rfloor`, with :math:`m_j` the count
-  (``binning="mass"``, Mikolov et al. 2011) or its square root (``binning="sqrt"``, which
-  gives the rare words more, smaller classes). A word heavier than one share would leave
+  (``binning="mass"``, Mikolov et al. 2011), its square root (``binning="sqrt"``, which
+  gives the rare words more, smaller classes) or 1 (``binning="equal"``: :math:`V/C` words
+  a class, the largest class smallest). A word heavier than one share would leave
   classes empty; the assignment is then moved the least needed so that every class is
   non-empty. Zero-count words go to the last classes.
 
   Args:
     counts: ``[V]`` training counts (>= 0), ``V >= 2``.
     num_classes: ``C`` in ``[1, V]``; default :math:`\lceil \sqrt V \rceil`.
-    binning: ``"mass"`` or ``"sqrt"``.
+    binning: ``"mass"``, ``"sqrt"`` or ``"equal"``.
 
   Returns:
     ``(class_of_V, position_in_class_V, members_CxM, member_mask_CxM)``: int32 ``[V]``
@@ -84,7 +85,8 @@ def word_classes(counts, num_classes: Optional[int] = None, *, binning: str = "m
   if binning not in BINNINGS:
     raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
   order_V = np.argsort(-counts, kind="stable")
-  mass_V = counts[order_V] if binning == "mass" else np.sqrt(counts[order_V])
+  mass_V = {"mass": lambda c: c, "sqrt": np.sqrt, "equal": np.ones_like}[binning](
+      counts[order_V].astype(np.float64))
   if mass_V.sum() <= 0:
     mass_V = np.ones_like(mass_V)
   share_before_V = (np.cumsum(mass_V) - mass_V) / mass_V.sum()
@@ -233,12 +235,13 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
 
   The default ``binning="sqrt"`` keeps ``M`` small (628 at a Zipfian ``V = 100k``, against
   3742 for ``"mass"``, whose equal-mass classes put thousands of rare words together), and
-  the training cost grows with ``M``.
+  the training cost grows with ``M``; ``"equal"`` makes it smallest (:math:`M = V / C`,
+  316), the fastest at large ``V``.
 
   Args:
     counts: ``[V]`` training counts of each id.
     num_classes: ``C``; default :math:`\lceil \sqrt V \rceil`.
-    binning: ``"sqrt"`` or ``"mass"`` (Mikolov).
+    binning: ``"sqrt"``, ``"mass"`` (Mikolov) or ``"equal"``.
     tokens_per_item: ``K``; default the power of two nearest to ``N / C`` (at most 32).
     init_scale: half-width of the uniform initialisation.
     dtype: parameter dtype.

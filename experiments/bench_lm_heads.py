@@ -1,0 +1,114 @@
+r"""Train-step throughput of a recurrent LM with each output head, side by side.
+
+The same model (cell, layers, sizes, dropout, optimizer) is built once per head from a real
+corpus's training counts (trees, classes and noise as ``train_lm.py`` builds them) and its
+jitted train step timed on real token batches, interleaved, median of ``--repeats`` rounds.
+Reported per head: ms per step, training tokens/s, seconds per epoch (steps per epoch x ms
+per step, evaluation excluded), speed-up over the full softmax in the same run, and the
+ratio to faster-rnnlm's 148k words/s (sigmoid RNN 200 + hierarchical softmax, one thread,
+measured on this machine; the issue's anchor).
+
+XLA uses every core by default; for a one-thread figure comparable with faster-rnnlm's, run
+with ``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+taskset -c 0``.
+
+  python experiments/bench_lm_heads.py                                  # PTB Elman 200, B 20 x T 35
+  python experiments/bench_lm_heads.py --cell=lstm --layers=2 --bptt=20 \
+      --optimizer=sgd --json_out=results/bench_lm_heads_lstm.json
+"""
+import dataclasses
+import functools
+import os
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm_jax import batching
+from lm_jax import benchmarking
+from lm_jax import config as config_lib
+from lm_jax import heads
+from lm_jax import trainer
+from lm_jax import training
+
+FASTER_RNNLM_WORDS_PER_SEC = 148_000.0
+
+_CORPUS = flags.DEFINE_string("corpus", "ptb", "corpus whose counts and tokens are used")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "data root (default: ../shared/data)")
+_HEADS = flags.DEFINE_list("heads", list(heads.HEAD_NAMES), "heads to time")
+_CELL = flags.DEFINE_string("cell", "elman", "recurrent cell")
+_LAYERS = flags.DEFINE_integer("layers", 1, "recurrent layers")
+_HIDDEN = flags.DEFINE_integer("hidden", 200, "H (= E)")
+_BATCH = flags.DEFINE_list("batch_size", ["20"], "B (several: one table row block each)")
+_BPTT = flags.DEFINE_integer("bptt", 35, "T")
+_DROPOUT = flags.DEFINE_float("dropout", 0.3, "dropout rate")
+_OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "optimizer (training.OPTIMIZERS)")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "timed rounds (medians reported)")
+_JSON_OUT = flags.DEFINE_string("json_out", "results/bench_lm_heads.json", "output JSON")
+
+
+def head_steps(corpus, head_names, batch_size):
+  """{head: zero-argument function running one train step} on the corpus's first tokens."""
+  t = _BPTT.value
+  counts = np.bincount(corpus.train, minlength=len(corpus.vocab))
+  x = np.asarray(corpus.train[:batch_size * t + 1], np.int32)
+  batch = {"inputs_BxT": jnp.asarray(x[:-1].reshape(batch_size, t)),
+           "targets_BxT": jnp.asarray(x[1:].reshape(batch_size, t)),
+           "mask_BxT": jnp.ones((batch_size, t), bool), "reset": jnp.asarray(False)}
+  opt = training.make_optimizer(_OPTIMIZER.value, 1e-3, clip=1.0)
+  fns = {}
+  for name in head_names:
+    config = config_lib.TrainConfig(corpus=_CORPUS.value, head=name, cell=_CELL.value,
+                                    layers=_LAYERS.value, hidden=_HIDDEN.value,
+                                    embed=_HIDDEN.value, dropout=_DROPOUT.value,
+                                    batch_size=batch_size, bptt=t)
+    model = trainer.build_model(config, len(corpus.vocab), counts)
+    state = training.create_train_state(model, opt, seed=0, batch_size=batch_size)
+    step = jax.jit(functools.partial(training.train_step, model=model, optimizer=opt))
+    fns[name] = functools.partial(lambda f, s: f(s, batch)[1], step, state)
+  return fns
+
+
+def main(argv):
+  del argv
+  base = config_lib.TrainConfig(corpus=_CORPUS.value, data_dir=_DATA_DIR.value)
+  corpus = trainer.load_corpus(base)
+  threads = os.environ.get("XLA_FLAGS", "")
+  one_thread = "intra_op_parallelism_threads=1" in threads
+  rows = []
+  for b in [int(v) for v in _BATCH.value]:
+    t = _BPTT.value
+    steps_per_epoch = batching.num_batches(len(corpus.train), b, t, "sequential")
+    fns = head_steps(corpus, _HEADS.value, b)
+    samples = benchmarking.time_interleaved({k: (lambda f=f: f()) for k, f in fns.items()}, (),
+                                            repeats=_REPEATS.value, warmup=2)
+    block = []
+    for name, secs in samples.items():
+      ms = 1e3 * float(np.median(secs))
+      tok_s = b * t / ms * 1e3
+      block.append({"head": name, "batch_size": b, "ms_per_step": ms, "tokens_per_sec": tok_s,
+                    "sec_per_epoch": steps_per_epoch * ms / 1e3,
+                    "vs_faster_rnnlm": tok_s / FASTER_RNNLM_WORDS_PER_SEC})
+    full_ms = next((r["ms_per_step"] for r in block if r["head"] == "full"), None)
+    for r in block:
+      r["speedup_vs_full"] = full_ms / r["ms_per_step"] if full_ms else float("nan")
+    rows += block
+  print(f"{corpus.name}: V={len(corpus.vocab)}, {len(corpus.train)} train tokens; "
+        f"{_CELL.value} x{_LAYERS.value} H={_HIDDEN.value} T={_BPTT.value} "
+        f"dropout={_DROPOUT.value} {_OPTIMIZER.value}; "
+        f"{'one XLA thread' if one_thread else f'{os.cpu_count()} cores'}")
+  benchmarking.print_table(rows, ["head", "batch_size", "ms_per_step", "tokens_per_sec",
+                                  "sec_per_epoch", "speedup_vs_full", "vs_faster_rnnlm"])
+  benchmarking.write_json(_JSON_OUT.value, {
+      "benchmark": "bench_lm_heads", "rows": rows, "xla_flags": threads,
+      "one_thread": one_thread, "corpus": corpus.name, "vocab_size": len(corpus.vocab),
+      "faster_rnnlm_words_per_sec": FASTER_RNNLM_WORDS_PER_SEC,
+      "flags": {k: flags.FLAGS[k].value for k in (
+          "heads", "cell", "layers", "hidden", "batch_size", "bptt", "dropout", "optimizer",
+          "repeats")}})
+
+
+if __name__ == "__main__":
+  app.run(main)
