@@ -38,8 +38,8 @@ _HEADS = flags.DEFINE_list("heads", list(heads.HEAD_NAMES), "heads to time")
 _MODES = flags.DEFINE_list("modes", ["dense", "sparse"], "gradient application")
 _SAMPLES = flags.DEFINE_integer("num_samples", 64, "K for nce / neg / sampled")
 _CLASS_BINNINGS = flags.DEFINE_list(
-    "class_binnings", ["sqrt", "equal"],
-    "class head: time one variant per binning (rows 'class' for the default sqrt, "
+    "class_binnings", ["equal", "sqrt"],
+    "class head: time one variant per binning (rows 'class' for the default equal, "
     "'class_<binning>' for the others)")
 _FULL_MAX_LOGITS = flags.DEFINE_integer(
     "full_max_logits", 4096 * 100_000, "the full softmax is timed on N = this / V tokens "
@@ -68,7 +68,7 @@ def _head_variants(name):
   if name in ("nce", "neg", "sampled"):
     return [(name, {"num_samples": _SAMPLES.value})]
   if name == "class":
-    return [("class" if b == "sqrt" else f"class_{b}", {"binning": b})
+    return [("class" if b == "equal" else f"class_{b}", {"binning": b})
             for b in _CLASS_BINNINGS.value]
   return [(name, {})]
 
@@ -175,9 +175,9 @@ def main(argv):
   benchmarking.write_json(_JSON_OUT.value, {
       "benchmark": "bench_heads", "rows": rows, "growth_first_to_last_V": growth,
       "notes": "full softmax timed on min(N, full_max_logits / V) tokens, reported per token",
-      "flags": {k: flags.FLAGS[k].value for k in ("vocab_sizes", "hidden", "tokens", "heads",
-                                                  "modes", "num_samples", "class_binnings", "full_max_logits",
-                                                  "repeats")}})
+      "flags": {k: flags.FLAGS[k].value for k in (
+          "vocab_sizes", "hidden", "tokens", "heads", "modes", "num_samples", "class_binnings",
+          "full_max_logits", "repeats")}})
   plot(rows, _PLOT_OUT.value)
   print(f"wrote {_JSON_OUT.value} and {_PLOT_OUT.value}")
 

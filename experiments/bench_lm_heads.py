@@ -44,6 +44,7 @@ _HIDDEN = flags.DEFINE_integer("hidden", 200, "H (= E)")
 _BATCH = flags.DEFINE_list("batch_size", ["20"], "B (several: one table row block each)")
 _BPTT = flags.DEFINE_integer("bptt", 35, "T")
 _DROPOUT = flags.DEFINE_float("dropout", 0.3, "dropout rate")
+_BINNING = flags.DEFINE_string("head_binning", "equal", "class head binning (as train_lm.py)")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "optimizer (training.OPTIMIZERS)")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_lm_heads.json", "output JSON")
@@ -63,7 +64,8 @@ def head_steps(corpus, head_names, batch_size):
     config = config_lib.TrainConfig(corpus=_CORPUS.value, head=name, cell=_CELL.value,
                                     layers=_LAYERS.value, hidden=_HIDDEN.value,
                                     embed=_HIDDEN.value, dropout=_DROPOUT.value,
-                                    batch_size=batch_size, bptt=t)
+                                    batch_size=batch_size, bptt=t,
+                                    head_binning=_BINNING.value)
     model = trainer.build_model(config, len(corpus.vocab), counts)
     state = training.create_train_state(model, opt, seed=0, batch_size=batch_size)
     step = jax.jit(functools.partial(training.train_step, model=model, optimizer=opt))
@@ -106,7 +108,8 @@ def main(argv):
       "one_thread": one_thread, "corpus": corpus.name, "vocab_size": len(corpus.vocab),
       "faster_rnnlm_words_per_sec": FASTER_RNNLM_WORDS_PER_SEC,
       "flags": {k: flags.FLAGS[k].value for k in (
-          "heads", "cell", "layers", "hidden", "batch_size", "bptt", "dropout", "optimizer",
+          "heads", "cell", "layers", "hidden", "batch_size", "bptt", "dropout", "head_binning",
+          "optimizer",
           "repeats")}})
 
 

@@ -71,9 +71,9 @@ _HELP = {
                    "--hidden and a head with a [V, H] weight: full, nce, neg, sampled)",
     "head": "output layer: full, class, hsm, dsoftmax, nce, neg or sampled",
     "head_classes": "class/hsm heads: number of classes (0: sqrt of the vocabulary size)",
-    "head_binning": "class head binning: sqrt (equal shares of sqrt-frequency mass: small "
-                    "classes, fast), mass (Mikolov: equal unigram mass) or equal (equal "
-                    "numbers of words by frequency: V/C each, fastest at large V)",
+    "head_binning": "class head binning: equal (V/C words a class by frequency: the "
+                    "smallest largest class, fastest), sqrt (equal shares of sqrt-frequency "
+                    "mass) or mass (Mikolov: equal unigram mass)",
     "head_tree": "hsm head: huffman, balanced or class (two-level) tree",
     "head_samples": "nce/neg/sampled heads: noise samples per step",
     "head_noise": "nce/neg/sampled heads: noise distribution unigram, log_uniform or uniform",

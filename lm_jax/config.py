@@ -62,7 +62,7 @@ class TrainConfig:
   eval_batch_size: int = 10
   head: str = "full"
   head_classes: int = 0
-  head_binning: str = "sqrt"
+  head_binning: str = "equal"
   head_tree: str = "huffman"
   head_samples: int = 64
   head_noise: str = "unigram"

@@ -97,7 +97,7 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
     raise ValueError(f"counts has shape {counts.shape}, expected [V] = ({vocab_size},)")
   get = options.get
   if name == "class":
-    return class_softmax(counts, get("num_classes") or None, binning=get("binning", "sqrt"),
+    return class_softmax(counts, get("num_classes") or None, binning=get("binning", "equal"),
                          init_scale=init_scale)
   if name == "hsm":
     return hierarchical_softmax(_make_tree(get("tree", "huffman"), counts, get("num_classes")),
