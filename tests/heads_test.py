@@ -236,3 +236,26 @@ def test_make_head_names_options_the_head_does_not_take():
     heads.make_head("hsm", vocab_size=V, counts=COUNTS_V, tree="random")
   with pytest.raises(ValueError, match="log_z must be 'learned' or a number, got 'big'"):
     heads.make_head("nce", vocab_size=V, counts=COUNTS_V, log_z="big")
+
+
+@pytest.mark.slow
+def test_bench_lm_heads_script_smoke(tmp_path):
+  """End-to-end run of experiments/bench_lm_heads.py on the embedded synthetic corpus."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "bench.json"
+  subprocess.run([sys.executable, os.path.join(root, "experiments", "bench_lm_heads.py"),
+                  "--corpus=synthetic", "--heads=full,hsm,nce", "--hidden=8", "--bptt=4",
+                  "--batch_size=2,4", "--repeats=1", f"--json_out={out}"],
+                 check=True, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
+                 timeout=600)
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["head"], r["batch_size"]) for r in rows] == [
+      (h, b) for b in (2, 4) for h in ("full", "hsm", "nce")]
+  for r in rows:
+    assert r["tokens_per_sec"] > 0 and r["sec_per_epoch"] > 0
+    if r["head"] == "full":
+      assert r["speedup_vs_full"] == 1.0
