@@ -38,7 +38,7 @@ _HEADS = flags.DEFINE_list("heads", list(heads.HEAD_NAMES), "heads to time")
 _MODES = flags.DEFINE_list("modes", ["dense", "sparse"], "gradient application")
 _SAMPLES = flags.DEFINE_integer("num_samples", 64, "K for nce / neg / sampled")
 _CLASS_BINNINGS = flags.DEFINE_list(
-    "class_binnings", ["equal", "sqrt"],
+    "class_binnings", ["equal"],
     "class head: time one variant per binning (rows 'class' for the default equal, "
     "'class_<binning>' for the others)")
 _FULL_MAX_LOGITS = flags.DEFINE_integer(
