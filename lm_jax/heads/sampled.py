@@ -63,7 +63,7 @@ def _check_args(noise, num_samples):
 
 def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned_log_z,
                   scores_to_loss, eval_offset_V=None, init_bias_V=0.0, init_log_z=0.0):
-  """An :class:`OutputHead` whose loss is ``scores_to_loss(s_target_N, s_noise_NxK,
+  r"""An :class:`OutputHead` whose loss is ``scores_to_loss(s_target_N, s_noise_NxK,
   log_kq_target_N, log_kq_noise_NxK, hit_NxK, log_z)`` on sampled rows; evaluation is the
   full softmax of the scores plus ``eval_offset_V`` ([V] constants, None for 0).
 
