@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm_jax import allocator
 from lm_jax import benchmarking
 from lm_jax import heads
 
@@ -44,6 +45,9 @@ _CLASS_BINNINGS = flags.DEFINE_list(
 _FULL_MAX_LOGITS = flags.DEFINE_integer(
     "full_max_logits", 4096 * 100_000, "the full softmax is timed on N = this / V tokens "
     "when that is fewer than --tokens")
+_KEEP_FREED = flags.DEFINE_bool(
+    "keep_freed_memory", True,
+    "let glibc malloc keep freed blocks (lm_jax.allocator; --nokeep_freed_memory: glibc's defaults)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_heads.json", "output JSON")
 _PLOT_OUT = flags.DEFINE_string("plot_out", "results/bench_heads.png", "log-log plot")
@@ -158,6 +162,8 @@ def plot(rows, path):
 
 def main(argv):
   del argv
+  keep_freed = _KEEP_FREED.value and allocator.keep_freed_memory()
+  print(f"glibc malloc keeps freed memory: {keep_freed}")
   rows = []
   for v in (int(v) for v in _VOCAB_SIZES.value):
     rows.extend(bench_vocab_size(v))
@@ -177,7 +183,8 @@ def main(argv):
       "notes": "full softmax timed on min(N, full_max_logits / V) tokens, reported per token",
       "flags": {k: flags.FLAGS[k].value for k in (
           "vocab_sizes", "hidden", "tokens", "heads", "modes", "num_samples", "class_binnings",
-          "full_max_logits", "repeats")}})
+          "full_max_logits", "repeats", "keep_freed_memory")},
+      "keep_freed_memory_applied": keep_freed})
   plot(rows, _PLOT_OUT.value)
   print(f"wrote {_JSON_OUT.value} and {_PLOT_OUT.value}")
 

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax import batching
+from lm_jax import allocator
 from lm_jax import benchmarking
 from lm_jax import config as config_lib
 from lm_jax import heads
@@ -46,6 +47,9 @@ _BPTT = flags.DEFINE_integer("bptt", 35, "T")
 _DROPOUT = flags.DEFINE_float("dropout", 0.3, "dropout rate")
 _BINNING = flags.DEFINE_string("head_binning", "equal", "class head binning (as train_lm.py)")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "optimizer (training.OPTIMIZERS)")
+_KEEP_FREED = flags.DEFINE_bool(
+    "keep_freed_memory", True,
+    "let glibc malloc keep freed blocks (lm_jax.allocator; --nokeep_freed_memory: glibc's defaults)")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_lm_heads.json", "output JSON")
 
@@ -75,6 +79,8 @@ def head_steps(corpus, head_names, batch_size):
 
 def main(argv):
   del argv
+  keep_freed = _KEEP_FREED.value and allocator.keep_freed_memory()
+  print(f"glibc malloc keeps freed memory: {keep_freed}")
   base = config_lib.TrainConfig(corpus=_CORPUS.value, data_dir=_DATA_DIR.value)
   corpus = trainer.load_corpus(base)
   threads = os.environ.get("XLA_FLAGS", "")
@@ -109,8 +115,8 @@ def main(argv):
       "faster_rnnlm_words_per_sec": FASTER_RNNLM_WORDS_PER_SEC,
       "flags": {k: flags.FLAGS[k].value for k in (
           "heads", "cell", "layers", "hidden", "batch_size", "bptt", "dropout", "head_binning",
-          "optimizer",
-          "repeats")}})
+          "optimizer", "repeats", "keep_freed_memory")},
+      "keep_freed_memory_applied": keep_freed})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ P     devices
 Logarithms are natural (nats) unless a function says ``bits`` or takes ``base``.
 """
 
+from lm_jax import allocator
 from lm_jax import batching
 from lm_jax import corpora
 from lm_jax import heads

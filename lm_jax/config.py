@@ -71,6 +71,7 @@ class TrainConfig:
   head_bands: str = ""
   head_log_z: str = "learned"
   skip_nonfinite: bool = False
+  keep_freed_memory: bool = True
   parallel: str = "auto"
   coordinator_address: str = ""
   num_processes: int = 0

@@ -35,6 +35,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from lm_jax import allocator
 from lm_jax import batching
 from lm_jax import checkpointing
 from lm_jax import corpora
@@ -112,6 +113,8 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     TrainingInterrupted: SIGTERM/SIGINT arrived; a checkpoint was saved first.
   """
   config.validate()
+  if config.keep_freed_memory:
+    run_logging.logger.info("glibc malloc keeps freed memory: %s", allocator.keep_freed_memory())
   parallel.initialize_distributed(config.coordinator_address, config.num_processes,
                                   config.process_id)
   config.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
