@@ -6,7 +6,7 @@ more than 32 MiB at most (the dynamic ``M_MMAP_THRESHOLD``) is a fresh ``mmap`` 
 trimmed back to the kernel. A jitted step that creates the same large temporaries on
 every call (the gathered rows of a class or hierarchical softmax, a ``[N, V]`` logits
 block) then pays a page fault on first touch of each of their 4 KiB pages, every call:
-on this project's 2-core VM that was half the time of the class head at V = 100k.
+on this project's 2-core VM that was about half the time of the class head at V = 100k.
 
 :func:`keep_freed_memory` tells glibc to serve every block from one heap and to keep what is
 freed for reuse, so a step's temporaries are faulted in once. The cost is that the
@@ -21,7 +21,7 @@ import functools
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
@@ -38,32 +38,29 @@ def _glibc():
   return libc
 
 
-def keep_freed_memory(*, mmap_threshold: int = 1 << 30, arenas: int = 1) -> bool:
+def keep_freed_memory(*, arenas: int = 1) -> bool:
   r"""Makes glibc ``malloc`` reuse freed blocks instead of returning them to the kernel.
 
-  Sets ``M_MMAP_THRESHOLD`` (blocks below it come from the heap, not ``mmap``),
-  ``M_TRIM_THRESHOLD`` to the same value (the heap's free top is not trimmed back
-  below it) and ``M_ARENA_MAX`` (one shared heap, so memory freed by one XLA thread is
-  reused by another). Call it before the first large JAX computation; later
-  allocations follow the new settings.
+  Sets ``M_MMAP_MAX`` to 0 (every block comes from the heap, none from its own
+  ``mmap``), ``M_TRIM_THRESHOLD`` to -1 (the heap's free top is never given back) and
+  ``M_ARENA_MAX`` (one shared heap, so memory freed by one XLA thread is reused by
+  another). Call it before the first large JAX computation; later allocations follow the
+  new settings.
 
-  Measured on this project's 2-core VM (``WORKSPACE_NOTES.md``): the class-based head's
-  forward and backward at V = 100k, N = 4096 went from 362 ms to 174 ms.
+  Measured on this project's 2-core VM (``WORKSPACE_NOTES.md``, issue 4): the class-based
+  head's forward and backward at V = 100k, N = 4096 ran about twice as fast.
 
   Args:
-    mmap_threshold: bytes; blocks smaller than this are taken from the heap.
     arenas: the most malloc arenas (1: one heap for all threads).
 
   Returns:
-    True if every setting was accepted (glibc), else False (nothing changed, or not glibc).
+    True if every setting was accepted (glibc), else False (not glibc: nothing changed).
   """
-  if not 0 < mmap_threshold < 2**31 or arenas < 1:
-    raise ValueError(f"need 0 < mmap_threshold < 2**31 (a C int) and arenas >= 1, got "
-                     f"mmap_threshold={mmap_threshold}, arenas={arenas}")
+  if arenas < 1:
+    raise ValueError(f"need arenas >= 1, got {arenas}")
   libc = _glibc()
   if libc is None:
     return False
   return all(libc.mallopt(param, value) == 1
-             for param, value in ((_M_MMAP_THRESHOLD, mmap_threshold),
-                                  (_M_TRIM_THRESHOLD, mmap_threshold),
+             for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
                                   (_M_ARENA_MAX, arenas)))
