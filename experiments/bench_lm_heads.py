@@ -101,7 +101,7 @@ def main(argv):
                     "vs_faster_rnnlm": tok_s / FASTER_RNNLM_WORDS_PER_SEC})
     full_ms = next((r["ms_per_step"] for r in block if r["head"] == "full"), None)
     for r in block:
-      r["speedup_vs_full"] = full_ms / r["ms_per_step"] if full_ms else float("nan")
+      r["speedup_vs_full"] = full_ms / r["ms_per_step"] if full_ms else None  # full not timed
     rows += block
   print(f"{corpus.name}: V={len(corpus.vocab)}, {len(corpus.train)} train tokens; "
         f"{_CELL.value} x{_LAYERS.value} H={_HIDDEN.value} T={_BPTT.value} "

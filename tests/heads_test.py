@@ -252,10 +252,41 @@ def test_bench_lm_heads_script_smoke(tmp_path):
                   "--batch_size=2,4", "--repeats=1", f"--json_out={out}"],
                  check=True, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
                  timeout=600)
-  rows = json.loads(out.read_text())["rows"]
+  payload = json.loads(out.read_text())
+  assert payload["keep_freed_memory_applied"] in (True, False)
+  rows = payload["rows"]
   assert [(r["head"], r["batch_size"]) for r in rows] == [
       (h, b) for b in (2, 4) for h in ("full", "hsm", "nce")]
   for r in rows:
     assert r["tokens_per_sec"] > 0 and r["sec_per_epoch"] > 0
     if r["head"] == "full":
       assert r["speedup_vs_full"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_heads_script_smoke(tmp_path):
+  """End-to-end run of experiments/bench_heads.py at tiny sizes: rows, growth and the plot."""
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+  subprocess.run([sys.executable, os.path.join(root, "experiments", "bench_heads.py"),
+                  "--vocab_sizes=64,256", "--hidden=8", "--tokens=32", "--repeats=1",
+                  "--heads=full,class,hsm,nce", "--modes=dense,sparse", f"--json_out={out}",
+                  f"--plot_out={plot}"],
+                 check=True, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
+                 timeout=600)
+  payload = json.loads(out.read_text())
+  assert payload["keep_freed_memory_applied"] in (True, False)
+  keys = {(r["V"], r["head"], r["mode"]) for r in payload["rows"]}
+  assert {(v, "full", "dense") for v in (64, 256)} <= keys
+  assert {(v, h, m) for v in (64, 256) for h in ("class", "hsm", "nce")
+          for m in ("dense", "sparse")} <= keys
+  for r in payload["rows"]:
+    assert r["us_per_token"] > 0
+    if r["head"] == "full":
+      assert r["speedup_vs_full"] == 1.0
+  assert set(payload["growth_first_to_last_V"]) >= {"hsm/sparse", "full/dense"}
+  assert plot.stat().st_size > 0
