@@ -31,7 +31,7 @@ _MATMUL_SIZES = flags.DEFINE_list("matmul_sizes", ["512", "1024", "2048"],
                                   "square matmul sizes whose best FLOP/s is the ceiling")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_rnn.json", "where to write the results")
 
-GATES = {"elman": 1, "rnn_tanh": 1, "rnn_relu": 1, "gru": 3, "lstm": 4}
+GATES = {"elman": 1, "rnn_tanh": 1, "rnn_relu": 1, "elman_direct": 1, "gru": 3, "lstm": 4}
 
 
 def _fwd_bwd(cell, layer_fn, carry, unroll):

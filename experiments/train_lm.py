@@ -41,7 +41,8 @@ _HELP = {
                        "(D2L 0.17's Time Machine: 10000); 0: all",
     "synthetic_vocab_size": "synthetic corpus: language size (0: the library default)",
     "synthetic_train_tokens": "synthetic corpus: train tokens (valid and test get a tenth each)",
-    "cell": "elman (= rnn_tanh), rnn_relu, gru or lstm",
+    "cell": "elman (= rnn_tanh), rnn_relu, elman_direct (tanh without W_xh, the embedding "
+            "added directly: Mikolov's RNNLM; needs --embed == --hidden), gru or lstm",
     "layers": "recurrent layers",
     "hidden": "hidden units per layer",
     "embed": "embedding size",

@@ -8,7 +8,7 @@ from lm_jax import heads
 from lm_jax import parallel
 
 CORPORA = ("synthetic", "ptb", "wikitext2", "text")
-CELLS = ("elman", "rnn_tanh", "rnn_relu", "gru", "lstm")
+CELLS = ("elman", "rnn_tanh", "rnn_relu", "elman_direct", "gru", "lstm")
 # The TrainConfig field behind each of heads.make_head's options.
 HEAD_OPTION_FLAGS = {"num_classes": "head_classes", "binning": "head_binning",
                      "tree": "head_tree", "bands": "head_bands", "noise": "head_noise",
@@ -163,6 +163,10 @@ class TrainConfig:
       problems.append(f"--epochs={self.epochs} and --steps={self.steps}: one must be positive")
     if not 0.0 <= self.dropout < 1.0:
       problems.append(f"--dropout={self.dropout} must be in [0, 1)")
+    if self.cell == "elman_direct" and self.embed != self.hidden:
+      problems.append(f"--cell=elman_direct adds the embedding to the hidden state, so it "
+                      f"needs --embed == --hidden, got --embed={self.embed} "
+                      f"--hidden={self.hidden}")
     if self.tie_weights and self.embed != self.hidden:
       problems.append(f"--tie_weights needs --embed == --hidden, got --embed={self.embed} "
                       f"and --hidden={self.hidden}")

@@ -69,13 +69,21 @@ def _zeros(batch_size, hidden_size, dtype=jnp.float32):
   return jnp.zeros((batch_size, hidden_size), dtype)
 
 
-def elman_cell(activation: str = "tanh") -> Cell:
+def elman_cell(activation: str = "tanh", *, input_matrix: bool = True) -> Cell:
   r"""Elman RNN cell, the notes' :math:`h_t = \phi(x_t W_{xh} + h_{t-1} W_{hh} + b_h)`.
 
   Params ``{"W_xh_ExG", "W_hh_HxG", "b_G"}`` with ``G = H``; the carry is ``h_BxH``.
 
+  With ``input_matrix=False`` there is no ``W_xh``: :math:`h_t = \phi(x_t + h_{t-1} W_{hh}
+  + b_h)`, which needs ``E = H``. After an embedding lookup this is Mikolov's RNNLM (and
+  faster-rnnlm's), whose one-hot input times its input matrix is a row of that matrix: the
+  product of an embedding and ``W_xh`` is one ``[V, H]`` matrix anyway, so dropping
+  ``W_xh`` loses no expressiveness without dropout between them, and saves a third of the
+  layer's FLOPs (the hoisted ``[B T, E] x [E, H]`` product and its two gradients).
+
   Args:
     activation: ``"tanh"`` or ``"relu"``, the :math:`\phi` above.
+    input_matrix: keep ``W_xh`` (default) or add the input directly.
 
   Returns:
     A :class:`Cell`.
@@ -86,13 +94,22 @@ def elman_cell(activation: str = "tanh") -> Cell:
   phi = activations[activation]
 
   def init(key, input_size, hidden_size, *, init_scale=0.1, dtype=jnp.float32):
-    return _uniform_params(key, input_size, hidden_size, 1, init_scale, dtype)
+    params = _uniform_params(key, input_size, hidden_size, 1, init_scale, dtype)
+    if input_matrix:
+      return params
+    if input_size != hidden_size:
+      raise ValueError(f"an Elman cell without W_xh adds its input to the hidden state, so "
+                       f"input_size must equal hidden_size, got {input_size} and {hidden_size}")
+    return {k: v for k, v in params.items() if k != "W_xh_ExG"}
 
   def step(params, h_BxH, proj_BxG):
     new_h = phi(_recurrent(params, h_BxH, proj_BxG)).astype(h_BxH.dtype)
     return new_h, new_h
 
-  return Cell(init, _input_projection, step, _zeros)
+  def add_input(params, x_xE):
+    return jnp.asarray(x_xE) + params["b_G"]
+
+  return Cell(init, _input_projection if input_matrix else add_input, step, _zeros)
 
 
 def gru_cell() -> Cell:
@@ -165,12 +182,14 @@ def lstm_cell(*, forget_bias: float = 0.0) -> Cell:
   return Cell(init, _input_projection, step, initial_carry)
 
 
-CELL_NAMES = ("elman", "rnn_tanh", "rnn_relu", "gru", "lstm")
+CELL_NAMES = ("elman", "rnn_tanh", "rnn_relu", "elman_direct", "gru", "lstm")
 
 
 def get_cell(name: str) -> Cell:
-  """The cell called ``name``: ``elman`` (= ``rnn_tanh``), ``rnn_relu``, ``gru`` or ``lstm``."""
+  """The cell called ``name``: ``elman`` (= ``rnn_tanh``), ``rnn_relu``, ``elman_direct``
+  (tanh, no ``W_xh``: Mikolov's RNNLM), ``gru`` or ``lstm``."""
   factories = {"elman": lambda: elman_cell("tanh"), "rnn_tanh": lambda: elman_cell("tanh"),
+               "elman_direct": lambda: elman_cell("tanh", input_matrix=False),
                "rnn_relu": lambda: elman_cell("relu"), "gru": gru_cell, "lstm": lstm_cell}
   if name not in factories:
     raise ValueError(f"unknown cell {name!r}; expected one of {CELL_NAMES}")
@@ -182,10 +201,13 @@ def _check(params, inputs_BxTxE, carry, mask_BxT):
   if inputs_BxTxE.ndim != 3:
     raise ValueError(f"inputs_BxTxE must have rank 3 [B, T, E], got shape {inputs_BxTxE.shape}")
   batch, steps, embed = inputs_BxTxE.shape
-  expected_e = params["W_xh_ExG"].shape[0]
-  if embed != expected_e:
-    raise ValueError(
-        f"inputs_BxTxE has E={embed} but W_xh_ExG has shape {params['W_xh_ExG'].shape}")
+  if "W_xh_ExG" in params:
+    if embed != params["W_xh_ExG"].shape[0]:
+      raise ValueError(
+          f"inputs_BxTxE has E={embed} but W_xh_ExG has shape {params['W_xh_ExG'].shape}")
+  elif embed != params["b_G"].shape[0]:
+    raise ValueError(f"inputs_BxTxE has E={embed} but a cell without W_xh adds its input to "
+                     f"the hidden state, of size {params['b_G'].shape[0]}")
   for leaf in jax.tree_util.tree_leaves(carry):
     if leaf.shape != (batch, params["W_hh_HxG"].shape[0]):
       raise ValueError(f"carry leaf has shape {leaf.shape}, expected [B, H] = "

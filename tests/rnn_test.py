@@ -84,6 +84,41 @@ def test_elman_matches_notes_formula_in_numpy(activation, phi):
   assert np.any(np.asarray(out_BxTxH) < 0) == (activation == "tanh")
 
 
+
+def test_elman_direct_is_elman_with_identity_input_matrix_and_the_formula():
+  direct, elman = rnn.get_cell("elman_direct"), rnn.get_cell("elman")
+  rng = np.random.default_rng(3)
+  params = {"W_hh_HxG": jnp.asarray(rng.uniform(-0.5, 0.5, (H, H)), jnp.float32),
+            "b_G": jnp.asarray(rng.uniform(-0.5, 0.5, H), jnp.float32)}
+  x_BxTxH = jnp.asarray(rng.uniform(-2, 2, (B, T, H)), jnp.float32)
+  carry = jnp.asarray(rng.uniform(-1, 1, (B, H)), jnp.float32)
+  for mask_BxT in (None, MASK_BxT):
+    got = scan_jit(direct, params, x_BxTxH, carry, mask_BxT)
+    with_identity = {**params, "W_xh_ExG": jnp.eye(H)}
+    _assert_trees_close(got, scan_jit(elman, with_identity, x_BxTxH, carry, mask_BxT),
+                        rtol=1e-5, atol=1e-6)
+    _assert_trees_close(got, _loop(direct, params, x_BxTxH, carry, mask_BxT), rtol=1e-5,
+                        atol=1e-6)
+  h, p = np.asarray(carry, np.float64), {k: np.asarray(v, np.float64) for k, v in params.items()}
+  for t in range(T):  # h_t = tanh(x_t + h_{t-1} W_hh + b_h)
+    h = np.tanh(np.asarray(x_BxTxH[:, t], np.float64) + h @ p["W_hh_HxG"] + p["b_G"])
+  np.testing.assert_allclose(scan_jit(direct, params, x_BxTxH, carry)[1], h, rtol=1e-5,
+                             atol=1e-6)
+  check_grads(lambda prm, x: rnn.scan_layer(direct, prm, x, carry, MASK_BxT)[0].sum(),
+              (params, x_BxTxH), order=1, modes=("rev",), atol=1e-2, rtol=1e-2)
+
+
+def test_elman_direct_init_and_shape_errors():
+  direct = rnn.get_cell("elman_direct")
+  params = direct.init(jax.random.PRNGKey(0), H, H)
+  assert sorted(params) == ["W_hh_HxG", "b_G"] and params["W_hh_HxG"].shape == (H, H)
+  with pytest.raises(ValueError, match="input_size must equal hidden_size, got 4 and 6"):
+    direct.init(jax.random.PRNGKey(0), E, H)
+  with pytest.raises(ValueError, match="has E=4 but a cell without W_xh adds its input to the "
+                                       "hidden state, of size 6"):
+    rnn.scan_layer(direct, params, jnp.zeros((B, T, E)), direct.initial_carry(B, H))
+
+
 def _flax_scan(flax_cell, variables, x_BxTxE, carry):
   outputs = []
   for t in range(x_BxTxE.shape[1]):
@@ -214,7 +249,7 @@ def test_init_shapes_range_and_forget_bias():
 
 
 def test_get_cell_and_bad_inputs_raise():
-  assert set(rnn.CELL_NAMES) == {"elman", "rnn_tanh", "rnn_relu", "gru", "lstm"}
+  assert set(rnn.CELL_NAMES) == {"elman", "rnn_tanh", "rnn_relu", "elman_direct", "gru", "lstm"}
   with pytest.raises(ValueError, match="unknown cell 'transformer'"):
     rnn.get_cell("transformer")
   with pytest.raises(ValueError, match="activation must be one of"):

@@ -63,6 +63,15 @@ def test_run_writes_everything_a_researcher_needs(tmp_path):
     assert json.load(f)["steps"] == 24
 
 
+
+def test_elman_direct_trains_without_an_input_matrix(tmp_path):
+  results = trainer.train_and_evaluate(_config(tmp_path, cell="elman_direct", embed=16,
+                                               hidden=16))
+  assert results["steps"] == 24 and np.isfinite(results["valid_perplexity"])
+  assert results["valid_perplexity"] < 16  # below the uniform model over the 16 words
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["cell"] == "elman_direct"
+
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
   straight = tmp_path / "straight"
   trainer.train_and_evaluate(_config(straight, dropout=0.3))
@@ -217,6 +226,9 @@ def test_head_options_hold_only_what_each_head_uses():
     (dict(head="hsm", head_tree="random"), r"--head_tree='random' is not one of"),
     (dict(head="neg", head_log_z="1.0"), r"--head_log_z='1.0' has no effect with --head=neg"),
     (dict(head="nce", head_noise="zipf"), r"--head_noise='zipf'"),
+    (dict(cell="elman_direct", embed=8, hidden=16), r"--cell=elman_direct adds the embedding "
+                                                    r"to the hidden state, so it needs --embed "
+                                                    r"== --hidden, got --embed=8 --hidden=16"),
     (dict(batch_size=200, bptt=20), r"--batch_size=200 and --bptt=20 are too large for the "
                                     r"train split of synthetic: 3000 tokens are too few")])
 def test_bad_head_and_size_flags_fail_before_any_work(tmp_path, overrides, match):
