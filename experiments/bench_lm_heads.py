@@ -15,6 +15,7 @@ taskset -c 0``.
   python experiments/bench_lm_heads.py                                  # PTB Elman 200, B 20 x T 35
   python experiments/bench_lm_heads.py --cell=lstm --layers=2 --bptt=20 \
       --optimizer=sgd --json_out=results/bench_lm_heads_lstm.json
+  python experiments/bench_lm_heads.py --cell=elman,elman_direct --heads=class,hsm   # cells side by side
 """
 import dataclasses
 import functools
@@ -39,7 +40,8 @@ FASTER_RNNLM_WORDS_PER_SEC = 148_000.0
 _CORPUS = flags.DEFINE_string("corpus", "ptb", "corpus whose counts and tokens are used")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "data root (default: ../shared/data)")
 _HEADS = flags.DEFINE_list("heads", list(heads.HEAD_NAMES), "heads to time")
-_CELL = flags.DEFINE_string("cell", "elman", "recurrent cell")
+_CELL = flags.DEFINE_list("cell", ["elman"], "recurrent cell(s); several: timed interleaved "
+                           "in one run, with a speed-up column against the first cell")
 _LAYERS = flags.DEFINE_integer("layers", 1, "recurrent layers")
 _HIDDEN = flags.DEFINE_integer("hidden", 200, "H (= E)")
 _BATCH = flags.DEFINE_list("batch_size", ["20"], "B (several: one table row block each)")
@@ -54,8 +56,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "timed rounds (medians reported)"
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_lm_heads.json", "output JSON")
 
 
-def head_steps(corpus, head_names, batch_size):
-  """{head: zero-argument function running one train step} on the corpus's first tokens."""
+def head_steps(corpus, cells, head_names, batch_size):
+  """{(cell, head): zero-argument function running one train step} on the corpus's first tokens."""
   t = _BPTT.value
   counts = np.bincount(corpus.train, minlength=len(corpus.vocab))
   x = np.asarray(corpus.train[:batch_size * t + 1], np.int32)
@@ -64,8 +66,8 @@ def head_steps(corpus, head_names, batch_size):
            "mask_BxT": jnp.ones((batch_size, t), bool), "reset": jnp.asarray(False)}
   opt = training.make_optimizer(_OPTIMIZER.value, 1e-3, clip=1.0)
   fns = {}
-  for name in head_names:
-    config = config_lib.TrainConfig(corpus=_CORPUS.value, head=name, cell=_CELL.value,
+  for cell, name in ((c, h) for c in cells for h in head_names):
+    config = config_lib.TrainConfig(corpus=_CORPUS.value, head=name, cell=cell,
                                     layers=_LAYERS.value, hidden=_HIDDEN.value,
                                     embed=_HIDDEN.value, dropout=_DROPOUT.value,
                                     batch_size=batch_size, bptt=t,
@@ -73,7 +75,7 @@ def head_steps(corpus, head_names, batch_size):
     model = trainer.build_model(config, len(corpus.vocab), counts)
     state = training.create_train_state(model, opt, seed=0, batch_size=batch_size)
     step = jax.jit(functools.partial(training.train_step, model=model, optimizer=opt))
-    fns[name] = functools.partial(lambda f, s: f(s, batch)[1], step, state)
+    fns[cell, name] = functools.partial(lambda f, s: f(s, batch)[1], step, state)
   return fns
 
 
@@ -85,30 +87,37 @@ def main(argv):
   corpus = trainer.load_corpus(base)
   threads = os.environ.get("XLA_FLAGS", "")
   one_thread = "intra_op_parallelism_threads=1" in threads
+  cells = list(dict.fromkeys(_CELL.value))
   rows = []
   for b in [int(v) for v in _BATCH.value]:
     t = _BPTT.value
     steps_per_epoch = batching.num_batches(len(corpus.train), b, t, "sequential")
-    fns = head_steps(corpus, _HEADS.value, b)
-    samples = benchmarking.time_interleaved({k: (lambda f=f: f()) for k, f in fns.items()}, (),
-                                            repeats=_REPEATS.value, warmup=2)
+    fns = head_steps(corpus, cells, _HEADS.value, b)
+    samples = benchmarking.time_interleaved(
+        {f"{c}/{h}": (lambda f=f: f()) for (c, h), f in fns.items()}, (),
+        repeats=_REPEATS.value, warmup=2)
     block = []
-    for name, secs in samples.items():
+    for cell, name in fns:
+      secs = samples[f"{cell}/{name}"]
       ms = 1e3 * float(np.median(secs))
       tok_s = b * t / ms * 1e3
-      block.append({"head": name, "batch_size": b, "ms_per_step": ms, "tokens_per_sec": tok_s,
-                    "sec_per_epoch": steps_per_epoch * ms / 1e3,
+      block.append({"cell": cell, "head": name, "batch_size": b, "ms_per_step": ms,
+                    "tokens_per_sec": tok_s, "sec_per_epoch": steps_per_epoch * ms / 1e3,
                     "vs_faster_rnnlm": tok_s / FASTER_RNNLM_WORDS_PER_SEC})
-    full_ms = next((r["ms_per_step"] for r in block if r["head"] == "full"), None)
-    for r in block:
-      r["speedup_vs_full"] = full_ms / r["ms_per_step"] if full_ms else None  # full not timed
+    ms_of = {(r["cell"], r["head"]): r["ms_per_step"] for r in block}
+    for r in block:  # None where the reference was not timed
+      full_ms = ms_of.get((r["cell"], "full"))
+      r["speedup_vs_full"] = full_ms / r["ms_per_step"] if full_ms else None
+      if len(cells) > 1:
+        r[f"speedup_vs_{cells[0]}"] = ms_of[cells[0], r["head"]] / r["ms_per_step"]
     rows += block
   print(f"{corpus.name}: V={len(corpus.vocab)}, {len(corpus.train)} train tokens; "
-        f"{_CELL.value} x{_LAYERS.value} H={_HIDDEN.value} T={_BPTT.value} "
+        f"{','.join(cells)} x{_LAYERS.value} H={_HIDDEN.value} T={_BPTT.value} "
         f"dropout={_DROPOUT.value} {_OPTIMIZER.value}; "
         f"{'one XLA thread' if one_thread else f'{os.cpu_count()} cores'}")
-  benchmarking.print_table(rows, ["head", "batch_size", "ms_per_step", "tokens_per_sec",
-                                  "sec_per_epoch", "speedup_vs_full", "vs_faster_rnnlm"])
+  benchmarking.print_table(rows, ["cell", "head", "batch_size", "ms_per_step", "tokens_per_sec",
+                                  "sec_per_epoch", "speedup_vs_full", "vs_faster_rnnlm"]
+                           + ([f"speedup_vs_{cells[0]}"] if len(cells) > 1 else []))
   benchmarking.write_json(_JSON_OUT.value, {
       "benchmark": "bench_lm_heads", "rows": rows, "xla_flags": threads,
       "one_thread": one_thread, "corpus": corpus.name, "vocab_size": len(corpus.vocab),

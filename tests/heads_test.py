@@ -249,18 +249,22 @@ def test_bench_lm_heads_script_smoke(tmp_path):
   out = tmp_path / "bench.json"
   subprocess.run([sys.executable, os.path.join(root, "experiments", "bench_lm_heads.py"),
                   "--corpus=synthetic", "--heads=full,hsm,nce", "--hidden=8", "--bptt=4",
-                  "--batch_size=2,4", "--repeats=1", f"--json_out={out}"],
+                  "--cell=elman,elman_direct", "--batch_size=2,4", "--repeats=1",
+                  f"--json_out={out}"],
                  check=True, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
                  timeout=600)
   payload = json.loads(out.read_text())
   assert payload["keep_freed_memory_applied"] in (True, False)
   rows = payload["rows"]
-  assert [(r["head"], r["batch_size"]) for r in rows] == [
-      (h, b) for b in (2, 4) for h in ("full", "hsm", "nce")]
+  assert [(r["cell"], r["head"], r["batch_size"]) for r in rows] == [
+      (c, h, b) for b in (2, 4) for c in ("elman", "elman_direct") for h in ("full", "hsm", "nce")]
   for r in rows:
     assert r["tokens_per_sec"] > 0 and r["sec_per_epoch"] > 0
+    assert r["speedup_vs_full"] > 0 and r["speedup_vs_elman"] > 0
     if r["head"] == "full":
       assert r["speedup_vs_full"] == 1.0
+    if r["cell"] == "elman":
+      assert r["speedup_vs_elman"] == 1.0
 
 
 @pytest.mark.slow
