@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_jax import batching
 from lm_jax import allocator
+from lm_jax import batching
 from lm_jax import benchmarking
 from lm_jax import config as config_lib
 from lm_jax import heads

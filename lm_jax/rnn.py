@@ -94,6 +94,7 @@ def elman_cell(activation: str = "tanh", *, input_matrix: bool = True) -> Cell:
   phi = activations[activation]
 
   def init(key, input_size, hidden_size, *, init_scale=0.1, dtype=jnp.float32):
+    # W_xh is drawn even when dropped, so W_hh and b equal elman's for the same key.
     params = _uniform_params(key, input_size, hidden_size, 1, init_scale, dtype)
     if input_matrix:
       return params

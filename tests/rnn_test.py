@@ -84,7 +84,6 @@ def test_elman_matches_notes_formula_in_numpy(activation, phi):
   assert np.any(np.asarray(out_BxTxH) < 0) == (activation == "tanh")
 
 
-
 def test_elman_direct_is_elman_with_identity_input_matrix_and_the_formula():
   direct, elman = rnn.get_cell("elman_direct"), rnn.get_cell("elman")
   rng = np.random.default_rng(3)

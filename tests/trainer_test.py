@@ -63,7 +63,6 @@ def test_run_writes_everything_a_researcher_needs(tmp_path):
     assert json.load(f)["steps"] == 24
 
 
-
 def test_elman_direct_trains_without_an_input_matrix(tmp_path):
   results = trainer.train_and_evaluate(_config(tmp_path, cell="elman_direct", embed=16,
                                                hidden=16))
@@ -71,6 +70,7 @@ def test_elman_direct_trains_without_an_input_matrix(tmp_path):
   assert results["valid_perplexity"] < 16  # below the uniform model over the 16 words
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["cell"] == "elman_direct"
+
 
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
   straight = tmp_path / "straight"
