@@ -7,6 +7,8 @@ gradient of the head's output matrices:
 * ``dense``: ``jax.grad`` of the mean loss w.r.t. all head params and the hidden states.
   Whatever the head reads, the gradient of a ``[V, H]`` matrix is a ``[V, H]`` array, so
   this costs at least O(V H) per step (zero-fill plus scatter).
+  ``hsm_autodiff`` is the hierarchical softmax differentiated by autodiff of the plain walk,
+  timed beside the default chunked backward (:func:`lm_jax.heads.hierarchical.path_nll`).
 * ``sparse``: :func:`lm_jax.heads.sparse_sgd_step`, gradients w.r.t. the gathered rows
   only, applied by an in-place scatter-add (params donated), as word2vec's SGD does. Only
   heads whose loss reads few rows have it (not ``full`` or ``dsoftmax``).
@@ -74,7 +76,15 @@ def _head_variants(name):
   if name == "class":
     return [("class" if b == "equal" else f"class_{b}", {"binning": b})
             for b in _CLASS_BINNINGS.value]
+  if name == "hsm":  # The chunked backward (default) and autodiff of the same walk.
+    return [("hsm", {}), ("hsm_autodiff", {"backward": "autodiff"})]
   return [(name, {})]
+
+
+def _make_head(name, vocab_size, counts, options):
+  if name == "hsm" and "backward" in options:  # Not a make_head option: a factory keyword.
+    return heads.hierarchical_softmax(heads.huffman_tree(counts), backward=options["backward"])
+  return heads.make_head(name, vocab_size=vocab_size, counts=counts, **options)
 
 
 def _dense_fn(head, params, hidden_NxH, targets_N, key):
@@ -104,12 +114,12 @@ def bench_vocab_size(vocab_size):
   key = jax.random.PRNGKey(1)
   fns, tokens = {}, {}
   for name, label, options in [(n, l, o) for n in _HEADS.value for l, o in _head_variants(n)]:
-    head = heads.make_head(name, vocab_size=vocab_size, counts=counts, **options)
+    head = _make_head(name, vocab_size, counts, options)
     n = full_tokens if name in ("full", "dsoftmax") else num_tokens  # the O(V H) heads
     hidden_NxH, targets_N = _inputs(vocab_size, n, hidden, counts)
     for mode in _MODES.value:
-      if mode == "sparse" and head.sparse is None:
-        continue
+      if mode == "sparse" and (head.sparse is None or label == "hsm_autodiff"):
+        continue  # (hsm's sparse rows do not depend on its dense backward)
       params = head.init(jax.random.PRNGKey(0), hidden)
       make = _dense_fn if mode == "dense" else _sparse_fn
       fns[(label, mode)] = make(head, params, hidden_NxH, targets_N, key)

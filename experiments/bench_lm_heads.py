@@ -39,7 +39,9 @@ FASTER_RNNLM_WORDS_PER_SEC = 148_000.0
 
 _CORPUS = flags.DEFINE_string("corpus", "ptb", "corpus whose counts and tokens are used")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "data root (default: ../shared/data)")
-_HEADS = flags.DEFINE_list("heads", list(heads.HEAD_NAMES), "heads to time")
+_HEADS = flags.DEFINE_list("heads", list(heads.HEAD_NAMES),
+                           "heads to time; hsm_autodiff: hsm differentiated by autodiff of "
+                           "the plain walk instead of its chunked backward")
 _CELL = flags.DEFINE_list("cell", ["elman"], "recurrent cell(s); several: timed interleaved "
                            "in one run, with a speed-up column against the first cell")
 _LAYERS = flags.DEFINE_integer("layers", 1, "recurrent layers")
@@ -67,12 +69,15 @@ def head_steps(corpus, cells, head_names, batch_size):
   opt = training.make_optimizer(_OPTIMIZER.value, 1e-3, clip=1.0)
   fns = {}
   for cell, name in ((c, h) for c in cells for h in head_names):
-    config = config_lib.TrainConfig(corpus=_CORPUS.value, head=name, cell=cell,
+    head = None
+    if name == "hsm_autodiff":
+      head = heads.hierarchical_softmax(heads.huffman_tree(counts), backward="autodiff")
+    config = config_lib.TrainConfig(corpus=_CORPUS.value, head=name.split("_")[0], cell=cell,
                                     layers=_LAYERS.value, hidden=_HIDDEN.value,
                                     embed=_HIDDEN.value, dropout=_DROPOUT.value,
                                     batch_size=batch_size, bptt=t,
                                     head_binning=_BINNING.value)
-    model = trainer.build_model(config, len(corpus.vocab), counts)
+    model = trainer.build_model(config, len(corpus.vocab), counts, head=head)
     state = training.create_train_state(model, opt, seed=0, batch_size=batch_size)
     step = jax.jit(functools.partial(training.train_step, model=model, optimizer=opt))
     fns[cell, name] = functools.partial(lambda f, s: f(s, batch)[1], step, state)

@@ -72,11 +72,13 @@ def load_corpus(config: TrainConfig) -> corpora.Corpus:
 COUNTS_FILE = "token_counts.json"  # [V] training count of each id, as the head saw them
 
 
-def build_model(config: TrainConfig, vocab_size: int, counts: Any = None
-                ) -> lm_lib.LanguageModel:
-  """The model the flags describe; ``counts``: [V] training counts (every head but full)."""
-  head = heads.make_head(config.head, vocab_size=vocab_size, counts=counts,
-                         init_scale=config.init_scale, **config.head_options())
+def build_model(config: TrainConfig, vocab_size: int, counts: Any = None, *,
+                head: heads.OutputHead | None = None) -> lm_lib.LanguageModel:
+  """The model the flags describe; ``counts``: [V] training counts (every head but full);
+  ``head``: use this head instead of the one ``config`` names (benchmarks of head variants)."""
+  if head is None:
+    head = heads.make_head(config.head, vocab_size=vocab_size, counts=counts,
+                           init_scale=config.init_scale, **config.head_options())
   return lm_lib.make_language_model(
       vocab_size=vocab_size, embed_size=config.embed, hidden_size=config.hidden,
       num_layers=config.layers, cell=config.cell, dropout=config.dropout,

@@ -122,11 +122,73 @@ def test_walk_equals_product_of_sigmoids_and_is_normalised(kind):
 
 
 def test_check_grads_of_loss():
+  # head.loss is path_nll (custom_vjp: reverse mode only); sparse.loss is the plain walk.
   with jax.enable_x64(True):
     _, head, params, hidden_NxH, targets_N = _setup("class_balanced", dtype=jnp.float64)
     where_N = jnp.array([True, True, False, True, True, True])
     check_grads(lambda p, h: head.loss(p, h, targets_N, where=where_N), (params, hidden_NxH),
+                order=1, modes=("rev",))
+    rows, _, aux = head.sparse.gather(params, targets_N)
+    check_grads(lambda r, h: head.sparse.loss(r, h, aux, where=where_N), (rows, hidden_NxH),
                 order=1, modes=("fwd", "rev"))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 6, None, 50])
+def test_path_nll_equals_autodiff_of_the_plain_walk(chunk_size):
+  # Values and all three gradients agree with autodiff of the unchunked walk (float64), also
+  # when the chunk does not divide N (4: padded tokens) and with a cotangent that is not 1.
+  with jax.enable_x64(True):
+    tree, _, params, hidden_NxH, targets_N = _setup("huffman", seed=3, dtype=jnp.float64)
+    nodes, signs, mask = (jnp.asarray(a)[targets_N]
+                          for a in (tree.nodes_VxD, tree.signs_VxD, tree.mask_VxD))
+    weight_N = jnp.linspace(0.5, 2.0, N)
+
+    def plain(w, b, h):
+      scores = jnp.einsum("ndh,nh->nd", w[nodes], h) + b[nodes]
+      return -jnp.sum(jnp.where(mask, jax.nn.log_sigmoid(signs * scores), 0.0), -1)
+
+    def chunked(w, b, h):
+      return hierarchical.path_nll(w, b, h, nodes, signs, mask, chunk_size=chunk_size)
+
+    args = (params["node_weight_IxH"], params["node_bias_I"], hidden_NxH)
+    np.testing.assert_allclose(chunked(*args), plain(*args), rtol=1e-12)
+    want = jax.grad(lambda *a: jnp.sum(weight_N * plain(*a)), argnums=(0, 1, 2))(*args)
+    got = jax.grad(lambda *a: jnp.sum(weight_N * chunked(*a)), argnums=(0, 1, 2))(*args)
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+    check_grads(chunked, args, order=1, modes=("rev",))
+
+
+@pytest.mark.parametrize("kind", sorted(TREES))
+def test_chunked_and_autodiff_backwards_agree(kind):
+  tree, _, params, hidden_NxH, targets_N = _setup(kind, seed=5)
+  where_N = jnp.array([True, False, True, True, True, True])
+  results = []
+  for backward, chunk_size in (("chunked", None), ("chunked", 4), ("autodiff", None)):
+    head = hierarchical.hierarchical_softmax(tree, backward=backward, chunk_size=chunk_size)
+    f = lambda p, h: jnp.sum(head.loss(p, h, targets_N, where=where_N))
+    results.append((head.loss(params, hidden_NxH, targets_N, where=where_N),
+                    jax.grad(f, argnums=(0, 1))(params, hidden_NxH)))
+  for got in results[1:]:
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(results[0])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_backward_options():
+  tree = TREES["huffman"]()
+  with pytest.raises(ValueError, match="backward must be one of"):
+    hierarchical.hierarchical_softmax(tree, backward="manual")
+  with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+    hierarchical.hierarchical_softmax(tree, chunk_size=0)
+
+
+def test_path_nll_is_reverse_mode_only():
+  tree, _, params, hidden_NxH, targets_N = _setup()
+  f = lambda h: hierarchical.path_nll(params["node_weight_IxH"], params["node_bias_I"], h,
+                                      tree.nodes_VxD[targets_N], tree.signs_VxD[targets_N],
+                                      tree.mask_VxD[targets_N])
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(f, (hidden_NxH,), (hidden_NxH,))
 
 
 def test_init_shapes():
