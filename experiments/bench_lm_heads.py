@@ -16,6 +16,8 @@ taskset -c 0``.
   python experiments/bench_lm_heads.py --cell=lstm --layers=2 --bptt=20 \
       --optimizer=sgd --json_out=results/bench_lm_heads_lstm.json
   python experiments/bench_lm_heads.py --cell=elman,elman_direct --heads=class,hsm   # cells side by side
+  python experiments/bench_lm_heads.py --cell=elman_direct --variational_dropout=false,true \
+      --heads=class,hsm --batch_size=128        # per-token vs per-sequence dropout masks
 """
 import dataclasses
 import functools
@@ -49,6 +51,10 @@ _HIDDEN = flags.DEFINE_integer("hidden", 200, "H (= E)")
 _BATCH = flags.DEFINE_list("batch_size", ["20"], "B (several: one table row block each)")
 _BPTT = flags.DEFINE_integer("bptt", 35, "T")
 _DROPOUT = flags.DEFINE_float("dropout", 0.3, "dropout rate")
+_VARIATIONAL = flags.DEFINE_list(
+    "variational_dropout", ["false"],
+    "dropout masks shared over time (train_lm's --variational_dropout); 'false,true' times both "
+    "side by side")
 _BINNING = flags.DEFINE_string("head_binning", "equal", "class head binning (as train_lm.py)")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "optimizer (training.OPTIMIZERS)")
 _KEEP_FREED = flags.DEFINE_bool(
@@ -58,8 +64,20 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "timed rounds (medians reported)"
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_lm_heads.json", "output JSON")
 
 
-def head_steps(corpus, cells, head_names, batch_size):
-  """{(cell, head): zero-argument function running one train step} on the corpus's first tokens."""
+def _str_bool(value):
+  if value.lower() not in ("true", "false"):
+    raise ValueError(f"--variational_dropout takes true/false values, got {value!r}")
+  return value.lower() == "true"
+
+
+def model_variants(cells, variational):
+  """``{label: (cell, variational_dropout)}``: each cell, with '+variational' where shared masks."""
+  return {f"{c}+variational" if v else c: (c, v) for c in cells for v in variational}
+
+
+def head_steps(corpus, variants, head_names, batch_size):
+  """{(variant label, head): zero-argument function running one train step} on the corpus's
+  first tokens; ``variants`` from :func:`model_variants`."""
   t = _BPTT.value
   counts = np.bincount(corpus.train, minlength=len(corpus.vocab))
   x = np.asarray(corpus.train[:batch_size * t + 1], np.int32)
@@ -68,19 +86,21 @@ def head_steps(corpus, cells, head_names, batch_size):
            "mask_BxT": jnp.ones((batch_size, t), bool), "reset": jnp.asarray(False)}
   opt = training.make_optimizer(_OPTIMIZER.value, 1e-3, clip=1.0)
   fns = {}
-  for cell, name in ((c, h) for c in cells for h in head_names):
+  for (label, (cell, variational)), name in ((v, h) for v in variants.items()
+                                             for h in head_names):
     head = None
     if name == "hsm_autodiff":
       head = heads.hierarchical_softmax(heads.huffman_tree(counts), backward="autodiff")
     config = config_lib.TrainConfig(corpus=_CORPUS.value, head=name.split("_")[0], cell=cell,
                                     layers=_LAYERS.value, hidden=_HIDDEN.value,
                                     embed=_HIDDEN.value, dropout=_DROPOUT.value,
+                                    variational_dropout=variational,
                                     batch_size=batch_size, bptt=t,
                                     head_binning=_BINNING.value)
     model = trainer.build_model(config, len(corpus.vocab), counts, head=head)
     state = training.create_train_state(model, opt, seed=0, batch_size=batch_size)
     step = jax.jit(functools.partial(training.train_step, model=model, optimizer=opt))
-    fns[cell, name] = functools.partial(lambda f, s: f(s, batch)[1], step, state)
+    fns[label, name] = functools.partial(lambda f, s: f(s, batch)[1], step, state)
   return fns
 
 
@@ -92,12 +112,14 @@ def main(argv):
   corpus = trainer.load_corpus(base)
   threads = os.environ.get("XLA_FLAGS", "")
   one_thread = "intra_op_parallelism_threads=1" in threads
-  cells = list(dict.fromkeys(_CELL.value))
+  variants = model_variants(list(dict.fromkeys(_CELL.value)),
+                            list(dict.fromkeys(_str_bool(v) for v in _VARIATIONAL.value)))
+  cells = list(variants)  # Labels; the first is the speed-up reference when there are several.
   rows = []
   for b in [int(v) for v in _BATCH.value]:
     t = _BPTT.value
     steps_per_epoch = batching.num_batches(len(corpus.train), b, t, "sequential")
-    fns = head_steps(corpus, cells, _HEADS.value, b)
+    fns = head_steps(corpus, variants, _HEADS.value, b)
     samples = benchmarking.time_interleaved(
         {f"{c}/{h}": (lambda f=f: f()) for (c, h), f in fns.items()}, (),
         repeats=_REPEATS.value, warmup=2)
@@ -106,7 +128,8 @@ def main(argv):
       secs = samples[f"{cell}/{name}"]
       ms = 1e3 * float(np.median(secs))
       tok_s = b * t / ms * 1e3
-      block.append({"cell": cell, "head": name, "batch_size": b, "ms_per_step": ms,
+      block.append({"cell": cell, "variational_dropout": variants[cell][1], "head": name,
+                    "batch_size": b, "ms_per_step": ms,
                     "tokens_per_sec": tok_s, "sec_per_epoch": steps_per_epoch * ms / 1e3,
                     "vs_faster_rnnlm": tok_s / FASTER_RNNLM_WORDS_PER_SEC})
     ms_of = {(r["cell"], r["head"]): r["ms_per_step"] for r in block}
@@ -128,7 +151,8 @@ def main(argv):
       "one_thread": one_thread, "corpus": corpus.name, "vocab_size": len(corpus.vocab),
       "faster_rnnlm_words_per_sec": FASTER_RNNLM_WORDS_PER_SEC,
       "flags": {k: flags.FLAGS[k].value for k in (
-          "heads", "cell", "layers", "hidden", "batch_size", "bptt", "dropout", "head_binning",
+          "heads", "cell", "layers", "hidden", "batch_size", "bptt", "dropout",
+          "variational_dropout", "head_binning",
           "optimizer", "repeats", "keep_freed_memory")},
       "keep_freed_memory_applied": keep_freed})
 

@@ -47,6 +47,8 @@ _HELP = {
     "hidden": "hidden units per layer",
     "embed": "embedding size",
     "dropout": "dropout on non-recurrent connections (Zaremba et al. 2014)",
+    "variational_dropout": "one dropout mask per sequence, reused at every time step (Gal & "
+                           "Ghahramani 2016; locked dropout); T times fewer random numbers",
     "init_scale": "parameters start uniform in [-init_scale, init_scale]",
     "batch_size": "rows per batch (global, over all devices)",
     "bptt": "unrolled time steps per batch (truncated BPTT length)",

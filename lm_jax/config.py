@@ -40,6 +40,7 @@ class TrainConfig:
   hidden: int = 128
   embed: int = 64
   dropout: float = 0.0
+  variational_dropout: bool = False
   tie_weights: bool = False
   init_scale: float = 0.1
   batch_size: int = 32
@@ -163,6 +164,8 @@ class TrainConfig:
       problems.append(f"--epochs={self.epochs} and --steps={self.steps}: one must be positive")
     if not 0.0 <= self.dropout < 1.0:
       problems.append(f"--dropout={self.dropout} must be in [0, 1)")
+    if self.variational_dropout and self.dropout == 0.0:
+      problems.append("--variational_dropout has no effect without --dropout > 0")
     if self.cell == "elman_direct" and self.embed != self.hidden:
       problems.append(f"--cell=elman_direct adds the embedding to the hidden state, so it "
                       f"needs --embed == --hidden, got --embed={self.embed} "

@@ -82,7 +82,8 @@ def build_model(config: TrainConfig, vocab_size: int, counts: Any = None, *,
   return lm_lib.make_language_model(
       vocab_size=vocab_size, embed_size=config.embed, hidden_size=config.hidden,
       num_layers=config.layers, cell=config.cell, dropout=config.dropout,
-      init_scale=config.init_scale, head=head, tie_weights=config.tie_weights)
+      init_scale=config.init_scale, head=head, tie_weights=config.tie_weights,
+      variational_dropout=config.variational_dropout)
 
 
 def check_data(config: TrainConfig, corpus: corpora.Corpus) -> int:
