@@ -185,6 +185,48 @@ def test_inverted_dropout_keeps_the_mean():
   np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 4.0 / 3.0], rtol=1e-6)
 
 
+def test_inverted_dropout_broadcast_dims_share_one_mask_over_time():
+  x = jnp.arange(1.0, 1.0 + 8 * 50 * 40).reshape(8, 50, 40)
+  key = jax.random.PRNGKey(3)
+  for row_ids in (None, jnp.arange(8)):
+    y = lm.inverted_dropout(x, 0.4, key, row_ids=row_ids, broadcast_dims=(1,))
+    kept = np.asarray(y != 0.0)
+    np.testing.assert_array_equal(kept, np.broadcast_to(kept[:, :1], kept.shape))  # same mask at every t
+    assert abs(kept[:, 0].mean() - 0.6) < 0.06  # 320 mask entries, one per (row, feature)
+    np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.6, rtol=1e-6)
+  # Per-row masks: row b's mask does not depend on the other rows (device splits agree).
+  whole = lm.inverted_dropout(x, 0.4, key, row_ids=jnp.arange(8), broadcast_dims=(1,))
+  part = lm.inverted_dropout(x[4:], 0.4, key, row_ids=jnp.arange(4, 8), broadcast_dims=(-2,))
+  np.testing.assert_array_equal(whole[4:], part)
+  with pytest.raises(ValueError, match="broadcast_dims cannot contain the row axis 0"):
+    lm.inverted_dropout(x, 0.4, key, row_ids=jnp.arange(8), broadcast_dims=(0,))
+
+
+def test_variational_dropout_model_reuses_masks_over_time(monkeypatch):
+  params = _init(_model(cell="rnn_tanh", num_layers=1), 4)
+  inputs_BxT, targets_BxT = _data(4)
+  key = jax.random.PRNGKey(5)
+  losses = {}
+  for variational in (False, True):
+    model = _model(cell="rnn_tanh", num_layers=1, dropout=0.5, variational_dropout=variational)
+    losses[variational], _ = model.loss(params, inputs_BxT, targets_BxT, model.initial_state(B),
+                                        dropout_key=key)
+    again, _ = model.loss(params, inputs_BxT, targets_BxT, model.initial_state(B),
+                          dropout_key=key)
+    np.testing.assert_array_equal(losses[variational], again)
+  assert not np.allclose(losses[False], losses[True])
+  # What the layer reads from a constant embedding sequence: the same dropped features at every t.
+  seen = []
+  scan_layer = rnn.scan_layer
+  monkeypatch.setattr(rnn, "scan_layer", lambda *a: seen.append(a[2]) or scan_layer(*a))
+  model = _model(cell="rnn_tanh", num_layers=1, dropout=0.5, variational_dropout=True)
+  model.hidden_from_embeddings(params, jnp.ones((B, T, E)), model.initial_state(B),
+                               dropout_key=key)
+  x_BxTxE = np.asarray(seen[0])
+  assert (x_BxTxE == 0).any() and (x_BxTxE != 0).any()
+  np.testing.assert_array_equal(x_BxTxE, np.broadcast_to(x_BxTxE[:, :1], x_BxTxE.shape))
+
+
 def test_head_is_called_with_flat_tokens_and_a_key():
   calls = []
   base_head = heads.full_softmax(V)

@@ -72,6 +72,13 @@ def test_elman_direct_trains_without_an_input_matrix(tmp_path):
     assert json.load(f)["cell"] == "elman_direct"
 
 
+def test_variational_dropout_trains(tmp_path):
+  results = trainer.train_and_evaluate(_config(tmp_path, dropout=0.3, variational_dropout=True))
+  assert results["steps"] == 24 and results["valid_perplexity"] < 16
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["variational_dropout"] is True
+
+
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
   straight = tmp_path / "straight"
   trainer.train_and_evaluate(_config(straight, dropout=0.3))
@@ -229,6 +236,8 @@ def test_head_options_hold_only_what_each_head_uses():
     (dict(cell="elman_direct", embed=8, hidden=16), r"--cell=elman_direct adds the embedding "
                                                     r"to the hidden state, so it needs --embed "
                                                     r"== --hidden, got --embed=8 --hidden=16"),
+    (dict(variational_dropout=True), r"--variational_dropout has no effect without "
+                                     r"--dropout > 0"),
     (dict(batch_size=200, bptt=20), r"--batch_size=200 and --bptt=20 are too large for the "
                                     r"train split of synthetic: 3000 tokens are too few")])
 def test_bad_head_and_size_flags_fail_before_any_work(tmp_path, overrides, match):
