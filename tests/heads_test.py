@@ -248,16 +248,18 @@ def test_bench_lm_heads_script_smoke(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = tmp_path / "bench.json"
   subprocess.run([sys.executable, os.path.join(root, "experiments", "bench_lm_heads.py"),
-                  "--corpus=synthetic", "--heads=full,hsm,nce", "--hidden=8", "--bptt=4",
-                  "--cell=elman,elman_direct", "--batch_size=2,4", "--repeats=1",
-                  f"--json_out={out}"],
+                  "--corpus=synthetic", "--heads=full,hsm,hsm_autodiff,nce", "--hidden=8",
+                  "--bptt=4", "--cell=elman,elman_direct", "--variational_dropout=false,true",
+                  "--batch_size=2,4", "--repeats=1", f"--json_out={out}"],
                  check=True, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
                  timeout=600)
   payload = json.loads(out.read_text())
   assert payload["keep_freed_memory_applied"] in (True, False)
   rows = payload["rows"]
+  labels = ("elman", "elman+variational", "elman_direct", "elman_direct+variational")
   assert [(r["cell"], r["head"], r["batch_size"]) for r in rows] == [
-      (c, h, b) for b in (2, 4) for c in ("elman", "elman_direct") for h in ("full", "hsm", "nce")]
+      (c, h, b) for b in (2, 4) for c in labels for h in ("full", "hsm", "hsm_autodiff", "nce")]
+  assert [r["variational_dropout"] for r in rows[:8:4]] == [False, True]
   for r in rows:
     assert r["tokens_per_sec"] > 0 and r["sec_per_epoch"] > 0
     assert r["speedup_vs_full"] > 0 and r["speedup_vs_elman"] > 0
@@ -288,6 +290,8 @@ def test_bench_heads_script_smoke(tmp_path):
   assert {(v, "full", "dense") for v in (64, 256)} <= keys
   assert {(v, h, m) for v in (64, 256) for h in ("class", "hsm", "nce")
           for m in ("dense", "sparse")} <= keys
+  assert {(v, "hsm_autodiff", "dense") for v in (64, 256)} <= keys  # beside the chunked hsm
+  assert not any(h == "hsm_autodiff" and m == "sparse" for _, h, m in keys)
   for r in payload["rows"]:
     assert r["us_per_token"] > 0
     if r["head"] == "full":
