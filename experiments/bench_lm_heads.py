@@ -88,10 +88,11 @@ def head_steps(corpus, variants, head_names, batch_size):
   fns = {}
   for (label, (cell, variational)), name in ((v, h) for v in variants.items()
                                              for h in head_names):
-    head = None
-    if name == "hsm_autodiff":
+    head, base_name = None, name
+    if name == "hsm_autodiff":  # train_lm's hsm (Huffman tree), differentiated by autodiff.
       head = heads.hierarchical_softmax(heads.huffman_tree(counts), backward="autodiff")
-    config = config_lib.TrainConfig(corpus=_CORPUS.value, head=name.split("_")[0], cell=cell,
+      base_name = "hsm"
+    config = config_lib.TrainConfig(corpus=_CORPUS.value, head=base_name, cell=cell,
                                     layers=_LAYERS.value, hidden=_HIDDEN.value,
                                     embed=_HIDDEN.value, dropout=_DROPOUT.value,
                                     variational_dropout=variational,

@@ -191,7 +191,8 @@ def test_inverted_dropout_broadcast_dims_share_one_mask_over_time():
   for row_ids in (None, jnp.arange(8)):
     y = lm.inverted_dropout(x, 0.4, key, row_ids=row_ids, broadcast_dims=(1,))
     kept = np.asarray(y != 0.0)
-    np.testing.assert_array_equal(kept, np.broadcast_to(kept[:, :1], kept.shape))  # same mask at every t
+    # The same mask at every t.
+    np.testing.assert_array_equal(kept, np.broadcast_to(kept[:, :1], kept.shape))
     assert abs(kept[:, 0].mean() - 0.6) < 0.06  # 320 mask entries, one per (row, feature)
     np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.6, rtol=1e-6)
   # Per-row masks: row b's mask does not depend on the other rows (device splits agree).

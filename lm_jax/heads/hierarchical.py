@@ -7,8 +7,8 @@ first child has probability :math:`\sigma(h \cdot u_i + b_i)`, to its second
 construction. The training walk is vectorised: one gather of the ``[N, D, H]`` path-node
 vectors, a batched dot and a masked ``log_sigmoid`` sum, :math:`O(H D)` per token. The dense
 ``loss`` runs that walk in chunks of tokens with a hand-written backward
-(:func:`path_nll`), so the ``[N, D, H]`` rows never exist whole: 2-3x faster on CPU at
-``N = 4480`` than the same walk through autodiff.
+(:func:`path_nll`), so the ``[N, D, H]`` rows never exist whole: its forward + backward is
+about 2x faster on CPU than autodiff of the same walk (measured in WORKSPACE_NOTES.md).
 
 References:
   Morin and Bengio, "Hierarchical probabilistic neural network language model",
@@ -33,8 +33,8 @@ from lm_jax.heads.trees import class_tree
 from lm_jax.heads.trees import expected_depth
 from lm_jax.heads.trees import huffman_tree
 
-__all__ = ["BACKWARDS", "Tree", "balanced_tree", "class_tree", "expected_depth", "hierarchical_softmax",
-           "huffman_tree", "path_nll"]
+__all__ = ["BACKWARDS", "Tree", "balanced_tree", "class_tree", "expected_depth",
+           "hierarchical_softmax", "huffman_tree", "path_nll"]
 
 # Default tokens per chunk of path_nll: about this many gathered path-row elements (4 MiB of
 # float32), so a chunk's [C, D, H] rows stay in cache.
