@@ -46,16 +46,19 @@ def _path_log_prob(scores_NxD, signs_NxD, mask_NxD):
   return jnp.sum(jnp.where(mask_NxD, jax.nn.log_sigmoid(signs_NxD * scores_NxD), 0.0), axis=-1)
 
 
+def _chunked(x, chunk_size):
+  """``[N, ...] -> [ceil(N / C), C, ...]``, zero-padded: padded tokens have an all-False mask
+  (forward) and a zero gradient (backward), so they add nothing."""
+  num_chunks = -(-x.shape[0] // chunk_size)
+  pad = num_chunks * chunk_size - x.shape[0]
+  return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(num_chunks, chunk_size,
+                                                                  *x.shape[1:])
+
+
 def _path_nll_chunks(weight_IxH, bias_I, hidden_NxH, nodes_NxD, signs_NxD, mask_NxD,
                      chunk_size):
   """Forward of :func:`path_nll`: ``(nll_N, dnll_dscore_NxD)``, chunk by chunk."""
   num_tokens, depth = nodes_NxD.shape
-  num_chunks = -(-num_tokens // chunk_size)
-  pad = num_chunks * chunk_size - num_tokens
-
-  def chunked(x):  # [N, ...] -> [num_chunks, chunk, ...], padded rows masked out below.
-    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(num_chunks, chunk_size,
-                                                                    *x.shape[1:])
 
   def chunk(args):
     hidden_CxH, nodes_CxD, signs_CxD, mask_CxD = args
@@ -67,10 +70,9 @@ def _path_nll_chunks(weight_IxH, bias_I, hidden_NxH, nodes_NxD, signs_NxD, mask_
     dscore_CxD = jnp.where(mask_CxD, -signs_CxD * jax.nn.sigmoid(-signed_CxD), 0.0)
     return nll_C, dscore_CxD
 
-  nll, dscore = jax.lax.map(chunk, (chunked(hidden_NxH), chunked(nodes_NxD),
-                                    chunked(signs_NxD), chunked(mask_NxD)))
-  return (nll.reshape(-1)[:num_tokens],
-          dscore.reshape(num_chunks * chunk_size, depth)[:num_tokens])
+  nll, dscore = jax.lax.map(chunk, tuple(_chunked(x, chunk_size)
+                                          for x in (hidden_NxH, nodes_NxD, signs_NxD, mask_NxD)))
+  return nll.reshape(-1)[:num_tokens], dscore.reshape(-1, depth)[:num_tokens]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -87,14 +89,8 @@ def _path_nll_fwd(weight_IxH, bias_I, hidden_NxH, nodes_NxD, signs_NxD, mask_NxD
 
 def _path_nll_bwd(chunk_size, residuals, cotangent_N):
   weight_IxH, bias_I, hidden_NxH, nodes_NxD, dscore_NxD = residuals
-  num_tokens = hidden_NxH.shape[0]
-  num_chunks = -(-num_tokens // chunk_size)
-  pad = num_chunks * chunk_size - num_tokens
-  grad_NxD = cotangent_N[:, None] * dscore_NxD  # 0 on padded path entries and padded tokens.
-
-  def chunked(x):
-    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(num_chunks, chunk_size,
-                                                                    *x.shape[1:])
+  num_tokens, hidden_size = hidden_NxH.shape
+  grad_NxD = cotangent_N[:, None] * dscore_NxD  # 0 on padded path entries.
 
   def chunk(carry, args):  # dL/dh = sum_d g_d u_d; dL/du_i += g h, dL/db_i += g (scatter-add).
     dweight_IxH, dbias_I = carry
@@ -106,8 +102,8 @@ def _path_nll_bwd(chunk_size, residuals, cotangent_N):
 
   (dweight_IxH, dbias_I), dhidden = jax.lax.scan(
       chunk, (jnp.zeros_like(weight_IxH), jnp.zeros_like(bias_I)),
-      (chunked(hidden_NxH), chunked(nodes_NxD), chunked(grad_NxD)))
-  dhidden_NxH = dhidden.reshape(num_chunks * chunk_size, -1)[:num_tokens]
+      tuple(_chunked(x, chunk_size) for x in (hidden_NxH, nodes_NxD, grad_NxD)))
+  dhidden_NxH = dhidden.reshape(-1, hidden_size)[:num_tokens]
   return dweight_IxH, dbias_I, dhidden_NxH, None, None, None
 
 
