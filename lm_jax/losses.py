@@ -1,12 +1,16 @@
 r"""Classification losses in nats, with optax's names and signatures.
 
 Every loss returns one value per example (unreduced); the caller averages.
-``softmax_cross_entropy_with_integer_labels`` is a ``jax.custom_vjp`` whose
-backward pass is the closed form :math:`g\,(\mathrm{softmax}(z) - y)` (lecture
-equation 8.11), computed from the saved ``[N]`` log-normalisers as one
-elementwise pass ``g exp(z - lse)`` followed by an in-place scatter of ``-g`` at
-each row's label; no ``[N, V]`` probability or one-hot tensor is stored.
-Argument checks run eagerly; the arithmetic is one ``jit``-compiled call.
+They agree with optax's functions of the same names in value and in the
+gradient with respect to every argument, ``where`` semantics included, in
+reverse and forward mode (``tests/losses_test.py`` compares them directly).
+``softmax_cross_entropy_with_integer_labels`` differentiates its logsumexp by a
+``jax.custom_jvp`` whose tangent :math:`\sum_v \mathrm{softmax}(z)_v\, \dot z_v`
+is rematerialised (``jax.checkpoint``): reverse mode keeps only the ``[N]``
+log-normalisers besides the logits and recomputes ``g exp(z - lse)`` in one
+elementwise pass (lecture equation 8.11), so no ``[N, V]`` probability tensor is
+stored, while ``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` work as for any JAX
+function. Argument checks run eagerly; the arithmetic is one ``jit``-compiled call.
 """
 import functools
 import math
@@ -140,51 +144,52 @@ def _log_normalizer(x: jax.Array, axis: int) -> jax.Array:
           + x_max).squeeze(axis)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _integer_label_xent(logits, labels, axis):
-  """Core kernel; ``labels`` are int32 with -1 for out of range (NaN loss)."""
-  x = logits.astype(_compute_dtype(logits.dtype))
-  loss = _log_normalizer(x, axis) - _gather_labels(x, labels, axis)
-  return loss.astype(logits.dtype)
+def _lse_tangent(x, lse, dx, axis):
+  """``sum_v softmax(x)_v dx_v`` from the saved ``lse``: linear in ``dx``, one elementwise pass."""
+  # A row without mass (all -inf) has lse = -inf; shifting by finfo.min instead keeps
+  # exp(x - lse) = 0 (not NaN), so the zero cotangents of masked rows give zero gradients.
+  lse = jnp.maximum(lse, jnp.finfo(lse.dtype).min)
+  return jnp.sum(jnp.exp(x - jnp.expand_dims(lse, axis)) * dx, axis=axis)
 
 
-def _integer_label_xent_fwd(logits, labels, axis):
-  x = logits.astype(_compute_dtype(logits.dtype))
+# Rematerialised: in reverse mode the linearised rule keeps only its inputs (the logits,
+# already alive, and the [N] lse) and recomputes exp(x - lse) in the backward pass, so no
+# [N, V] probability tensor is stored; forward mode and higher orders differentiate it as is.
+_lse_tangent_remat = jax.checkpoint(_lse_tangent, static_argnums=(3,))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _logsumexp(x, axis):
+  """Max-shifted logsumexp whose derivative is ``softmax(x) . dx``, computed without residuals."""
+  return _log_normalizer(x, axis)
+
+
+@_logsumexp.defjvp
+def _logsumexp_jvp(axis, primals, tangents):
+  (x,), (dx,) = primals, tangents
   lse = _log_normalizer(x, axis)
-  loss = (lse - _gather_labels(x, labels, axis)).astype(logits.dtype)
-  return loss, (logits, labels, lse)
+  return lse, _lse_tangent_remat(x, lse, dx, axis)
 
 
-def _integer_label_xent_bwd(axis, residuals, g):
-  logits, labels, lse = residuals
-  dtype = _compute_dtype(logits.dtype)
-  g = g.astype(dtype)
-  # The loss of an out-of-range label is NaN, and so is its gradient, unless
-  # the row's cotangent is exactly zero (a masked-out row).
-  g = jnp.where((labels >= 0) | (g == 0), g, jnp.nan)
-  # g * softmax in one elementwise pass over the logits, then -g added at each
-  # row's label: a scatter of one element per row into that same buffer, in place.
-  # (Measured against an iota == label compare inside the elementwise pass, which
-  # is what optax's autodiff beats: the compare-free pass is 6-12% faster on
-  # XLA:CPU, see WORKSPACE_NOTES.md.)
-  # A row without mass (all -inf) has lse = -inf; shifting by finfo.min instead
-  # keeps exp(x - lse) = 0 (not NaN), so zero cotangents (masked rows) give zero
-  # gradients. (Done here rather than on the saved residual: XLA:CPU then fuses
-  # the forward sum and this pass into one kernel, about 2x faster at V = 128k.)
-  lse = jnp.maximum(lse, jnp.finfo(dtype).min)
-  grad = jnp.expand_dims(g, axis) * jnp.exp(
-      logits.astype(dtype) - jnp.expand_dims(lse, axis))
-  grad_RxV = jnp.moveaxis(grad, axis, -1)
-  batch_shape = grad_RxV.shape[:-1]
-  grad_RxV = grad_RxV.reshape(-1, grad_RxV.shape[-1])
-  rows = jnp.arange(grad_RxV.shape[0])
-  grad_RxV = grad_RxV.at[rows, jnp.maximum(labels, 0).reshape(-1)].add(
-      -g.reshape(-1))
-  grad = jnp.moveaxis(grad_RxV.reshape(batch_shape + grad_RxV.shape[-1:]), -1, axis)
-  return grad.astype(logits.dtype), None
+def _integer_label_xent(logits, labels, axis, element_mask, row_mask):
+  """``lse(masked logits) - logits[label]`` in float32 (or wider), 0 where ``row_mask`` is False.
 
-
-_integer_label_xent.defvjp(_integer_label_xent_fwd, _integer_label_xent_bwd)
+  ``labels`` are int32 with -1 for out of range: a counted row with such a label gets a NaN
+  loss and, through a constant NaN factor, a NaN gradient row; a masked row stays 0 with a
+  zero gradient. As optax, the label's logit is read from the unmasked logits even where
+  the element mask leaves it out of the normaliser.
+  """
+  x = logits.astype(_compute_dtype(logits.dtype))
+  x_masked = x if element_mask is None else jnp.where(element_mask, x, -jnp.inf)
+  valid = labels >= 0
+  safe = jnp.expand_dims(jnp.where(valid, labels, 0), axis)
+  label_logit = jnp.take_along_axis(x, safe, axis=axis).squeeze(axis)
+  loss = _logsumexp(x_masked, axis) - label_logit
+  counted = valid if row_mask is None else valid | ~row_mask
+  loss = loss * jnp.where(counted, 1.0, jnp.nan).astype(loss.dtype)
+  if row_mask is not None:
+    loss = jnp.where(row_mask, loss, 0.0)
+  return loss.astype(logits.dtype)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -201,15 +206,15 @@ def softmax_cross_entropy_with_integer_labels(
     \qquad
     \frac{\partial \ell_n}{\partial z_{n v}} = p_{n v} - [v = y_n].
 
-  The gradient is a ``custom_vjp`` (lecture equation 8.11) that saves only the
-  ``[N]`` log-normalisers besides its inputs and recomputes ``g exp(z - lse)``
-  in one elementwise pass, then subtracts ``g`` at each label in place (one
-  element per row: no one-hot tensor). Computed in float32
-  for bfloat16/float16 logits; the loss and gradient have the logits' dtype.
+  Reverse mode saves only the ``[N]`` log-normalisers besides the logits and
+  recomputes ``g exp(z - lse)`` in one elementwise pass (lecture equation
+  8.11); forward mode (``jax.jvp``, ``jax.hessian``) works too. Computed in
+  float32 for bfloat16/float16 logits; the loss and gradient have the logits'
+  dtype.
 
   Out-of-range labels (``< 0`` or ``>= V``) raise ``ValueError`` when the labels
   are concrete, and give a NaN loss (and gradient) under ``jit``; never a finite
-  wrong loss. A row whose logits are all ``-inf`` has no distribution: NaN.
+  wrong loss. Rows excluded by ``where`` may hold any label (e.g. -1 padding). A row whose logits are all ``-inf`` has no distribution: NaN.
 
   Args:
     logits: ``logits_NxV``, floating, unnormalised log-probabilities; any
@@ -218,10 +223,9 @@ def softmax_cross_entropy_with_integer_labels(
     axis: class axis, or a tuple of axes flattened (row-major, as optax) into
       one class index.
     where: optional boolean mask, per example (``labels.shape``) or per element
-      (``logits.shape``; masked logits are excluded from the normaliser, and a
-      masked label has probability 0, so loss ``+inf``, unlike optax, which
-      uses the masked logit). Examples with nothing included give 0 and zero
-      gradient.
+      (``logits.shape``; masked logits are excluded from the normaliser, while
+      the label's own logit is read even where masked, exactly as optax).
+      Examples with nothing included give 0 and zero gradient.
 
   Returns:
     ``loss_N``: per-example cross-entropy in nats, shape ``labels.shape``.
@@ -241,9 +245,12 @@ def softmax_cross_entropy_with_integer_labels(
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _integer_label_xent_masked(logits, labels, axes, element_mask, row_mask):
-  logits, axis, row_mask = _apply_masks(logits, element_mask, row_mask, axes)
-  loss = _integer_label_xent(logits, _int32_labels(labels, logits.shape[axis]), axis)
-  return loss if row_mask is None else jnp.where(row_mask, loss, 0.0)
+  if element_mask is not None:
+    row_mask = jnp.any(element_mask, axis=axes)
+    element_mask, _ = _flatten_class_axes(element_mask, axes)
+  logits, axis = _flatten_class_axes(logits, axes)
+  return _integer_label_xent(logits, _int32_labels(labels, logits.shape[axis]), axis,
+                             element_mask, row_mask)
 
 
 def nll(
@@ -300,8 +307,10 @@ def softmax_cross_entropy(
   .. math::
     \ell_n = -\sum_v y_{n v} \log \mathrm{softmax}(z_n)_v,
 
-  with ``0 log 0 = 0`` (a class of target probability 0 contributes nothing,
-  even if its logit is ``-inf``). Computed in float32 for bfloat16/float16.
+  As optax's, the gradient with respect to ``label_probs`` is :math:`-\log
+  \mathrm{softmax}(z)_v` for every class, zero targets included. Where optax gives
+  NaN (a zero target on a class of probability 0, e.g. a ``-inf`` logit) this uses
+  ``0 log 0 = 0``. Computed in float32 for bfloat16/float16.
 
   Args:
     logits: ``logits_NxV``, floating, classes along ``axis`` (int or tuple).
@@ -309,9 +318,9 @@ def softmax_cross_entropy(
       broadcastable to ``logits``.
     axis: class axis or axes.
     where: optional boolean mask, per example (``logits.shape`` without
-      ``axis``) or per element (``logits.shape``: masked classes are left out
-      of the normaliser; target mass on them gives ``+inf``). Examples with
-      nothing included give 0 and zero gradient.
+      ``axis``, broadcast over the classes) or per element (``logits.shape``:
+      masked classes are left out of the normaliser and of the sum, as
+      optax). Examples with nothing included give 0.
 
   Returns:
     ``loss_N``: ``logits.shape`` without ``axis``, in the logits' dtype.
@@ -341,16 +350,14 @@ def softmax_cross_entropy(
 @functools.partial(jax.jit, static_argnums=(2,))
 def _soft_label_xent(logits, label_probs, axes, element_mask, row_mask):
   dtype = _compute_dtype(logits.dtype)
+  if row_mask is not None:  # optax: a per-example mask is broadcast over the class axes.
+    element_mask = jnp.broadcast_to(jnp.expand_dims(row_mask, axes), logits.shape)
   log_probs = _log_softmax(logits.astype(dtype), axes, where=element_mask)
-  label_probs = jnp.broadcast_to(label_probs.astype(dtype), logits.shape)
-  has_mass = label_probs != 0  # 0 log 0 = 0, with a finite gradient
-  terms = label_probs * jnp.where(has_mass, log_probs, 0.0)
-  loss = -jnp.sum(jnp.where(has_mass, terms, 0.0), axis=axes)
-  if element_mask is not None:
-    row_mask = jnp.any(element_mask, axis=axes)
-  if row_mask is not None:
-    loss = jnp.where(row_mask, loss, 0.0)
-  return loss.astype(logits.dtype)
+  label_probs = label_probs.astype(dtype)
+  # 0 log 0 = 0: a zero target on a zero-probability class adds nothing (optax gives NaN);
+  # elsewhere the terms are optax's, so d loss / d y = -log p for every class, y = 0 included.
+  terms = jnp.where((label_probs == 0) & (log_probs == -jnp.inf), 0.0, label_probs * log_probs)
+  return -jnp.sum(terms, axis=axes, where=element_mask).astype(logits.dtype)
 
 
 def sigmoid_binary_cross_entropy(
