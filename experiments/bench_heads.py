@@ -36,7 +36,7 @@ from lm_jax import heads
 
 _VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["10000", "100000", "1000000"], "V values")
 _HIDDEN = flags.DEFINE_integer("hidden", 256, "H")
-_TOKENS = flags.DEFINE_integer("tokens", 4096, "N, tokens per step")
+_TOKENS = flags.DEFINE_integer("tokens", 2048, "N, tokens per step")
 _HEADS = flags.DEFINE_list("heads", list(heads.HEAD_NAMES), "heads to time")
 _MODES = flags.DEFINE_list("modes", ["dense", "sparse"], "gradient application")
 _SAMPLES = flags.DEFINE_integer("num_samples", 64, "K for nce / neg / sampled")
@@ -45,11 +45,12 @@ _CLASS_BINNINGS = flags.DEFINE_list(
     "class head: time one variant per binning (rows 'class' for the default equal, "
     "'class_<binning>' for the others)")
 _FULL_MAX_LOGITS = flags.DEFINE_integer(
-    "full_max_logits", 4096 * 100_000, "the full softmax is timed on N = this / V tokens "
+    "full_max_logits", 2048 * 100_000, "the full softmax is timed on N = this / V tokens "
     "when that is fewer than --tokens")
 _KEEP_FREED = flags.DEFINE_bool(
     "keep_freed_memory", True,
-    "let glibc malloc keep freed blocks (lm_jax.allocator; --nokeep_freed_memory: glibc's defaults)")
+    "the library's default: on XLA:CPU glibc malloc keeps freed blocks (lm_jax.allocator, "
+    "applied by the heads themselves); --nokeep_freed_memory opts out (glibc's defaults)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_heads.json", "output JSON")
 _PLOT_OUT = flags.DEFINE_string("plot_out", "results/bench_heads.png", "log-log plot")
@@ -172,8 +173,8 @@ def plot(rows, path):
 
 def main(argv):
   del argv
-  keep_freed = _KEEP_FREED.value and allocator.keep_freed_memory()
-  print(f"glibc malloc keeps freed memory: {keep_freed}")
+  if not _KEEP_FREED.value:
+    allocator.disable_cpu_default()
   rows = []
   for v in (int(v) for v in _VOCAB_SIZES.value):
     rows.extend(bench_vocab_size(v))
@@ -194,7 +195,9 @@ def main(argv):
       "flags": {k: flags.FLAGS[k].value for k in (
           "vocab_sizes", "hidden", "tokens", "heads", "modes", "num_samples", "class_binnings",
           "full_max_logits", "repeats", "keep_freed_memory")},
-      "keep_freed_memory_applied": keep_freed})
+      "keep_freed_memory_applied": allocator.apply_cpu_default()})
+  print(f"glibc malloc keeps freed memory (applied by lm_jax on XLA:CPU): "
+        f"{allocator.apply_cpu_default()}")
   plot(rows, _PLOT_OUT.value)
   print(f"wrote {_JSON_OUT.value} and {_PLOT_OUT.value}")
 

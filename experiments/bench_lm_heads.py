@@ -59,7 +59,8 @@ _BINNING = flags.DEFINE_string("head_binning", "equal", "class head binning (as 
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "optimizer (training.OPTIMIZERS)")
 _KEEP_FREED = flags.DEFINE_bool(
     "keep_freed_memory", True,
-    "let glibc malloc keep freed blocks (lm_jax.allocator; --nokeep_freed_memory: glibc's defaults)")
+    "the library's default: on XLA:CPU glibc malloc keeps freed blocks (lm_jax.allocator, "
+    "applied by the heads themselves); --nokeep_freed_memory opts out (glibc's defaults)")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_lm_heads.json", "output JSON")
 
@@ -107,8 +108,8 @@ def head_steps(corpus, variants, head_names, batch_size):
 
 def main(argv):
   del argv
-  keep_freed = _KEEP_FREED.value and allocator.keep_freed_memory()
-  print(f"glibc malloc keeps freed memory: {keep_freed}")
+  if not _KEEP_FREED.value:
+    allocator.disable_cpu_default()
   base = config_lib.TrainConfig(corpus=_CORPUS.value, data_dir=_DATA_DIR.value)
   corpus = trainer.load_corpus(base)
   threads = os.environ.get("XLA_FLAGS", "")
@@ -155,7 +156,7 @@ def main(argv):
           "heads", "cell", "layers", "hidden", "batch_size", "bptt", "dropout",
           "variational_dropout", "head_binning",
           "optimizer", "repeats", "keep_freed_memory")},
-      "keep_freed_memory_applied": keep_freed})
+      "keep_freed_memory_applied": allocator.apply_cpu_default()})
 
 
 if __name__ == "__main__":

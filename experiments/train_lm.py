@@ -86,9 +86,9 @@ _HELP = {
     "head_log_z": "nce head: the log normaliser, learned or a fixed number",
     "skip_nonfinite": "skip an update whose loss or gradient is NaN/Inf (counted in "
                       "metrics.jsonl) instead of stopping the run",
-    "keep_freed_memory": "let glibc malloc keep freed blocks for reuse (lm_jax.allocator): no "
-                         "page faults on each step's large temporaries; the process keeps "
-                         "its peak memory",
+    "keep_freed_memory": "on the CPU backend only, let glibc malloc keep freed blocks for "
+                         "reuse (lm_jax.allocator): no page faults on each step's large "
+                         "temporaries; the process keeps its peak memory. Ignored on GPU/TPU",
     "parallel": "auto (shard_map over all devices when there are several, else none), none, "
                 "shard_map or pmap (one process)",
     "coordinator_address": "host:port of process 0 for a multi-process run "

@@ -36,7 +36,9 @@ class LanguageModel(NamedTuple):
   ``hidden_from_embeddings(params, emb_BxTxE, state, *, mask_BxT=None, dropout_key=None)``, like
   ``hidden`` after the embedding lookup (for gradients w.r.t. the embedded inputs);
   ``head_params(params)``, the params to give ``head``'s functions (with tied weights, the
-  embedding as ``weight_VxH``)."""
+  embedding as ``weight_VxH``). ``loss``, ``nll`` and ``log_probs`` also take ``tables=``,
+  passed to the head (default ``head.tables``; give them as an argument of your jitted
+  function so they are not compiled in as constants)."""
   init: Callable[..., Params]
   initial_state: Callable[[int], State]
   hidden: Callable[..., tuple]
@@ -163,6 +165,10 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
       return params["head"]
     return {**params["head"], "weight_VxH": params["embed_VxE"]}
 
+  def _tables(tables):
+    """``tables=`` for the head when given (a head built by hand may not take the keyword)."""
+    return {} if tables is None else {"tables": tables}
+
   def initial_state(batch_size):
     return tuple(cell.initial_carry(batch_size, hidden_size) for _ in range(num_layers))
 
@@ -200,7 +206,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                                   mask_BxT=mask_BxT, dropout_key=dropout_key, row_ids_B=row_ids_B)
 
   def loss(params, inputs_BxT, targets_BxT, state, *, mask_BxT=None, dropout_key=None,
-           row_ids_B=None):
+           row_ids_B=None, tables=None):
     targets_BxT = jnp.asarray(targets_BxT)
     if targets_BxT.shape != jnp.shape(inputs_BxT):
       raise ValueError(f"targets_BxT has shape {targets_BxT.shape}, expected the inputs' "
@@ -211,23 +217,25 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
     batch, steps, width = hidden_BxTxH.shape
     where_N = None if mask_BxT is None else jnp.asarray(mask_BxT, bool).reshape(batch * steps)
     loss_N = head.loss(_head_params(params), hidden_BxTxH.reshape(batch * steps, width),
-                       targets_BxT.reshape(batch * steps), key=keys[-1], where=where_N)
+                       targets_BxT.reshape(batch * steps), key=keys[-1], where=where_N,
+                       **_tables(tables))
     return loss_N.reshape(batch, steps), new_state
 
-  def nll(params, inputs_BxT, targets_BxT, state, *, mask_BxT=None):
+  def nll(params, inputs_BxT, targets_BxT, state, *, mask_BxT=None, tables=None):
     targets_BxT = jnp.asarray(targets_BxT)
     hidden_BxTxH, new_state = hidden(params, inputs_BxT, state, mask_BxT=mask_BxT)
     batch, steps, width = hidden_BxTxH.shape
     logp_N = head.log_prob(_head_params(params), hidden_BxTxH.reshape(batch * steps, width),
-                           targets_BxT.reshape(batch * steps))
+                           targets_BxT.reshape(batch * steps), **_tables(tables))
     nll_BxT = -logp_N.reshape(batch, steps)
     if mask_BxT is not None:
       nll_BxT = jnp.where(jnp.asarray(mask_BxT, bool), nll_BxT, 0.0)
     return nll_BxT, new_state
 
-  def log_probs(params, hidden_xH):
+  def log_probs(params, hidden_xH, *, tables=None):
     hidden_xH = jnp.asarray(hidden_xH)
-    logp_NxV = head.log_probs(_head_params(params), hidden_xH.reshape(-1, hidden_xH.shape[-1]))
+    logp_NxV = head.log_probs(_head_params(params), hidden_xH.reshape(-1, hidden_xH.shape[-1]),
+                              **_tables(tables))
     return logp_NxV.reshape(*hidden_xH.shape[:-1], logp_NxV.shape[-1])
 
   return LanguageModel(init, initial_state, hidden, loss, nll, log_probs, head,

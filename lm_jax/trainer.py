@@ -116,10 +116,13 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     TrainingInterrupted: SIGTERM/SIGINT arrived; a checkpoint was saved first.
   """
   config.validate()
-  if config.keep_freed_memory:
-    run_logging.logger.info("glibc malloc keeps freed memory: %s", allocator.keep_freed_memory())
+  if not config.keep_freed_memory:
+    allocator.disable_cpu_default()
   parallel.initialize_distributed(config.coordinator_address, config.num_processes,
                                   config.process_id)
+  # After distributed init (it must come before the backend starts): XLA:CPU only.
+  run_logging.logger.info("glibc malloc keeps freed memory: %s (XLA:CPU only; backend %s)",
+                          allocator.apply_cpu_default(), jax.default_backend())
   config.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
   mode = parallel.resolve_mode(config.parallel, jax.device_count())
   t_start = time.time()

@@ -103,7 +103,7 @@ def test_real_draws_match_formula_and_key_semantics(name, shared):
   params, hidden_NxH = _params(head)
   targets_N = jnp.asarray(TARGETS_N)
   key = jax.random.PRNGKey(7)
-  _, index, (_, draws) = head.sparse.gather(params, targets_N, key)
+  _, index, ((_, draws, *_), _) = head.sparse.gather(params, targets_N, key)  # (aux, bad_N)
   assert draws.shape == ((6,) if shared else (N, 6))
   assert index["weight_VxH"].shape == ((N + 6,) if shared else (N * 7,))
   assert not np.any(np.asarray(draws) == 4)  # q = 0: never drawn

@@ -232,6 +232,26 @@ def test_bfloat16_inputs_keep_float32_carry():
   np.testing.assert_allclose(out16, out32, atol=3e-2)
 
 
+@pytest.mark.parametrize("name", rnn.CELL_NAMES)
+def test_every_cell_accepts_bfloat16_params_inputs_and_carry(name):
+  cell, rng = rnn.get_cell(name), np.random.default_rng(0)
+  input_size = H if name == "elman_direct" else E  # no W_xh: the input is added to h
+  shapes = jax.eval_shape(lambda k: cell.init(k, input_size, H), jax.random.PRNGKey(0))
+  params = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.uniform(-.5, .5, s.shape)), shapes)
+  x_BxTxE = jnp.asarray(rng.uniform(-2.0, 2.0, (B, T, input_size)), jnp.float32)
+  params16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+  carry16 = cell.initial_carry(B, H, jnp.bfloat16)
+  out16, final16 = scan_jit(cell, params16, x_BxTxE.astype(jnp.bfloat16), carry16)
+  assert out16.dtype == jnp.bfloat16
+  assert all(c.dtype == jnp.bfloat16 for c in jax.tree_util.tree_leaves(final16))
+  # Against float32 arithmetic on the same rounded inputs: gates and activations are
+  # computed in float32, only the bf16 carry is rounded between steps.
+  as32 = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)
+  out32, _ = scan_jit(cell, as32(params16), x_BxTxE.astype(jnp.bfloat16).astype(jnp.float32),
+                      as32(carry16))
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=2e-2)
+
+
 def test_init_shapes_range_and_forget_bias():
   for name, gates in [("elman", 1), ("gru", 3), ("lstm", 4)]:
     shapes = jax.eval_shape(lambda k: rnn.get_cell(name).init(k, E, H), jax.random.PRNGKey(0))

@@ -21,6 +21,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from lm_jax import allocator
 from lm_jax import fused
 from lm_jax import losses
 
@@ -38,7 +39,8 @@ class RowSparse(NamedTuple):
   allowed); ``index`` has the same structure, holding for each gathered leaf the ``[K]``
   int row ids and ``None`` for a leaf the loss uses whole; ``aux`` is whatever else the
   loss needs (local target positions, path signs, sampled ids, ...).
-  ``loss(rows, hidden_NxH, aux, *, where=None) -> loss_N``.
+  ``loss(rows, hidden_NxH, aux, *, where=None) -> loss_N``. ``gather`` also takes
+  ``tables=`` (the head's tables; ``None``: the head's own).
 
   A head with this field computes ``head.loss`` as ``sparse.loss(*gather(...))``, so the
   dense and the sparse update differentiate the same function.
@@ -49,25 +51,47 @@ class RowSparse(NamedTuple):
 
 class OutputHead(NamedTuple):
   """``init(key, hidden_size) -> params``; ``loss(params, hidden_NxH, targets_N, *, key=None,
-  where=None) -> loss_N``; ``log_prob(params, hidden_NxH, targets_N) -> logp_N``;
-  ``log_probs(params, hidden_NxH) -> logp_NxV``; ``sample(params, hidden_NxH, key, *,
-  temperature=1.0) -> tokens_N``; ``sparse``: a :class:`RowSparse` for heads whose loss
-  touches few output rows (``None``: the loss needs every row, e.g. the full softmax)."""
+  where=None, tables=None) -> loss_N``; ``log_prob(params, hidden_NxH, targets_N, *,
+  tables=None) -> logp_N``; ``log_probs(params, hidden_NxH, *, tables=None) -> logp_NxV``;
+  ``sample(params, hidden_NxH, key, *, temperature=1.0, tables=None) -> tokens_N``;
+  ``sparse``: a :class:`RowSparse` for heads whose loss touches few output rows (``None``:
+  the loss needs every row, e.g. the full softmax); ``tables``: the head's non-trainable
+  arrays (tree paths, class maps, alias tables), a dict built once on the host.
+
+  ``params`` are what an optimizer updates; ``tables`` are never differentiated. Pass
+  ``tables=head.tables`` through your jitted function's arguments (``jax.jit(f)(params,
+  head.tables, ...)``) so that they reach the compiled program as arguments: left at
+  ``None`` they are read from the head and, under ``jit``, embedded in the program as
+  constants (megabytes of StableHLO at ``V = 1M``, and a recompile per head)."""
   init: Callable[..., Params]
   loss: Callable[..., jax.Array]
   log_prob: Callable[..., jax.Array]
   log_probs: Callable[..., jax.Array]
   sample: Callable[..., jax.Array]
   sparse: Optional[RowSparse] = None
+  tables: Optional[dict] = None
+
+  # Hashed and compared by the identity of each field, as the functions always were, so a
+  # head (or a model holding one) stays usable as a static argument of jax.jit despite the
+  # tables dict.
+  def __hash__(self):
+    return hash(tuple(map(id, self)))
+
+  def __eq__(self, other):
+    return (isinstance(other, OutputHead) and len(self) == len(other)
+            and all(a is b for a, b in zip(self, other)))
+
+  def __ne__(self, other):
+    return not self == other
 
 
 def loss_from_sparse(sparse: RowSparse) -> Callable[..., jax.Array]:
   """The head's dense ``loss(params, hidden_NxH, targets_N, *, key=None, where=None)`` as
   ``sparse.loss(*sparse.gather(...))``: one function for the dense and the sparse update."""
 
-  def loss(params, hidden_NxH, targets_N, *, key=None, where=None):
+  def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables=None):
     hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
-    rows, _, aux = sparse.gather(params, targets_N, key)
+    rows, _, aux = sparse.gather(params, targets_N, key, tables=tables)
     return sparse.loss(rows, hidden_NxH, aux, where=where)
 
   return loss
@@ -75,8 +99,8 @@ def loss_from_sparse(sparse: RowSparse) -> Callable[..., jax.Array]:
 
 def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.ArrayLike,
                     targets_N: jax.typing.ArrayLike, learning_rate: jax.typing.ArrayLike, *,
-                    key: Optional[jax.Array] = None, where: Optional[jax.typing.ArrayLike] = None
-                    ) -> tuple[Params, jax.Array, jax.Array]:
+                    key: Optional[jax.Array] = None, where: Optional[jax.typing.ArrayLike] = None,
+                    tables: Optional[dict] = None) -> tuple[Params, jax.Array, jax.Array]:
   r"""One SGD step on the head's params that touches only the rows its loss reads.
 
   With :math:`L = rac{1}{|\mathcal{N}|}\sum_{n} \ell_n` (mean over the tokens where
@@ -95,6 +119,7 @@ def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.Arr
     learning_rate: :math:`\eta`.
     key: PRNG key for sampled heads.
     where: optional ``[N]`` bool mask of the tokens that count.
+    tables: the head's tables (default ``head.tables``; pass them as an argument under jit).
 
   Returns:
     ``(new_params, loss_N, grad_hidden_NxH)``: the gradient of :math:`L` w.r.t. the hidden
@@ -103,7 +128,7 @@ def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.Arr
   if head.sparse is None:
     raise ValueError("this head has no sparse row form (OutputHead.sparse is None); "
                      "use a dense optimizer update")
-  rows, index, aux = head.sparse.gather(params, targets_N, key)
+  rows, index, aux = head.sparse.gather(params, targets_N, key, tables=tables)
   hidden_NxH = jnp.asarray(hidden_NxH)
   weight_N = (jnp.ones(hidden_NxH.shape[:1], jnp.float32) if where is None
               else jnp.asarray(where, jnp.float32))
@@ -122,6 +147,97 @@ def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.Arr
 
   new_params = jax.tree.map(update, index, params, grad_rows, is_leaf=lambda x: x is None)
   return new_params, loss_N, grad_hidden_NxH
+
+
+def _loss_dtype(*xs):
+  """The dtype a head computes and returns its losses in: float32, or float64 for float64."""
+  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
+def check_targets(targets_N: jax.typing.ArrayLike, vocab_size: int,
+                  where: Optional[jax.typing.ArrayLike] = None) -> tuple[jax.Array, jax.Array]:
+  r"""The target contract every head keeps, in one place: ``(safe_targets_N, bad_N)``.
+
+  A token where ``where`` is False is ignored whatever its id (``-1`` padding included). A
+  counted target outside ``[0, V)`` raises ``ValueError`` naming the id, its index and
+  ``V`` when the targets (and ``where``) are concrete; under ``jit`` it is flagged in
+  ``bad_N`` so that the caller returns NaN there (:func:`poison`), never a finite number.
+  ``safe_targets_N`` is int32 with every out-of-range id replaced by 0, so the head's
+  gathers stay in bounds and ignored tokens get finite values and zero gradients.
+
+  >>> safe, bad = check_targets(jnp.array([2, -1, 0]), 3, where=jnp.array([True, False, True]))
+  >>> safe.tolist(), bad.tolist()
+  ([2, 0, 0], [False, False, False])
+  """
+  targets_N = jnp.asarray(targets_N)
+  in_range_N = losses._int32_labels(targets_N, vocab_size) >= 0  # never wraps, any int dtype
+  bad_N = ~in_range_N if where is None else ~in_range_N & jnp.asarray(where, bool)
+  if not isinstance(bad_N, jax.core.Tracer) and bool(jnp.any(bad_N)):
+    i = int(jnp.argmax(bad_N))
+    raise ValueError(f"target {int(targets_N[i])} at index {i} is out of range for vocabulary "
+                     f"size V={vocab_size} (targets must lie in [0, {vocab_size}); mark "
+                     "padding with where=False)")
+  return jnp.where(in_range_N, targets_N, 0).astype(jnp.int32), bad_N
+
+
+def poison(values_N: jax.Array, bad_N: jax.Array) -> jax.Array:
+  """``values_N`` with NaN where ``bad_N`` (a counted out-of-range target)."""
+  return jnp.where(bad_N, jnp.nan, values_N)
+
+
+def with_target_contract(head: OutputHead, vocab_size: int) -> OutputHead:
+  r"""``head`` as users call it: :func:`check_targets` applied to ``loss``, ``log_prob`` and
+  ``sparse``, losses and log-probabilities in float32 (float64 for float64 inputs), and
+  ``tables=None`` replaced by ``head.tables``. The first call in a process applies
+  :func:`lm_jax.allocator.apply_cpu_default` (XLA:CPU only; opt out with
+  ``LM_JAX_KEEP_FREED_MEMORY=0``).
+
+  ``loss(..., where=w)`` is 0 with a zero gradient where ``w`` is False, whatever the id;
+  a counted out-of-range id gives ``ValueError`` eagerly and NaN under ``jit`` in ``loss``,
+  ``log_prob`` and the ``sparse`` loss alike. Every factory in :mod:`lm_jax.heads` returns
+  its head through this function; the inner functions always receive the tables.
+  """
+  own_tables = {} if head.tables is None else head.tables
+
+  def resolve(tables):
+    allocator.apply_cpu_default()  # once per process; see lm_jax.allocator
+    return own_tables if tables is None else tables
+
+  def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables=None):
+    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+    safe_N, bad_N = check_targets(targets_N, vocab_size, where)
+    loss_N = head.loss(params, hidden_NxH, safe_N, key=key, where=where, tables=resolve(tables))
+    return poison(loss_N.astype(_loss_dtype(loss_N)), bad_N)
+
+  def log_prob(params, hidden_NxH, targets_N, *, tables=None):
+    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+    safe_N, bad_N = check_targets(targets_N, vocab_size)
+    logp_N = head.log_prob(params, hidden_NxH, safe_N, tables=resolve(tables))
+    return poison(logp_N.astype(_loss_dtype(logp_N)), bad_N)
+
+  def log_probs(params, hidden_NxH, *, tables=None):
+    return head.log_probs(params, hidden_NxH, tables=resolve(tables))
+
+  def sample(params, hidden_NxH, key, *, temperature=1.0, tables=None):
+    return head.sample(params, hidden_NxH, key, temperature=temperature, tables=resolve(tables))
+
+  sparse = head.sparse
+  if sparse is not None:
+    inner = sparse
+
+    def gather(params, targets_N, key=None, *, tables=None):
+      safe_N, bad_N = check_targets(targets_N, vocab_size)
+      rows, index, aux = inner.gather(params, safe_N, key, tables=resolve(tables))
+      return rows, index, (aux, bad_N)
+
+    def sparse_loss(rows, hidden_NxH, aux_and_bad, *, where=None):
+      aux, bad_N = aux_and_bad
+      loss_N = inner.loss(rows, hidden_NxH, aux, where=where)
+      counted_bad_N = bad_N if where is None else bad_N & jnp.asarray(where, bool)
+      return poison(loss_N.astype(_loss_dtype(loss_N)), counted_bad_N)
+
+    sparse = RowSparse(gather, sparse_loss)
+  return OutputHead(head.init, loss, log_prob, log_probs, sample, sparse, own_tables)
 
 
 def _check_hidden(hidden_NxH, targets_N=None):
@@ -167,7 +283,7 @@ def sample_from_log_probs(log_probs_NxV: jax.typing.ArrayLike, key: jax.Array, *
 
 def sample_by_walk(walk: Callable[..., jax.Array], log_probs: Callable[..., jax.Array]
                    ) -> Callable[..., jax.Array]:
-  r"""A head's ``sample`` that uses its cheap factorised ``walk(params, hidden_NxH, key)``
+  r"""A head's ``sample`` that uses its cheap factorised ``walk(params, hidden_NxH, key, tables)``
   at temperature 1 and :func:`sample_from_log_probs` otherwise.
 
   Tempering does not factor over a class-then-word draw or a tree's binary decisions
@@ -176,11 +292,12 @@ def sample_by_walk(walk: Callable[..., jax.Array], log_probs: Callable[..., jax.
   ``exp(log_probs / temperature)``; ``walk`` gets the checked hidden states.
   """
 
-  def sample(params, hidden_NxH, key, *, temperature=1.0):
+  def sample(params, hidden_NxH, key, *, temperature=1.0, tables=None):
     if not (isinstance(temperature, (int, float)) and temperature == 1.0):
-      return sample_from_log_probs(log_probs(params, hidden_NxH), key, temperature=temperature)
+      return sample_from_log_probs(log_probs(params, hidden_NxH, tables=tables), key,
+                                   temperature=temperature)
     hidden_NxH, _ = _check_hidden(hidden_NxH)
-    return walk(params, hidden_NxH, key)
+    return walk(params, hidden_NxH, key, tables)
 
   return sample
 
@@ -222,27 +339,31 @@ def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32)
                                              -init_scale, init_scale),
             "bias_V": jax.random.uniform(k_b, (vocab_size,), dtype, -init_scale, init_scale)}
 
-  def loss(params, hidden_NxH, targets_N, *, key=None, where=None):
-    del key  # The full softmax is exact.
+  def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables=None):
+    del key, tables  # The full softmax is exact and has no tables.
     hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
     if hidden_NxH.shape[0] * vocab_size <= _UNFUSED_MAX_LOGITS:
       # Small [N, V] (e.g. PTB: 400 x 10002): one matmul and the closed-form CE kernel are
       # faster than chunk streaming (a PTB train step 94 vs 70 ms, bench_train_step.py).
-      logits_NxV = jnp.matmul(hidden_NxH, params["weight_VxH"].T) + params["bias_V"]
+      dtype = _loss_dtype(hidden_NxH, params["weight_VxH"])  # bf16 in, float32 logits
+      logits_NxV = (jnp.matmul(hidden_NxH, params["weight_VxH"].T, preferred_element_type=dtype)
+                    + params["bias_V"].astype(dtype))
       return losses.softmax_cross_entropy_with_integer_labels(logits_NxV, targets_N, where=where)
     return fused.linear_softmax_cross_entropy(hidden_NxH, params["weight_VxH"], targets_N,
                                               bias_V=params["bias_V"], where=where)
 
-  def log_prob(params, hidden_NxH, targets_N):
-    return -loss(params, hidden_NxH, targets_N)
+  def log_prob(params, hidden_NxH, targets_N, *, tables=None):
+    return -loss(params, hidden_NxH, targets_N, tables=tables)
 
-  def log_probs(params, hidden_NxH):
+  def log_probs(params, hidden_NxH, *, tables=None):
+    del tables
     hidden_NxH, _ = _check_hidden(hidden_NxH)
     dtype = jnp.result_type(jnp.float32, hidden_NxH, params["weight_VxH"])
     logits_NxV = jnp.matmul(hidden_NxH, params["weight_VxH"].T, preferred_element_type=dtype)
     return jax.nn.log_softmax(logits_NxV + params["bias_V"].astype(dtype), axis=-1)
 
-  def sample(params, hidden_NxH, key, *, temperature=1.0):
-    return sample_from_log_probs(log_probs(params, hidden_NxH), key, temperature=temperature)
+  def sample(params, hidden_NxH, key, *, temperature=1.0, tables=None):
+    return sample_from_log_probs(log_probs(params, hidden_NxH, tables=tables), key,
+                                 temperature=temperature)
 
-  return OutputHead(init, loss, log_prob, log_probs, sample)
+  return with_target_contract(OutputHead(init, loss, log_prob, log_probs, sample), vocab_size)

@@ -28,6 +28,7 @@ from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import sample_by_walk
+from lm_jax.heads.base import with_target_contract
 
 BINNINGS = ("mass", "sqrt", "equal")
 
@@ -281,13 +282,18 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
     return {name: jax.random.uniform(k, shape, dtype, -init_scale, init_scale)
             for k, (name, shape) in zip(keys, sorted(shapes.items()))}
 
-  def gather(params, targets_N, key=None):
+  tables = {"class_of_V": class_of_V, "column_V": column_V, "window_C": window_C,
+            "window_mask_CxM": window_mask_CxM, "class_of_row_V": class_of_row.astype(np.int32),
+            "row_of_V": row_of_V, "words_by_row_V": words_by_row}
+  tables = {name: jnp.asarray(x) for name, x in tables.items()}
+
+  def gather(params, targets_N, key=None, *, tables):
     del key
     targets_N = jnp.asarray(targets_N)
-    class_N = jnp.asarray(class_of_V)[targets_N]
+    class_N = tables["class_of_V"][targets_N]
     cap = tokens_per_item or _tokens_per_item(targets_N.shape[0], num_classes)
     work = class_work_list(class_N, num_classes, cap)
-    start_L = jnp.asarray(window_C)[work.item_class_L]
+    start_L = tables["window_C"][work.item_class_L]
     rows_LM = (start_L[:, None] + jnp.arange(width)).reshape(-1)
     rows = {"class_weight_CxH": params["class_weight_CxH"],
             "class_bias_C": params["class_bias_C"],
@@ -295,8 +301,8 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
             "word_bias_V": params["word_bias_V"][rows_LM]}
     index = {"class_weight_CxH": None, "class_bias_C": None,
              "word_weight_VxH": rows_LM, "word_bias_V": rows_LM}
-    aux = (class_N, work, jnp.asarray(column_V)[targets_N],
-           jnp.asarray(window_mask_CxM)[work.item_class_L])
+    aux = (class_N, work, tables["column_V"][targets_N],
+           tables["window_mask_CxM"][work.item_class_L])
     return rows, index, aux
 
   def sparse_loss(rows, hidden_NxH, aux, *, where=None):
@@ -322,41 +328,45 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
   sparse = RowSparse(gather, sparse_loss)
   loss = loss_from_sparse(sparse)
 
-  def log_prob(params, hidden_NxH, targets_N):
-    return -loss(params, hidden_NxH, targets_N)
+  def log_prob(params, hidden_NxH, targets_N, *, tables):
+    return -loss(params, hidden_NxH, targets_N, tables=tables)
 
   def class_log_probs(params, hidden_NxH, compute):
     logits_NxC = (jnp.matmul(hidden_NxH, params["class_weight_CxH"].astype(compute).T)
                   + params["class_bias_C"].astype(compute))
     return jax.nn.log_softmax(logits_NxC, axis=-1)
 
-  def log_probs(params, hidden_NxH):
+  def log_probs(params, hidden_NxH, *, tables):
     hidden_NxH, _ = _check_hidden(hidden_NxH)
+    class_of_row = tables["class_of_row_V"]
     compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
     hidden_NxH = hidden_NxH.astype(compute)
     logits_RxN = (jnp.matmul(params["word_weight_VxH"].astype(compute), hidden_NxH.T)
                   + params["word_bias_V"].astype(compute)[:, None])  # Rows in class-major order.
-    segments = dict(segment_ids=jnp.asarray(class_of_row), num_segments=num_classes,
+    segments = dict(segment_ids=class_of_row, num_segments=num_classes,
                     indices_are_sorted=True)
     max_CxN = jax.lax.stop_gradient(jax.ops.segment_max(logits_RxN, **segments))
     shifted_RxN = logits_RxN - max_CxN[class_of_row]
     lse_CxN = jnp.log(jax.ops.segment_sum(jnp.exp(shifted_RxN), **segments))
     within_RxN = shifted_RxN - lse_CxN[class_of_row]
     word_logp_NxR = class_log_probs(params, hidden_NxH, compute)[:, class_of_row] + within_RxN.T
-    return word_logp_NxR[:, row_of_V]
+    return word_logp_NxR[:, tables["row_of_V"]]
 
-  def walk(params, hidden_NxH, key):
+  def walk(params, hidden_NxH, key, tables):
     compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
     hidden_NxH = hidden_NxH.astype(compute)
     key_class, key_word = jax.random.split(key)
     class_N = jax.random.categorical(key_class, class_log_probs(params, hidden_NxH, compute))
-    rows_NxM = jnp.asarray(row_CxM)[class_N]
+    rows_NxM = tables["window_C"][class_N][:, None] + jnp.arange(width)
     word_logits_NxM = (
         jnp.einsum("nmh,nh->nm", params["word_weight_VxH"][rows_NxM].astype(compute), hidden_NxH)
         + params["word_bias_V"][rows_NxM].astype(compute))
-    word_logits_NxM = jnp.where(jnp.asarray(window_mask_CxM)[class_N], word_logits_NxM, -jnp.inf)
+    word_logits_NxM = jnp.where(tables["window_mask_CxM"][class_N], word_logits_NxM, -jnp.inf)
     column_N = jax.random.categorical(key_word, word_logits_NxM)
     row_N = jnp.take_along_axis(rows_NxM, column_N[:, None], axis=-1)[:, 0]
-    return jnp.asarray(words_by_row)[row_N]
+    return tables["words_by_row_V"][row_N]
 
-  return OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), sparse)
+  return with_target_contract(
+      OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), sparse,
+                 tables),
+      vocab_size)

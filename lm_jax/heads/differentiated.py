@@ -25,7 +25,6 @@ import numpy as np
 
 from lm_jax import losses
 from lm_jax.heads import base
-from lm_jax.heads.sampled import _check_targets_in_range
 
 
 def parse_bands(spec: str) -> tuple[tuple[int, int], ...]:
@@ -118,8 +117,8 @@ def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]
                      f"{counts.shape}")
   vocab_size = counts.size
   order_V = np.argsort(-counts.astype(np.int64), kind="stable")  # rank -> id
-  rank_of_id_V = jnp.asarray(np.argsort(order_V), jnp.int32)
-  order_V = jnp.asarray(order_V, jnp.int32)
+  tables = {"rank_of_id_V": jnp.asarray(np.argsort(order_V), jnp.int32),
+            "id_of_rank_V": jnp.asarray(order_V, jnp.int32)}
   words, dims = (_band_sizes(bands, vocab_size) if bands is not None
                  else (_default_bands(vocab_size), None))
 
@@ -133,7 +132,7 @@ def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]
     return {"band_weights": [uniform(k, (n, d)) for k, n, d in zip(keys[1:], words, band_dims)],
             "bias_V": uniform(keys[0], (vocab_size,))}
 
-  def rank_logits(params, hidden_NxH):
+  def rank_logits(params, hidden_NxH, tables):
     """Logits ``[N, V]`` in frequency-rank order, float32 (or wider)."""
     hidden_NxH, _ = base._check_hidden(hidden_NxH)
     band_weights = params["band_weights"]
@@ -145,38 +144,41 @@ def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]
     offsets = np.cumsum((0,) + band_dims)
     logits = [jnp.matmul(hidden_NxH[:, start:stop], w.T, preferred_element_type=ctype)
               for start, stop, w in zip(offsets[:-1], offsets[1:], band_weights)]
-    return jnp.concatenate(logits, axis=-1) + params["bias_V"].astype(ctype)[order_V]
+    return (jnp.concatenate(logits, axis=-1)
+            + params["bias_V"].astype(ctype)[tables["id_of_rank_V"]])
 
-  def _chunk_nll(params, hidden_CxH, ranks_C):
-    return losses.softmax_cross_entropy_with_integer_labels(rank_logits(params, hidden_CxH),
-                                                           ranks_C)
+  def _chunk_nll(params, tables, hidden_CxH, ranks_C):
+    return losses.softmax_cross_entropy_with_integer_labels(
+        rank_logits(params, hidden_CxH, tables), ranks_C)
 
-  def log_prob(params, hidden_NxH, targets_N):
+  def log_prob(params, hidden_NxH, targets_N, *, tables):
     hidden_NxH, targets_N = base._check_hidden(hidden_NxH, targets_N)
-    _check_targets_in_range(targets_N, vocab_size)
-    ranks_N = rank_of_id_V[targets_N]
+    ranks_N = tables["rank_of_id_V"][targets_N]
     n, width = hidden_NxH.shape
     chunk = max(1, base._UNFUSED_MAX_LOGITS // vocab_size)
     if n <= chunk:
-      return -_chunk_nll(params, hidden_NxH, ranks_N)
+      return -_chunk_nll(params, tables, hidden_NxH, ranks_N)
     # Token chunks of at most 2^24 logits, each rematerialised in the backward pass, so
     # the [N, V] logits never exist at once (the CE kernel's closed-form gradient inside).
     pad = (-n) % chunk
     hidden_KxCxH = jnp.pad(hidden_NxH, ((0, pad), (0, 0))).reshape(-1, chunk, width)
     ranks_KxC = jnp.pad(ranks_N, (0, pad)).reshape(-1, chunk)
-    chunk_nll = jax.checkpoint(functools.partial(_chunk_nll, params))
+    chunk_nll = jax.checkpoint(functools.partial(_chunk_nll, params, tables))
     nll_KxC = jax.lax.map(lambda xs: chunk_nll(*xs), (hidden_KxCxH, ranks_KxC))
     return -nll_KxC.reshape(-1)[:n]
 
-  def loss(params, hidden_NxH, targets_N, *, key=None, where=None):
+  def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables):
     del key  # D-softmax is exact.
-    loss_N = -log_prob(params, hidden_NxH, targets_N)
+    loss_N = -log_prob(params, hidden_NxH, targets_N, tables=tables)
     return loss_N if where is None else jnp.where(jnp.asarray(where), loss_N, 0.0)
 
-  def log_probs(params, hidden_NxH):
-    return jax.nn.log_softmax(rank_logits(params, hidden_NxH), axis=-1)[:, rank_of_id_V]
+  def log_probs(params, hidden_NxH, *, tables):
+    return jax.nn.log_softmax(rank_logits(params, hidden_NxH, tables),
+                              axis=-1)[:, tables["rank_of_id_V"]]
 
-  def sample(params, hidden_NxH, key, *, temperature=1.0):
-    return base.sample_from_log_probs(log_probs(params, hidden_NxH), key, temperature=temperature)
+  def sample(params, hidden_NxH, key, *, temperature=1.0, tables):
+    return base.sample_from_log_probs(log_probs(params, hidden_NxH, tables=tables), key,
+                                      temperature=temperature)
 
-  return base.OutputHead(init, loss, log_prob, log_probs, sample)
+  return base.with_target_contract(
+      base.OutputHead(init, loss, log_prob, log_probs, sample, tables=tables), vocab_size)

@@ -27,6 +27,7 @@ from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import sample_by_walk
+from lm_jax.heads.base import with_target_contract
 from lm_jax.heads.trees import Tree
 from lm_jax.heads.trees import balanced_tree
 from lm_jax.heads.trees import class_tree
@@ -218,14 +219,19 @@ def hierarchical_softmax(tree: Tree, *, backward: str = "chunked",
                                                   -init_scale, init_scale),
             "node_bias_I": jax.random.uniform(k_b, (num_inner,), dtype, -init_scale, init_scale)}
 
-  def gather(params, targets_N, key=None):
+  tables = {"nodes_VxD": jnp.asarray(tree.nodes_VxD, jnp.int32),
+            "signs_VxD": jnp.asarray(tree.signs_VxD, jnp.int8),
+            "mask_VxD": jnp.asarray(tree.mask_VxD, bool),
+            "children_Ix2": jnp.asarray(tree.children_Ix2, jnp.int32)}
+
+  def gather(params, targets_N, key=None, *, tables):
     del key
     targets_N = jnp.asarray(targets_N)
-    nodes_ND = jnp.asarray(tree.nodes_VxD)[targets_N].reshape(-1)
+    nodes_ND = tables["nodes_VxD"][targets_N].reshape(-1)
     rows = {"node_weight_IxH": params["node_weight_IxH"][nodes_ND],
             "node_bias_I": params["node_bias_I"][nodes_ND]}
     index = {"node_weight_IxH": nodes_ND, "node_bias_I": nodes_ND}
-    aux = (jnp.asarray(tree.signs_VxD)[targets_N], jnp.asarray(tree.mask_VxD)[targets_N])
+    aux = (tables["signs_VxD"][targets_N], tables["mask_VxD"][targets_N])
     return rows, index, aux
 
   def sparse_loss(rows, hidden_NxH, aux, *, where=None):
@@ -240,38 +246,37 @@ def hierarchical_softmax(tree: Tree, *, backward: str = "chunked",
 
   sparse = RowSparse(gather, sparse_loss)
 
-  def chunked_loss(params, hidden_NxH, targets_N, *, key=None, where=None):
+  def chunked_loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables):
     del key
     hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
     compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
     loss_N = path_nll(params["node_weight_IxH"].astype(compute),
                       params["node_bias_I"].astype(compute), hidden_NxH.astype(compute),
-                      jnp.asarray(tree.nodes_VxD)[targets_N],
-                      jnp.asarray(tree.signs_VxD, compute)[targets_N],
-                      jnp.asarray(tree.mask_VxD)[targets_N], chunk_size=chunk_size)
+                      tables["nodes_VxD"][targets_N],
+                      tables["signs_VxD"][targets_N].astype(compute),
+                      tables["mask_VxD"][targets_N], chunk_size=chunk_size)
     return loss_N if where is None else jnp.where(where, loss_N, 0.0)
 
   loss = chunked_loss if backward == "chunked" else loss_from_sparse(sparse)
 
-  def log_prob(params, hidden_NxH, targets_N):
-    return -loss(params, hidden_NxH, targets_N)
+  def log_prob(params, hidden_NxH, targets_N, *, tables):
+    return -loss(params, hidden_NxH, targets_N, tables=tables)
 
   def node_scores(params, hidden_NxH):
     compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
     return (jnp.matmul(hidden_NxH.astype(compute), params["node_weight_IxH"].astype(compute).T)
             + params["node_bias_I"].astype(compute)), compute
 
-  def log_probs(params, hidden_NxH):
+  def log_probs(params, hidden_NxH, *, tables):
     hidden_NxH, _ = _check_hidden(hidden_NxH)
     scores_NxI, compute = node_scores(params, hidden_NxH)
-    scores_NxVxD = scores_NxI[:, jnp.asarray(tree.nodes_VxD)]
-    return _path_log_prob(scores_NxVxD, jnp.asarray(tree.signs_VxD, compute),
-                          jnp.asarray(tree.mask_VxD))
+    scores_NxVxD = scores_NxI[:, tables["nodes_VxD"]]
+    return _path_log_prob(scores_NxVxD, tables["signs_VxD"].astype(compute), tables["mask_VxD"])
 
-  def walk(params, hidden_NxH, key):
+  def walk(params, hidden_NxH, key, tables):
     compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
     hidden_NxH = hidden_NxH.astype(compute)
-    children_Ix2 = jnp.asarray(tree.children_Ix2)
+    children_Ix2 = tables["children_Ix2"]
 
     def step(level, node_N):  # node >= 0: inner node still to decide; < 0: leaf ~word.
       inner_N = jnp.maximum(node_N, 0)
@@ -285,4 +290,7 @@ def hierarchical_softmax(tree: Tree, *, backward: str = "chunked",
     root_N = jnp.zeros(hidden_NxH.shape[:1], jnp.int32)
     return jnp.invert(jax.lax.fori_loop(0, depth, step, root_N)).astype(jnp.int32)
 
-  return OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), sparse)
+  return with_target_contract(
+      OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), sparse,
+                 tables),
+      vocab_size)

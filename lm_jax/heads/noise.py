@@ -31,17 +31,28 @@ NOISE_NAMES = ("unigram", "log_uniform", "uniform")
 
 class NoiseDistribution(NamedTuple):
   """``vocab_size``; ``log_probs_V`` (exact :math:`\\log q`, ``-inf`` where ``q = 0``);
-  ``sample(key, shape) -> int32 ids``; ``log_prob(ids) -> log q(ids)`` (float32)."""
+  ``sample(key, shape, tables=None) -> int32 ids``; ``log_prob(ids, tables=None) -> log
+  q(ids)`` (float32); ``tables``: the arrays both read (``log_probs_V``, and the alias
+  table for unigram noise), to pass as arguments under ``jit`` (``None``: these)."""
   vocab_size: int
   log_probs_V: jax.Array
-  sample: Callable[[jax.Array, tuple], jax.Array]
-  log_prob: Callable[[jax.typing.ArrayLike], jax.Array]
+  sample: Callable[..., jax.Array]
+  log_prob: Callable[..., jax.Array]
+  tables: Optional[dict] = None  # None: sample(key, shape) and log_prob(ids) take no tables
 
 
-def _gather_log_prob(log_probs_V):
-  def log_prob(ids):
-    return log_probs_V[jnp.asarray(ids)]
-  return log_prob
+def _distribution(vocab_size, log_probs_V, draw, **extra_tables):
+  """A :class:`NoiseDistribution` whose ``draw(key, shape, tables)`` and gather of
+  ``log_probs_V`` read their arrays from ``tables`` (the distribution's own by default)."""
+  own = {"log_probs_V": log_probs_V, **extra_tables}
+
+  def sample(key, shape, tables=None):
+    return draw(key, shape, own if tables is None else tables)
+
+  def log_prob(ids, tables=None):
+    return (own if tables is None else tables)["log_probs_V"][jnp.asarray(ids)]
+
+  return NoiseDistribution(vocab_size, log_probs_V, sample, log_prob, own)
 
 
 def alias_table(probs: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -120,13 +131,13 @@ def unigram_noise(counts: Any, power: float = 0.75) -> NoiseDistribution:
     log_probs_V = jnp.asarray(np.log(probs), jnp.float32)
   v = counts.size
 
-  def sample(key, shape):
+  def draw(key, shape, tables):
     k_column, k_keep = jax.random.split(key)
     column = jax.random.randint(k_column, shape, 0, v, jnp.int32)
-    keep = jax.random.uniform(k_keep, shape) < keep_V[column]
-    return jnp.where(keep, column, alias_V[column])
+    keep = jax.random.uniform(k_keep, shape) < tables["keep_V"][column]
+    return jnp.where(keep, column, tables["alias_V"][column])
 
-  return NoiseDistribution(v, log_probs_V, sample, _gather_log_prob(log_probs_V))
+  return _distribution(v, log_probs_V, draw, keep_V=keep_V, alias_V=alias_V)
 
 
 def log_uniform_noise(vocab_size: int) -> NoiseDistribution:
@@ -158,14 +169,15 @@ def log_uniform_noise(vocab_size: int) -> NoiseDistribution:
   log_range = np.log(vocab_size + 1.0)
   log_probs_V = jnp.asarray(np.log(np.log1p(1.0 / (k + 1.0))) - np.log(log_range), jnp.float32)
 
-  def sample(key, shape):
+  def draw(key, shape, tables):
+    del tables  # closed form
     k_high, k_low = jax.random.split(key)
     u_high = jax.random.randint(k_high, shape, 0, 2**23, jnp.int32).astype(jnp.float32) * 2.0**-23
     u_low = jax.random.uniform(k_low, shape) * 2.0**-23
     x = jnp.exp(u_high * log_range) * jnp.exp(u_low * log_range)
     return jnp.clip(jnp.floor(x).astype(jnp.int32) - 1, 0, vocab_size - 1)
 
-  return NoiseDistribution(vocab_size, log_probs_V, sample, _gather_log_prob(log_probs_V))
+  return _distribution(vocab_size, log_probs_V, draw)
 
 
 def uniform_noise(vocab_size: int) -> NoiseDistribution:
@@ -179,10 +191,11 @@ def uniform_noise(vocab_size: int) -> NoiseDistribution:
     raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
   log_probs_V = jnp.full((vocab_size,), -np.log(vocab_size), jnp.float32)
 
-  def sample(key, shape):
+  def draw(key, shape, tables):
+    del tables
     return jax.random.randint(key, shape, 0, vocab_size, jnp.int32)
 
-  return NoiseDistribution(vocab_size, log_probs_V, sample, _gather_log_prob(log_probs_V))
+  return _distribution(vocab_size, log_probs_V, draw)
 
 
 def make_noise(name: str, *, vocab_size: int, counts: Optional[Any] = None,

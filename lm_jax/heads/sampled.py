@@ -40,16 +40,6 @@ from lm_jax.heads.noise import NoiseDistribution
 MIN_LOG_NOISE = -50.0
 
 
-def _check_targets_in_range(targets_N, vocab_size):
-  if isinstance(targets_N, jax.core.Tracer):
-    return
-  bad = np.flatnonzero((np.asarray(targets_N) < 0) | (np.asarray(targets_N) >= vocab_size))
-  if bad.size:
-    i = int(bad[0])
-    raise ValueError(f"target {int(np.asarray(targets_N)[i])} at index {i} is out of range "
-                     f"for vocabulary size V={vocab_size}")
-
-
 def _check_noise(noise):
   if not isinstance(noise, NoiseDistribution):
     raise ValueError(f"noise must be a NoiseDistribution, got {type(noise).__name__}")
@@ -85,21 +75,29 @@ def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned
       params["log_z"] = jnp.asarray(init_log_z, dtype)
     return params
 
-  def gather(params, targets_N, key):
+  tables = {"noise": {} if noise.tables is None else noise.tables}
+  with_tables = lambda f, *args, tables: (f(*args) if noise.tables is None
+                                          else f(*args, tables["noise"]))
+  if eval_offset_V is not None:
+    tables["eval_offset_V"] = jnp.asarray(eval_offset_V, jnp.float32)
+
+  def gather(params, targets_N, key, *, tables):
     targets_N = jnp.asarray(targets_N)
-    _check_targets_in_range(targets_N, vocab_size)
     n = targets_N.shape[0]
     key = jax.random.PRNGKey(0) if key is None else key
-    samples = noise.sample(key, (k,) if shared_samples else (n, k))
+    samples = with_tables(noise.sample, key, (k,) if shared_samples else (n, k), tables=tables)
     ids = jnp.concatenate([targets_N.astype(jnp.int32), samples.reshape(-1)])
     rows = {"weight_VxH": params["weight_VxH"][ids], "bias_V": params["bias_V"][ids]}
     index = {"weight_VxH": ids, "bias_V": ids}
     if "log_z" in params:
       rows["log_z"], index["log_z"] = params["log_z"], None
-    return rows, index, (targets_N, samples)
+    # log of the expected count k q(w) of each scored id among the draws.
+    log_kq = lambda ids: np.log(k) + jnp.maximum(
+        with_tables(noise.log_prob, ids, tables=tables), MIN_LOG_NOISE)
+    return rows, index, (targets_N, samples, log_kq(targets_N), log_kq(samples))
 
   def sparse_loss(rows, hidden_NxH, aux, *, where=None):
-    targets_N, samples = aux
+    targets_N, samples, log_kq_target_N, log_kq_samples = aux
     hidden_NxH = jnp.asarray(hidden_NxH)
     n = hidden_NxH.shape[0]
     ctype = jnp.result_type(jnp.float32, hidden_NxH, rows["weight_VxH"])
@@ -113,12 +111,8 @@ def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned
       w_NxKxH = w_MxH[n:].reshape(n, k, -1)
       s_noise_NxK = jnp.einsum("nh,nkh->nk", h_NxH, w_NxKxH) + b_M[n:].reshape(n, k)
       hit_NxK = samples == targets_N[:, None]
-    # log of the expected count k q(w) of each scored id among the draws.
-    log_kq_target_N = (np.log(k) + jnp.maximum(noise.log_prob(targets_N), MIN_LOG_NOISE)
-                       ).astype(ctype)
-    log_kq_noise_NxK = jnp.broadcast_to(
-        (np.log(k) + jnp.maximum(noise.log_prob(samples), MIN_LOG_NOISE)).astype(ctype),
-        s_noise_NxK.shape)
+    log_kq_target_N = log_kq_target_N.astype(ctype)
+    log_kq_noise_NxK = jnp.broadcast_to(log_kq_samples.astype(ctype), s_noise_NxK.shape)
     log_z = rows["log_z"].astype(ctype) if "log_z" in rows else None
     loss_N = scores_to_loss(s_target_N, s_noise_NxK, log_kq_target_N, log_kq_noise_NxK, hit_NxK,
                             log_z)
@@ -127,24 +121,24 @@ def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned
   sparse = base.RowSparse(gather, sparse_loss)
   loss = base.loss_from_sparse(sparse)
 
-  if eval_offset_V is None:
-    return base.OutputHead(init, loss, full.log_prob, full.log_probs, full.sample,
-                           sparse=sparse)
-  offset_V = jnp.asarray(eval_offset_V, jnp.float32)
+  def shifted(params, tables):
+    """Evaluation params: the full softmax of the scores plus ``eval_offset_V``."""
+    if "eval_offset_V" not in tables:
+      return params
+    offset_V = tables["eval_offset_V"].astype(params["bias_V"].dtype)
+    return {**params, "bias_V": params["bias_V"] + offset_V}
 
-  def shifted(params):
-    return {**params, "bias_V": params["bias_V"] + offset_V.astype(params["bias_V"].dtype)}
+  def log_prob(params, hidden_NxH, targets_N, *, tables):
+    return full.log_prob(shifted(params, tables), hidden_NxH, targets_N)
 
-  def log_prob(params, hidden_NxH, targets_N):
-    return full.log_prob(shifted(params), hidden_NxH, targets_N)
+  def log_probs(params, hidden_NxH, *, tables):
+    return full.log_probs(shifted(params, tables), hidden_NxH)
 
-  def log_probs(params, hidden_NxH):
-    return full.log_probs(shifted(params), hidden_NxH)
+  def sample(params, hidden_NxH, key, *, temperature=1.0, tables):
+    return full.sample(shifted(params, tables), hidden_NxH, key, temperature=temperature)
 
-  def sample(params, hidden_NxH, key, *, temperature=1.0):
-    return full.sample(shifted(params), hidden_NxH, key, temperature=temperature)
-
-  return base.OutputHead(init, loss, log_prob, log_probs, sample, sparse=sparse)
+  return base.with_target_contract(
+      base.OutputHead(init, loss, log_prob, log_probs, sample, sparse, tables), vocab_size)
 
 
 def noise_log_prior(noise: NoiseDistribution) -> np.ndarray:
