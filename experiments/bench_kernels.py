@@ -3,9 +3,14 @@ r"""Benchmarks the loss kernels: integer-label cross-entropy and the fused outpu
 (a) ``losses.softmax_cross_entropy_with_integer_labels`` vs optax's vs a naive
     ``log_softmax`` + ``take_along_axis``: forward+backward (gradient of the
     summed loss w.r.t. the logits) at ``N`` tokens and several ``V``.
-(b) ``fused.linear_softmax_cross_entropy`` vs the unfused ``hidden @ weight.T +
-    bias`` followed by (a)'s kernel: forward+backward w.r.t. hidden, weight and
-    bias, against the floor ``6 N H V / (matmul FLOP/s)``.
+(b) ``fused.linear_softmax_cross_entropy`` with ``reduction="sum"`` (one pass, ``6NHV``)
+    and summed per-token (``reduction="none"``, ``8NHV``) vs the unfused jitted
+    ``hidden @ weight.T + bias`` followed by optax's loss (and by (a)'s kernel):
+    forward+backward w.r.t. hidden, weight and bias, against the floor
+    ``6 N H V / (matmul FLOP/s)``; peak memory is XLA's temporaries + outputs. When
+    PyTorch is importable (a benchmark-only extra: ``pip install torch``), its
+    ``F.linear_cross_entropy`` (reference path, and the chunked path with
+    ``LinearCrossEntropyOptions()``) is timed in the same interleaved rounds.
 (c) the machine's float32 matmul FLOP/s and memory bandwidth.
 
 The contenders of each row are timed interleaved (round-robin, order alternating)
@@ -22,6 +27,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lm_jax import benchmarking
@@ -48,25 +54,68 @@ def _unfused_linear_xent(hidden_NxH, weight_VxH, bias_V, labels_N):
   return losses.softmax_cross_entropy_with_integer_labels(hidden_NxH @ weight_VxH.T + bias_V, labels_N)
 
 
+def _unfused_optax(hidden_NxH, weight_VxH, bias_V, labels_N):
+  return optax.softmax_cross_entropy_with_integer_labels(hidden_NxH @ weight_VxH.T + bias_V, labels_N)
+
+
 def _fused_linear_xent(hidden_NxH, weight_VxH, bias_V, labels_N):
   return fused.linear_softmax_cross_entropy(hidden_NxH, weight_VxH, labels_N, bias_V=bias_V)
+
+
+def _fused_sum(hidden_NxH, weight_VxH, bias_V, labels_N):
+  return fused.linear_softmax_cross_entropy(hidden_NxH, weight_VxH, labels_N, bias_V=bias_V,
+                                            reduction="sum")
+
+
+def _torch_contenders(args):
+  """``{name: fn}`` and ``{name: args}`` timing PyTorch's ``F.linear_cross_entropy`` forward +
+  backward (sum reduction) on the same data, or empty dicts when torch is not installed."""
+  try:
+    import torch
+    import torch.nn.functional as F
+  except ImportError:
+    return {}, {}
+  hidden, weight, bias, labels = (np.asarray(a) for a in args)
+  leaves = [torch.tensor(x, requires_grad=True) for x in (hidden, weight, bias)]
+  targets = torch.tensor(labels.astype(np.int64))
+
+  def step(options):
+    def run(h, w, b, y):
+      for t in (h, w, b):
+        t.grad = None
+      F.linear_cross_entropy(h, w, y, linear_bias=b, reduction="sum", options=options).backward()
+      return h.grad, w.grad, b.grad
+    return run
+
+  chunked = getattr(F, "LinearCrossEntropyOptions", None) or torch.nn.LinearCrossEntropyOptions
+  fns = {"torch_reference": step(None), "torch_chunked": step(chunked())}
+  return fns, {name: (*leaves, targets) for name in fns}
 
 
 def _summed(loss_fn):
   return lambda *args: jnp.sum(loss_fn(*args))
 
 
-def _measure(contenders, args, argnums, repeats):
-  """Times, temp bytes and residuals of ``grad(sum(loss))`` for each contender."""
+def _measure(contenders, args, argnums, repeats, torch=({}, {})):
+  """Times, temp (and temp + output) bytes and residuals of ``grad(sum(loss))`` for each
+  contender; ``torch`` adds ``({name: fn}, {name: args})`` timed in the same rounds."""
   grads = {name: jax.grad(_summed(fn), argnums=argnums) for name, fn in contenders.items()}
+  torch_fns, torch_args = torch
+  fns = {**{name: jax.jit(g) for name, g in grads.items()}, **torch_fns}
   samples = benchmarking.time_interleaved_wall_and_cpu(
-      {name: jax.jit(g) for name, g in grads.items()}, args, repeats=repeats, warmup=1)
-  return {name: {"wall_s": statistics.median(samples[name]["wall"]),
+      fns, {**{name: args for name in grads}, **torch_args}, repeats=repeats, warmup=1)
+  out = {}
+  for name in fns:
+    out[name] = {"wall_s": statistics.median(samples[name]["wall"]),
                  "cpu_s": statistics.median(samples[name]["cpu"]),
                  "wall_samples_s": samples[name]["wall"], "cpu_samples_s": samples[name]["cpu"],
-                 "temp_bytes": benchmarking.temp_bytes(grads[name], *args),
-                 "residuals": benchmarking.residual_shapes(_summed(contenders[name]), *args)}
-          for name in contenders}
+                 "temp_bytes": float("nan"), "peak_bytes": float("nan"), "residuals": []}
+    if name in grads:
+      memory = jax.jit(grads[name]).lower(*args).compile().memory_analysis()
+      out[name].update(temp_bytes=memory.temp_size_in_bytes,
+                       peak_bytes=memory.temp_size_in_bytes + memory.output_size_in_bytes,
+                       residuals=benchmarking.residual_shapes(_summed(contenders[name]), *args))
+  return out
 
 
 def _cross_entropy_rows(n, vocab_sizes, repeats):
@@ -88,20 +137,22 @@ def _cross_entropy_rows(n, vocab_sizes, repeats):
 
 
 def _fused_rows(n, h, vocab_sizes, repeats):
-  contenders = {"fused": _fused_linear_xent, "unfused": _unfused_linear_xent}
+  contenders = {"fused_sum": _fused_sum, "fused_none": _fused_linear_xent,
+                "unfused_optax": _unfused_optax, "unfused_lm_jax": _unfused_linear_xent}
   rows = []
   for v in vocab_sizes:
     k_h, k_w, k_b, k_y = jax.random.split(jax.random.key(v), 4)
     args = (jax.random.normal(k_h, (n, h)), jax.random.normal(k_w, (v, h)) / h**0.5,
             jax.random.normal(k_b, (v,)), jax.random.randint(k_y, (n,), 0, v))
     print(f"(b) measuring N={n} H={h} V={v}", flush=True)
-    result = _measure(contenders, args, (0, 1, 2), repeats)
+    result = _measure(contenders, args, (0, 1, 2), repeats, torch=_torch_contenders(args))
+    base = result["unfused_optax"]
     for name, r in result.items():
       rows.append({"kernel": name, "N": n, "H": h, "V": v, **r,
-                   "wall_vs_unfused": r["wall_s"] / result["unfused"]["wall_s"],
-                   "cpu_vs_unfused": r["cpu_s"] / result["unfused"]["cpu_s"],
-                   "temp_MiB": r["temp_bytes"] / 2**20,
-                   "temp_vs_unfused": r["temp_bytes"] / max(result["unfused"]["temp_bytes"], 1)})
+                   "wall_vs_unfused": r["wall_s"] / base["wall_s"],
+                   "cpu_vs_unfused": r["cpu_s"] / base["cpu_s"],
+                   "temp_MiB": r["temp_bytes"] / 2**20, "peak_MiB": r["peak_bytes"] / 2**20,
+                   "peak_vs_unfused": r["peak_bytes"] / max(base["peak_bytes"], 1)})
     del args
   return rows
 
@@ -126,11 +177,14 @@ def main(argv):
   for row in ce_rows:
     print(f"  residuals {row['kernel']} V={row['V']}: {', '.join(row['residuals'])}")
   print("\n(b) output layer + cross-entropy, forward+backward w.r.t. hidden, weight, bias")
+  print("  (ratios against unfused_optax: the jitted matmul + optax's loss; peak = XLA temporaries"
+        " + outputs)")
   benchmarking.print_table(fused_rows, ["kernel", "N", "H", "V", "wall_s", "cpu_s", "wall_vs_unfused",
-                                        "cpu_vs_unfused", "temp_MiB", "temp_vs_unfused",
+                                        "cpu_vs_unfused", "peak_MiB", "peak_vs_unfused",
                                         "frac_of_matmul_ceiling"])
   for row in fused_rows:
-    print(f"  residuals {row['kernel']} V={row['V']}: {', '.join(row['residuals'])}")
+    if row["residuals"]:
+      print(f"  residuals {row['kernel']} V={row['V']}: {', '.join(row['residuals'])}")
   benchmarking.write_json(_JSON_OUT.value, {
       "benchmark": "bench_kernels", "size": _SIZE.value, "repeats": repeats,
       "matmul_flops_per_s": max(matmul_flops), "matmul_flops_per_s_before_after": matmul_flops,

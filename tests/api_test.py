@@ -18,7 +18,8 @@ SIGNATURES = {
     "sigmoid_binary_cross_entropy": "(logits, labels)",
     "nll": "(log_probs, labels, axis=-1, where=None)",
     "linear_softmax_cross_entropy":
-        "(hidden_NxH, weight_VxH, labels_N, *, bias_V=None, where=None, chunk_size=None)",
+        "(hidden_NxH, weight_VxH, labels_N, *, bias_V=None, where=None, reduction='none', "
+        "label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None, return_lse=False, chunk_size=None)",
 }
 
 

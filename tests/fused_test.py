@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -256,11 +257,11 @@ def test_jit_vmap_and_bfloat16():
     want = jax.grad(lambda h: jnp.sum(batch_hidden[i, :, 0] * _unfused(h, weight, bias, labels)))(
         batch_hidden[i])
     np.testing.assert_allclose(grads[i], want, rtol=1e-5, atol=1e-5)
-  # bfloat16 inputs are computed in float32 and returned in bfloat16.
+  # bfloat16 inputs are computed in float32; the loss stays float32, gradients bfloat16.
   as_bf16 = lambda x: x.astype(jnp.bfloat16)
   loss, dh = jax.jit(jax.value_and_grad(lambda h: jnp.sum(linear_xent(
       h, as_bf16(weight), labels, bias_V=as_bf16(bias), chunk_size=4))))(as_bf16(hidden))
-  assert loss.dtype == jnp.bfloat16 and dh.dtype == jnp.bfloat16
+  assert loss.dtype == jnp.float32 and dh.dtype == jnp.bfloat16
   want = _unfused(*(x.astype(jnp.float32) for x in map(as_bf16, (hidden, weight, bias))), labels)
   np.testing.assert_allclose(float(loss), float(jnp.sum(want)), rtol=1e-2)
 
@@ -295,3 +296,125 @@ def test_probabilities_normalise_and_bias_shift_is_invariant(v, shift, seed):
   shifted = linear_xent(hidden_v, weight, every_label, bias_V=bias + shift, chunk_size=3,
                         vocab_chunk_size=4)
   np.testing.assert_allclose(shifted, loss, atol=2e-4)
+
+
+# The options its peers have: reduction, label smoothing, z-loss, soft-capping, lse.
+
+def _unfused_options(hidden, weight, bias, labels, where=None, *, reduction="none",
+                     label_smoothing=0.0, z_loss=0.0, logit_soft_cap=None):
+  """The reference: materialised logits, optax's soft-label loss on optax.smooth_labels."""
+  logits = hidden @ weight.T + bias
+  if logit_soft_cap is not None:
+    logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, weight.shape[0], dtype=logits.dtype),
+                                label_smoothing)
+  loss = optax.softmax_cross_entropy(logits, targets) + z_loss * jax.nn.logsumexp(logits, -1)**2
+  if where is not None:
+    loss = jnp.where(where, loss, 0.0)
+  counted = loss.shape[0] if where is None else jnp.sum(where)
+  return {"none": loss, "sum": jnp.sum(loss), "mean": jnp.sum(loss) / counted}[reduction]
+
+
+_OPTION_CASES = [dict(reduction="sum"), dict(reduction="mean"), dict(label_smoothing=0.1),
+                 dict(z_loss=1e-2), dict(logit_soft_cap=2.0),
+                 dict(reduction="mean", label_smoothing=0.2, z_loss=1e-3, logit_soft_cap=3.0)]
+
+
+@pytest.mark.parametrize("options", _OPTION_CASES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_options_match_the_materialised_reference_in_value_and_gradient(options, masked):
+  with jax.enable_x64(True):
+    hidden, weight, bias, labels = _problem(11, 3, 13, seed=21, dtype=np.float64)
+    where = (jnp.arange(11) % 4 != 1) if masked else None
+    if masked:
+      labels = jnp.where(where, labels, -1)  # padding: ignore_index
+    cotangent = 1.0 if options.get("reduction", "none") != "none" else jnp.linspace(0.5, 2.0, 11)
+    fused_fn = lambda h, w, b: jnp.sum(cotangent * linear_xent(
+        h, w, labels, bias_V=b, where=where, chunk_size=4, vocab_chunk_size=5, **options))
+    ref_fn = lambda h, w, b: jnp.sum(cotangent * _unfused_options(
+        h, w, b, jnp.maximum(labels, 0), where, **options))
+    value, grads = jax.jit(jax.value_and_grad(fused_fn, argnums=(0, 1, 2)))(hidden, weight, bias)
+    want_value, want_grads = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(hidden, weight, bias)
+    np.testing.assert_allclose(value, want_value, rtol=1e-10)
+    for got, want in zip(grads, want_grads):
+      np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_reductions_and_return_lse():
+  hidden, weight, bias, labels = _problem(9, 4, 10, seed=22)
+  where = jnp.arange(9) % 3 != 0
+  per_token = linear_xent(hidden, weight, labels, bias_V=bias, where=where)
+  np.testing.assert_allclose(linear_xent(hidden, weight, labels, bias_V=bias, where=where,
+                                         reduction="sum"), jnp.sum(per_token), rtol=1e-6)
+  np.testing.assert_allclose(linear_xent(hidden, weight, labels, bias_V=bias, where=where,
+                                         reduction="mean"), jnp.sum(per_token) / 6, rtol=1e-6)
+  # PyTorch: the mean over no counted token is NaN; the sum is 0.
+  nothing = jnp.zeros(9, bool)
+  assert np.isnan(linear_xent(hidden, weight, labels, where=nothing, reduction="mean"))
+  assert linear_xent(hidden, weight, labels, where=nothing, reduction="sum") == 0.0
+  # return_lse: the normaliser of every token, differentiable.
+  for reduction in ("none", "sum"):
+    loss, lse = linear_xent(hidden, weight, labels, bias_V=bias, where=where,
+                            reduction=reduction, return_lse=True, chunk_size=4)
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(hidden @ weight.T + bias, -1), rtol=1e-6)
+    objective = lambda h, w, b: (jnp.sum(linear_xent(h, w, labels, bias_V=b, where=where,
+                                                     reduction=reduction, return_lse=True)[0])
+                                 + 0.3 * jnp.sum(jnp.arange(9.0) * linear_xent(
+                                     h, w, labels, bias_V=b, return_lse=True)[1]))
+    reference = lambda h, w, b: (jnp.sum(_unfused(h, w, b, labels, where)) + 0.3 * jnp.sum(
+        jnp.arange(9.0) * jax.nn.logsumexp(h @ w.T + b, -1)))
+    for got, want in zip(jax.grad(objective, argnums=(0, 1, 2))(hidden, weight, bias),
+                         jax.grad(reference, argnums=(0, 1, 2))(hidden, weight, bias)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _count_dots(jaxpr):
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == "dot_general"
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          count += _count_dots(inner if hasattr(inner, "eqns") else inner.jaxpr)
+  return count
+
+
+def test_a_reduced_loss_differentiates_in_one_pass_of_three_matmuls():
+  # sum/mean: the forward forms logits, G W and G^T h once (6NHV); "none" needs a fourth
+  # matmul, the logits recomputed in the backward (8NHV).
+  hidden, weight, bias, labels = _problem(16, 4, 300, seed=23)
+  # Large _ACCUMULATE_SLICE paths use fori_loop; at these sizes each matmul appears once.
+  def dots(reduction):
+    fn = lambda h, w, b: jnp.sum(linear_xent(h, w, labels, bias_V=b, reduction=reduction,
+                                             vocab_chunk_size=128))
+    return _count_dots(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(hidden, weight,
+                                                                        bias).jaxpr)
+  assert dots("sum") == 3 and dots("mean") == 3
+  assert dots("none") == 4
+
+
+def test_bfloat16_inputs_accumulate_in_float32_with_every_option():
+  hidden, weight, bias, labels = _problem(12, 8, 20, seed=24)
+  bf16 = lambda x: x.astype(jnp.bfloat16)
+  options = dict(reduction="mean", label_smoothing=0.1, z_loss=1e-3, logit_soft_cap=5.0)
+  loss = linear_xent(bf16(hidden), bf16(weight), labels, bias_V=bf16(bias), **options)
+  assert loss.dtype == jnp.float32
+  f32 = lambda x: bf16(x).astype(jnp.float32)  # the same rounded inputs, float32 arithmetic
+  np.testing.assert_allclose(loss, _unfused_options(f32(hidden), f32(weight), f32(bias), labels,
+                                                    **options), rtol=1e-5)
+  grads = jax.grad(lambda h, w: linear_xent(h, w, labels, **options), argnums=(0, 1))(
+      bf16(hidden), bf16(weight))
+  assert all(g.dtype == jnp.bfloat16 for g in grads)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(reduction="avg"), r"reduction must be one of \('none', 'sum', 'mean'\), got 'avg'"),
+    (dict(label_smoothing=1.5), r"label_smoothing must be in \[0, 1\], got 1.5"),
+    (dict(z_loss=-1.0), r"z_loss must be >= 0, got -1.0"),
+    (dict(logit_soft_cap=0.0), r"logit_soft_cap must be > 0 or None, got 0.0"),
+])
+def test_bad_options_raise(kwargs, match):
+  hidden, weight, _, labels = _problem(4, 3, 5)
+  with pytest.raises(ValueError, match=match):
+    linear_xent(hidden, weight, labels, **kwargs)
