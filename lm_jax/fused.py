@@ -8,33 +8,34 @@ r"""Fused output layer and softmax cross-entropy that never materialises the ``[
 streaming over token chunks (``chunk_size`` rows, ``lax.scan``) and, inside
 each, over vocabulary chunks (``vocab_chunk_size`` entries) with an online
 logsumexp (running max and running sum); each block of logits computed is
-``[chunk_size, vocab_chunk_size]``. Three code paths:
+``[chunk_size, vocab_chunk_size]``. Options (label smoothing, z-loss, logit
+soft-capping, a returned logsumexp; see :func:`linear_softmax_cross_entropy`) change
+only the per-token coefficients of the gradient
+:math:`G = \alpha\,\mathrm{softmax} - \beta\,\mathrm{onehot} - \gamma` (times
+:math:`1 - (z/c)^2` under a soft cap). Three code paths:
 
 * plain evaluation (no autodiff): the online logsumexp alone; ``2NHV`` FLOPs.
-* the ``custom_vjp`` forward (run only when differentiating): per token chunk,
-  pass 1 computes the logsumexp and keeps the chunk's logits blocks
-  (``[chunk_size, V]``, when that is at most ``_KEPT_LOGITS = 2**26`` elements); pass 2
-  turns each block into :math:`G = \mathrm{softmax} - \mathrm{onehot}` and
-  accumulates ``dhidden_unscaled = G W`` ``[N, H]`` (cotangent 1 for every token),
-  saved as a residual with the ``[N]`` logsumexp: ``4NHV`` FLOPs. Past
-  ``_KEPT_LOGITS`` pass 2 recomputes the blocks instead, so memory stays bounded.
-* the backward: ``dhidden = g[:, None] * dhidden_unscaled``, exactly, and
-  ``dweight = G_g^T h``, ``dbias = sum_n G_g`` with :math:`G_g = g (\mathrm{softmax}
-  - \mathrm{onehot})` from logits recomputed chunk by chunk (``4NHV``): ``8NHV`` in
-  all against unfused ``6NHV``. An earlier version also accumulated the unscaled
-  ``[V, H]`` weight gradient in the forward (``6NHV``), but that residual alone was
-  1/8 of the unfused version's temporary memory; measured in
-  ``experiments/bench_kernels.py``, this one stays within 1.09x the unfused time
-  at ``V = 32768`` and uses 0.11x its memory.
+* ``reduction="none"`` (or ``return_lse``) under autodiff, a ``custom_vjp``: the forward
+  is the plain evaluation (``2NHV``), saving the ``[N]`` logsumexp; the backward
+  recomputes each block of logits, forms ``G`` with the per-token cotangents and
+  accumulates ``dhidden = G W``, ``dweight = G^T h`` and ``dbias = sum_n G`` (``6NHV``):
+  ``8NHV`` in all against the unfused ``6NHV``, in a fraction of the memory.
+* ``reduction="sum"`` or ``"mean"`` under autodiff: the cotangent is one scalar, so the
+  ``custom_vjp`` forward computes the loss and all three gradients at once, per token
+  chunk keeping its logits blocks (``[chunk_size, V]``, up to ``_KEPT_LOGITS = 2**26``
+  elements; past that they are recomputed) between the logsumexp pass and the gradient
+  pass: ``6NHV``, as many FLOPs as the unfused matmuls. The backward scales the saved
+  gradients by the scalar. (An earlier design did this for every reduction, saving the
+  unscaled ``[V, H]`` weight gradient; for per-token cotangents that residual was 1/8 of
+  the unfused memory, so only the reduced losses use it now, where it is the output.)
 
-Defaults: ``chunk_size = min(N, 256)`` and ``vocab_chunk_size = min(V, 8192)``
-(an 8 MiB float32 block). On 2 CPU cores at ``N, H, V = 1024, 512, 131072``,
-forward+backward took 5.9 s against 7.7 s with whole-vocabulary blocks (128
-MiB, whose elementwise passes go to DRAM), 6.4 s with 128-row token chunks
-(shorter contractions in ``G^T h``) and 5.9 s with 512-row chunks (twice the
-memory); unfused took 8.0 s. The kept logits of a token chunk are ``256 V`` floats
-(128 MiB at ``V = 131072``); the backward's ``[V, H]`` weight gradient is
-accumulated in place, ``_ACCUMULATE_SLICE`` elements at a time.
+Defaults: ``chunk_size = min(N, 256)`` and ``vocab_chunk_size = min(V, 8192)`` (an
+8 MiB float32 block); 512 and 4096 for the one-pass reduced gradient, whose ``G^T h``
+contracts over the token chunk. On 2 CPU cores at ``N, H, V = 1024, 512, 131072`` the
+per-token path took 5.9 s against 7.7 s with whole-vocabulary blocks (128 MiB, whose
+elementwise passes go to DRAM) and 6.4 s with 128-row token chunks; the ``[V, H]``
+weight gradient is accumulated in place, ``_ACCUMULATE_SLICE`` elements at a time.
+Measured speeds and memory: ``experiments/bench_kernels.py`` and WORKSPACE_NOTES.md.
 
 References:
   Milakov and Gimelshein, "Online normalizer calculation for softmax", 2018
@@ -56,15 +57,23 @@ from lm_jax import allocator
 
 _TOKEN_CHUNK = 256
 _VOCAB_CHUNK = 8192
+# The one-pass gradient of a reduced loss contracts G^T h over the token chunk: longer
+# chunks and shorter vocabulary blocks ran it ~15% faster at N, H, V = 4096, 512, 32768
+# (WORKSPACE_NOTES.md).
+_REDUCED_TOKEN_CHUNK = 512
+_REDUCED_VOCAB_CHUNK = 4096
 _KEPT_LOGITS = 2**26
 _ACCUMULATE_SLICE = 2**22
 
 
-def _chunk_sizes(n: int, v: int, chunk_size, vocab_chunk_size) -> tuple[int, int]:
+def _chunk_sizes(n: int, v: int, chunk_size, vocab_chunk_size, reduced=False) -> tuple[int, int]:
   for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
     if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
       raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-  return (_balanced(n, chunk_size, _TOKEN_CHUNK, 8), _balanced(v, vocab_chunk_size, _VOCAB_CHUNK, 128))
+  token_chunk, vocab_chunk = ((_REDUCED_TOKEN_CHUNK, _REDUCED_VOCAB_CHUNK) if reduced
+                              else (_TOKEN_CHUNK, _VOCAB_CHUNK))
+  return (_balanced(n, chunk_size, token_chunk, 8),
+          _balanced(v, vocab_chunk_size, vocab_chunk, 128))
 
 
 def _balanced(total: int, requested, default: int, align: int) -> int:
@@ -413,9 +422,10 @@ def linear_softmax_cross_entropy(
     logit_soft_cap: :math:`c > 0`, or ``None`` for no capping (Gemma 2 uses 30).
     return_lse: also return ``lse_N`` ``[N]`` (of the capped logits, for every token, masked
       or not), differentiable; then the backward always recomputes (``8NHV``).
-    chunk_size: token rows per chunk (default ``min(N, 256)``).
+    chunk_size: token rows per chunk (default ``min(N, 256)``; 512 for the one-pass
+      ``"sum"``/``"mean"`` gradient).
     vocab_chunk_size: vocabulary entries per block of logits (default
-      ``min(V, 8192)``).
+      ``min(V, 8192)``; 4096 for the one-pass gradient).
 
   Returns:
     ``loss``: ``[N]`` cross-entropy in nats per token (``reduction="none"``) or a scalar,
@@ -468,7 +478,8 @@ def linear_softmax_cross_entropy(
       raise ValueError(f"where must be a boolean array of shape ({n},), got shape {valid_N.shape} "
                        f"and dtype {valid_N.dtype}")
   opts = _check_options(reduction, label_smoothing, z_loss, logit_soft_cap)
-  tc, tv = _chunk_sizes(n, v, chunk_size, vocab_chunk_size)
+  tc, tv = _chunk_sizes(n, v, chunk_size, vocab_chunk_size,
+                        reduced=reduction != "none" and not return_lse)
   _check_labels_in_range(labels_N, valid_N, v)
   dtype = _compute_dtype(hidden_NxH, weight_VxH)
   if n == 0:
