@@ -62,6 +62,8 @@ _HELP = {
     "lr_decay_factor": "zaremba decay divisor per epoch",
     "stop_when_stalled": "plateau schedule: stop when halving no longer improves validation",
     "clip": "clip gradients to this global norm (0: off)",
+    "weight_decay": "--optimizer=adamw only: decoupled weight decay (optax.adamw) of every "
+                    "matrix except the input embedding; biases and vectors are not decayed",
     "grad_reduction": "token_mean, or sum_over_time (sum over T, mean over rows: Zaremba/TF PTB)",
     "epochs": "epochs to train (ignored if --steps > 0)",
     "steps": "total training steps (overrides --epochs)",

@@ -21,15 +21,18 @@ from absl import logging
 
 
 class CheckpointMismatchError(ValueError):
-  """A checkpoint was written by a run whose vocabulary or model shape differs."""
+  """A readable checkpoint was written by a run whose flags or state tree differ."""
 
 
 def make_manager(directory: str, *, max_to_keep: int = 3, async_save: bool = True
                  ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save)
+  # Handlers named up front, so that a fresh process can read a checkpoint's state metadata
+  # (its tree, shapes and dtypes) before restoring it.
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                               item_names=("state", "meta"))
+                               item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                              "meta": ocp.JsonCheckpointHandler()})
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any]) -> None:
@@ -51,12 +54,57 @@ def _restore_target(x: Any) -> jax.ShapeDtypeStruct:
   return struct
 
 
+def _key_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple]:
+  """``{dotted path: (shape, dtype)}`` of a pytree's array leaves, named as orbax names them."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {".".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in flat if hasattr(leaf, "shape")}
+
+
+def state_differences(saved_metadata: Any, abstract_state: Any) -> list[str]:
+  """Where a checkpoint's saved state tree (orbax metadata) and this run's state disagree:
+  leaves only one of them has, and leaves whose shape or dtype differ."""
+  tree = getattr(saved_metadata, "tree", saved_metadata)
+  saved = {getattr(m, "name", None) or path: (tuple(m.shape), str(m.dtype))
+           for path, m in _leaf_specs_of_metadata(tree).items()}
+  current = _leaf_specs(abstract_state)
+  problems = [f"state leaf {name}: only in the checkpoint ({saved[name][0]} {saved[name][1]})"
+              for name in sorted(set(saved) - set(current))]
+  problems += [f"state leaf {name}: only in this run ({current[name][0]} {current[name][1]})"
+               for name in sorted(set(current) - set(saved))]
+  problems += [f"state leaf {name}: checkpoint has {saved[name]}, this run has {current[name]}"
+               for name in sorted(set(saved) & set(current)) if saved[name] != current[name]]
+  return problems
+
+
+def _leaf_specs_of_metadata(tree: Any) -> dict[str, Any]:
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+  return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat
+          if hasattr(leaf, "shape")}
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """``current``'s fields that ``saved`` disagrees on (keys that older checkpoints lack are
-  compared with ``config.FINGERPRINT_DEFAULTS``)."""
+  """``current``'s fields that ``saved`` disagrees on, each with both values.
+
+  Keys that older checkpoints lack are compared with ``config.FINGERPRINT_DEFAULTS`` when it
+  knows the value they had; fields added to the fingerprint later (``clip``, ``bptt``, ...)
+  cannot be checked against such a checkpoint, which is said in a warning.
+  """
   from lm_jax.config import FINGERPRINT_DEFAULTS  # pylint: disable=g-import-not-at-top
   saved = {**{k: v for k, v in FINGERPRINT_DEFAULTS.items() if k in current}, **saved}
-  keys = sorted(set(saved) | set(current))
+  unknown = sorted(k for k in current if k not in saved)
+  if unknown:
+    logging.warning("the checkpoint predates fingerprint fields %s; their values cannot be "
+                    "checked against this run's", unknown)
+  keys = sorted((set(saved) | set(current)) - set(unknown))
   return [f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}"
           for k in keys if saved.get(k) != current.get(k)]
 
@@ -65,13 +113,16 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                    config: dict[str, Any]) -> tuple[int, Any, dict[str, Any]] | None:
   """Restores the newest readable checkpoint, or returns None if there is none.
 
-  A checkpoint that cannot be read (truncated file, missing directory) is moved aside to
-  ``<directory>.quarantine/`` with a warning naming it, and the previous one is tried;
-  if checkpoints exist but none can be read, raises ``RuntimeError`` listing why each
-  failed.
+  Only a checkpoint that cannot be read or decoded (truncated file, missing directory,
+  unreadable metadata) is moved aside to ``<directory>.quarantine/`` with a warning naming
+  it, and the previous one is tried; if checkpoints exist but none can be read, raises
+  ``RuntimeError`` listing why each failed. A checkpoint that reads fine but does not match
+  this run (its config fingerprint, or its state tree's leaves, shapes and dtypes) is never
+  moved: the run stops with :class:`CheckpointMismatchError` before anything is written.
 
   Raises:
-    CheckpointMismatchError: the newest checkpoint's config differs from ``config``.
+    CheckpointMismatchError: the newest readable checkpoint differs from this run, naming
+      each differing flag or state leaf with both values.
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
@@ -92,18 +143,27 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     logging.warning("checkpoint %s is unreadable (%s: %s); moved it to %s and trying an older "
                     "one", path, type(error).__name__, error, dest)
 
+  def mismatch(path, what, problems):
+    shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12 else [])
+    return CheckpointMismatchError(
+        f"checkpoint {path} was written by a run with a different {what}; nothing was "
+        "written or moved (every checkpoint is where it was). Rerun with the original flags "
+        "to resume, or pass another --workdir to start fresh:\n  " + "\n  ".join(shown))
+
   for step in steps:
     path = os.path.join(str(manager.directory), str(step))
     try:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+      saved_tree = manager.item_metadata(step)["state"]
     except Exception as e:  # pylint: disable=broad-except
       quarantine(step, path, e)
       continue
     problems = config_differences(meta.get("config", {}), config)
     if problems:
-      raise CheckpointMismatchError(
-          f"checkpoint {path} was written by a run with a different configuration; use a new "
-          "--workdir or the original flags:\n  " + "\n  ".join(problems))
+      raise mismatch(path, "configuration", problems)
+    problems = [] if saved_tree is None else state_differences(saved_tree, abstract_state)
+    if problems:
+      raise mismatch(path, "state tree", problems)
     try:
       restored = manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))

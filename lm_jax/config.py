@@ -53,6 +53,7 @@ class TrainConfig:
   lr_decay_factor: float = 2.0
   stop_when_stalled: bool = False
   clip: float = 5.0
+  weight_decay: float = 0.01
   grad_reduction: str = "token_mean"
   epochs: int = 3
   steps: int = 0
@@ -149,6 +150,11 @@ class TrainConfig:
       problems.append("--corpus=text needs --text_path")
     if self.cell not in CELLS:
       problems.append(f"--cell={self.cell!r} is not one of {CELLS}")
+    if self.weight_decay < 0:
+      problems.append(f"--weight_decay={self.weight_decay} must be >= 0")
+    if self.optimizer != "adamw" and self.weight_decay != TrainConfig.weight_decay:
+      problems.append(f"--weight_decay={self.weight_decay} has no effect with --optimizer="
+                      f"{self.optimizer} (it only applies to --optimizer=adamw)")
     if self.batching not in ("sequential", "random"):
       problems.append(f"--batching={self.batching!r} must be sequential or random")
     if self.lr_schedule not in ("constant", "zaremba", "plateau"):
@@ -185,8 +191,13 @@ class TrainConfig:
 
 
 def model_fingerprint(config: TrainConfig, vocab_size: int) -> dict:
-  """What a checkpoint must agree on with the current run to be restorable."""
+  """What a checkpoint must agree on with the current run to be restorable: everything that
+  changes the state tree (model shape, optimizer and clipping, whose states are leaves of
+  the optimizer state) or the data order (``bptt``, ``seed``, ``batching``, batch size), and
+  the optimizer's hyperparameters."""
   return {"vocab_size": vocab_size, "cell": config.cell, "layers": config.layers,
           "hidden": config.hidden, "embed": config.embed, "batch_size": config.batch_size,
           "optimizer": config.optimizer, "corpus": config.corpus, "head": config.head,
-          "head_options": config.head_options(), "tie_weights": config.tie_weights}
+          "head_options": config.head_options(), "tie_weights": config.tie_weights,
+          "clip": config.clip, "bptt": config.bptt, "seed": config.seed,
+          "batching": config.batching, "lr": config.lr, "weight_decay": config.weight_decay}

@@ -71,7 +71,8 @@ def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.Language
     raise FileNotFoundError(f"{counts_path} not found: head {config.head!r} is built from the "
                             "training counts train_lm.py saves there")
   model = build_model(config, len(vocab), counts)
-  optimizer = training.make_optimizer(config.optimizer, config.lr, clip=config.clip or None)
+  optimizer = training.make_optimizer(config.optimizer, config.lr, clip=config.clip or None,
+                                      weight_decay=config.weight_decay)
   abstract = jax.eval_shape(lambda: training.create_train_state(
       model, optimizer, seed=config.seed, batch_size=config.batch_size))
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), async_save=False)

@@ -107,6 +107,21 @@ def _learning_rate_for_epoch(config: TrainConfig, epoch: int, current: float) ->
   return current
 
 
+def _check_position(meta: dict, step: int, steps_per_epoch: int, manager) -> None:
+  """The data position saved with a checkpoint must be the one its step gives this run
+  (else the data itself changed, e.g. a different corpus file): stop, naming both."""
+  saved = meta.get("position", {})
+  expected = dict(zip(("epoch", "index"), divmod(step, steps_per_epoch)),
+                  steps_per_epoch=steps_per_epoch)
+  differing = {k: (saved[k], v) for k, v in expected.items() if k in saved and saved[k] != v}
+  if differing:
+    path = os.path.join(str(manager.directory), str(step))
+    raise checkpointing.CheckpointMismatchError(
+        f"checkpoint {path} was saved at data position {saved}, but step {step} of this run's "
+        f"data is {expected} (the training data changed); nothing was written or moved. "
+        "Rerun on the original data, or pass another --workdir to start fresh.")
+
+
 def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   """Trains and evaluates a recurrent LM as ``config`` says; returns results.json's dict.
 
@@ -138,13 +153,11 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   if is_writer:
     run_logging.check_or_save_vocab(workdir, vocab)
-    run_logging.write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
 
   counts = np.bincount(corpus.train, minlength=len(vocab))
-  if is_writer:  # the head (tree, classes, noise) is built from these; generate.py reads them
-    run_logging.write_json(os.path.join(workdir, COUNTS_FILE), counts.tolist())
   model = build_model(config, len(vocab), counts)
-  optimizer = training.make_optimizer(config.optimizer, config.lr, clip=config.clip or None)
+  optimizer = training.make_optimizer(config.optimizer, config.lr, clip=config.clip or None,
+                                      weight_decay=config.weight_decay)
   dp = parallel.make_data_parallel(
       mode, functools.partial(training.train_step, model=model, optimizer=optimizer,
                               grad_reduction=config.grad_reduction,
@@ -163,12 +176,18 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   start_step, evals_at_start = 0, {}
   if restored is not None:
     start_step, restored_state, meta = restored
+    _check_position(meta, start_step, steps_per_epoch, manager)
     state = dp.put_state(restored_state)
     plateau = schedules.PlateauState(**meta["plateau"])
     window = run_logging.TrainWindow(**meta.get("window", {}))
     skipped_total, evals_at_start = meta.get("skipped_total", 0), meta.get("evals", {})
     run_logging.logger.info("resumed from step %d (epoch %d, batch %d)", start_step,
                             meta["position"]["epoch"], meta["position"]["index"])
+  # Written only now: a checkpoint that does not match this run stops it above, before any write.
+  if is_writer:
+    run_logging.write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
+    # The head (tree, classes, noise) is built from these; generate.py reads them.
+    run_logging.write_json(os.path.join(workdir, COUNTS_FILE), counts.tolist())
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   writer = run_logging.MetricsWriter(
       metrics_path, resume_step=start_step, enabled=is_writer,
@@ -243,7 +262,9 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
     drain()
     epoch, index = divmod(step, steps_per_epoch)
     save_meta = {"config": fingerprint, "plateau": dataclasses.asdict(plateau),
-                 "position": {"epoch": epoch, "index": index}, "window": window.as_dict(),
+                 "position": {"epoch": epoch, "index": index,
+                              "steps_per_epoch": steps_per_epoch},
+                 "window": window.as_dict(),
                  "skipped_total": skipped_total,
                  "evals": {split: v for (s, split), v in last_eval.items() if s == step}}
     checkpointing.save(manager, step, dp.get_state(state), save_meta)

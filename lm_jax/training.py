@@ -107,11 +107,23 @@ def scale_by_lazy_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
   return optax.GradientTransformation(init, update)
 
 
+def weight_decay_mask(params: PyTree) -> PyTree:
+  """True for the leaves AdamW decays: every matrix (rank >= 2) except the input embedding
+  ``embed_VxE`` (tied or not); biases, vectors and scalars are never decayed."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  names = lambda path: {str(getattr(k, "key", getattr(k, "name", ""))) for k in path}
+  return jax.tree_util.tree_unflatten(
+      treedef, [jnp.ndim(leaf) >= 2 and "embed_VxE" not in names(path) for path, leaf in flat])
+
+
 def make_optimizer(name: str, learning_rate: float, *, clip: float | None = None,
                    momentum: float = 0.0, weight_decay: float = 0.0
                    ) -> optax.GradientTransformation:
-  """Global-norm clipping followed by SGD, Adam(W) or lazy Adam, learning rate injectable.
+  """Global-norm clipping followed by SGD, Adam, AdamW or lazy Adam, learning rate injectable.
 
+  ``adamw`` is optax's decoupled weight decay (Loshchilov and Hutter 2019): each step also
+  subtracts ``learning_rate * weight_decay * param`` from the leaves
+  :func:`weight_decay_mask` selects (matrices other than the input embedding).
   The learning rate is a hyperparameter in the optimizer state
   (``opt_state.hyperparams["learning_rate"]``) so epoch-level schedules that depend
   on validation results (Mikolov's halving) can be applied from the host.
@@ -127,7 +139,7 @@ def make_optimizer(name: str, learning_rate: float, *, clip: float | None = None
     elif name == "lazy_adam":
       opt = optax.chain(scale_by_lazy_adam(), optax.scale_by_learning_rate(learning_rate))
     else:
-      opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+      opt = optax.adamw(learning_rate, weight_decay=weight_decay, mask=weight_decay_mask)
     if clip:
       opt = optax.chain(optax.clip_by_global_norm(clip), opt)
     return opt

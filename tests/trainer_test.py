@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -304,3 +305,107 @@ def test_every_head_trains_evaluates_and_generates(tmp_path, head, options):
   ids = generation.generate(model, params, [vocab.to_ids(["s0"])[0]], num_tokens=5,
                             key=jax.random.PRNGKey(0), temperature=1.0)
   assert len(ids) == 5 and all(0 <= int(i) < len(vocab) for i in ids)
+
+
+# Restore safety (issue 13): a changed flag is not a damaged file.
+
+def _listing(directory):
+  return sorted(os.path.relpath(os.path.join(root, name), directory)
+                for root, _, names in os.walk(directory) for name in names)
+
+
+def test_restore_through_train_lm_never_moves_a_good_checkpoint(tmp_path):
+  workdir = tmp_path / "w"
+  run = lambda *extra: subprocess.run(_script(workdir, "--steps=16", *extra), capture_output=True,
+                                      text=True, timeout=300, cwd=REPO)
+  first = run()
+  assert first.returncode == 0, first.stderr[-3000:]
+  before = _listing(workdir)
+  config_json = (workdir / "config.json").read_text()
+  for flag, message in (("--clip=0", "clip: checkpoint has 5.0, this run has 0.0"),
+                        ("--bptt=4", "bptt: checkpoint has 8, this run has 4"),
+                        ("--batching=random", "batching: checkpoint has 'sequential', this run "
+                         "has 'random'")):
+    changed = run(flag)
+    assert changed.returncode != 0
+    assert message in changed.stderr and "another --workdir" in changed.stderr, flag
+    assert "nothing was written or moved" in changed.stderr
+    assert _listing(workdir) == before, flag  # no file moved, added or rewritten away
+    assert (workdir / "config.json").read_text() == config_json
+    assert not (workdir / "checkpoints.quarantine").exists()
+  # A damaged file is the one thing that is moved aside; the older checkpoint is used.
+  newest = workdir / "checkpoints" / "16" / "state"
+  victim = next(os.path.join(root, name) for root, _, names in os.walk(newest)
+                for name in sorted(names))
+  with open(victim, "wb") as f:
+    f.write(b"garbage")
+  resumed = run("--steps=24")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step 8" in resumed.stderr
+  assert [p.split("-")[0] for p in os.listdir(workdir / "checkpoints.quarantine")] == ["16"]
+
+
+def test_state_tree_mismatch_is_named_and_nothing_moves(tmp_path):
+  from lm_jax import language_model
+  from lm_jax import training
+  model = language_model.make_language_model(vocab_size=7, embed_size=3, hidden_size=4,
+                                             num_layers=1, cell="gru")
+  state = lambda clip: training.create_train_state(
+      model, training.make_optimizer("adam", 1e-3, clip=clip), seed=0, batch_size=2)
+  manager = checkpointing.make_manager(str(tmp_path / "checkpoints"), async_save=False)
+  checkpointing.save(manager, 3, state(None), {"config": {"a": 1}})
+  manager.wait_until_finished()
+  before = _listing(tmp_path)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"different state tree.*\n.*state leaf opt_state\.inner_state"):
+    checkpointing.restore_latest(manager, state(1.0), {"a": 1})
+  assert _listing(tmp_path) == before
+  step, restored, _ = checkpointing.restore_latest(manager, state(None), {"a": 1})
+  assert step == 3 and jax.tree.structure(restored) == jax.tree.structure(state(None))
+
+
+def test_fingerprint_covers_what_changes_the_state_or_the_data_order(caplog):
+  from lm_jax.config import model_fingerprint
+  base = model_fingerprint(_config("w"), 16)
+  for field, value in (("clip", 0.0), ("bptt", 4), ("seed", 1), ("batching", "random"),
+                       ("optimizer", "adamw"), ("lr", 0.5), ("weight_decay", 0.1),
+                       ("batch_size", 2)):
+    changed = model_fingerprint(_config("w", **{field: value}), 16)
+    problems = checkpointing.config_differences(base, changed)
+    assert any(p.startswith(f"{field}: checkpoint has") for p in problems), field
+  # A checkpoint from before a field existed: not checked, and said so.
+  old = {k: v for k, v in base.items() if k not in ("clip", "bptt")}
+  assert checkpointing.config_differences(old, base) == []
+  assert "predates fingerprint fields ['bptt', 'clip']" in caplog.text
+
+
+def test_data_position_is_read_from_the_checkpoint_and_checked():
+  manager = type("M", (), {"directory": "/ckpt"})()
+  trainer._check_position({"position": {"epoch": 2, "index": 1, "steps_per_epoch": 5}}, 11, 5,
+                          manager)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"data position .*'steps_per_epoch': 5.*'steps_per_epoch': 6"):
+    trainer._check_position({"position": {"epoch": 2, "index": 1, "steps_per_epoch": 5}}, 11, 6,
+                            manager)
+
+
+def test_adamw_decays_matrices_but_not_biases_or_the_embedding():
+  import optax
+  from lm_jax import training
+  params = {"embed_VxE": np.ones((3, 2)), "layers": [{"W_hh_HxG": np.ones((2, 2)),
+                                                       "b_G": np.ones(2)}],
+            "head": {"weight_VxH": np.ones((3, 2)), "bias_V": np.ones(3)}}
+  params = jax.tree.map(jnp.asarray, params)
+  mask = training.weight_decay_mask(params)
+  assert mask == {"embed_VxE": False, "layers": [{"W_hh_HxG": True, "b_G": False}],
+                  "head": {"weight_VxH": True, "bias_V": False}}
+  opt = training.make_optimizer("adamw", 0.1, weight_decay=0.5)
+  zero = jax.tree.map(jnp.zeros_like, params)  # zero gradient: only the decay moves params
+  updates, _ = opt.update(zero, opt.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["layers"][0]["W_hh_HxG"], 1.0 - 0.1 * 0.5)
+  np.testing.assert_allclose(new["head"]["weight_VxH"], 0.95)
+  np.testing.assert_array_equal(new["embed_VxE"], 1.0)
+  np.testing.assert_array_equal(new["layers"][0]["b_G"], 1.0)
+  with pytest.raises(ValueError, match=r"--weight_decay=0.1 has no effect with --optimizer=adam"):
+    _config("w", weight_decay=0.1).validate()

@@ -11,6 +11,16 @@ hierarchical, NCE) without changing anything else. The contract every head keeps
   used for evaluation and perplexity.
 * ``sample`` draws from ``exp(log_probs / temperature)`` renormalised; ``temperature=0``
   is greedy argmax.
+* **Targets** (:func:`check_targets`, one helper for every head): a token where ``where``
+  is False is ignored whatever its id (``-1`` padding works, eager and under ``jit``: loss
+  0, zero gradient); a counted target outside ``[0, V)`` raises ``ValueError`` naming the
+  id, its index and ``V`` when the targets are concrete, and gives NaN in ``loss``,
+  ``log_prob`` and the ``sparse`` loss under ``jit``; never a finite number.
+* **Dtypes**: bfloat16 params and hidden states are accepted; softmaxes and log-sigmoids
+  run in float32 and losses and log-probabilities come back in float32.
+* **Tables**: what the head needs besides its trainable ``params`` (tree paths, class maps,
+  alias tables) is ``head.tables``, taken by every function as ``tables=`` so that it can
+  reach a compiled program as an argument rather than as embedded constants.
 
 References:
   Chen, Grangier and Auli, "Strategies for training large vocabulary neural
