@@ -61,20 +61,21 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
-def _leaf_specs(tree: Any) -> dict[str, tuple]:
-  """``{dotted path: (shape, dtype)}`` of a pytree's array leaves, named as orbax names them."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {".".join(_key_name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
-          for path, leaf in flat if hasattr(leaf, "shape")}
+def _named_leaves(tree: Any) -> dict[str, Any]:
+  """``{dotted path: leaf}`` of a pytree's array-like leaves (arrays, abstract arrays or
+  orbax's array metadata), named as orbax names them (``opt_state.0.mu.embed_VxE``)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+  return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat
+          if hasattr(leaf, "shape")}
 
 
 def state_differences(saved_metadata: Any, abstract_state: Any) -> list[str]:
   """Where a checkpoint's saved state tree (orbax metadata) and this run's state disagree:
   leaves only one of them has, and leaves whose shape or dtype differ."""
-  tree = getattr(saved_metadata, "tree", saved_metadata)
-  saved = {getattr(m, "name", None) or path: (tuple(m.shape), str(m.dtype))
-           for path, m in _leaf_specs_of_metadata(tree).items()}
-  current = _leaf_specs(abstract_state)
+  saved, current = ({name: (tuple(leaf.shape), str(leaf.dtype))
+                     for name, leaf in _named_leaves(tree).items()}
+                    for tree in (getattr(saved_metadata, "tree", saved_metadata), abstract_state))
   problems = [f"state leaf {name}: only in the checkpoint ({saved[name][0]} {saved[name][1]})"
               for name in sorted(set(saved) - set(current))]
   problems += [f"state leaf {name}: only in this run ({current[name][0]} {current[name][1]})"
@@ -82,13 +83,6 @@ def state_differences(saved_metadata: Any, abstract_state: Any) -> list[str]:
   problems += [f"state leaf {name}: checkpoint has {saved[name]}, this run has {current[name]}"
                for name in sorted(set(saved) & set(current)) if saved[name] != current[name]]
   return problems
-
-
-def _leaf_specs_of_metadata(tree: Any) -> dict[str, Any]:
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-  return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat
-          if hasattr(leaf, "shape")}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

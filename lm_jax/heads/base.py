@@ -159,9 +159,8 @@ def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.Arr
   return new_params, loss_N, grad_hidden_NxH
 
 
-def _loss_dtype(*xs):
-  """The dtype a head computes and returns its losses in: float32, or float64 for float64."""
-  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+# The dtype a head computes and returns its losses in: float32, or float64 for float64.
+_loss_dtype = fused._compute_dtype
 
 
 def check_targets(targets_N: jax.typing.ArrayLike, vocab_size: int,
