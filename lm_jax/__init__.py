@@ -58,4 +58,6 @@ from lm_jax.text import Vocab
 from lm_jax.training import TrainState
 from lm_jax.training import train_step
 
+allocator.apply_at_import()  # CPU-only JAX on glibc: see lm_jax.allocator (opt-out env var)
+
 __version__ = "0.1.0"

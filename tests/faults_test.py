@@ -19,7 +19,8 @@ from lm_jax.config import TrainConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(corpus="synthetic", synthetic_vocab_size=16, synthetic_train_tokens=2000,
             cell="gru", hidden=16, embed=8, batch_size=4, bptt=8, optimizer="adam", lr=1e-2,
-            steps=12, checkpoint_every=4, log_every=4, eval_batch_size=2, dropout=0.2)
+            steps=12, checkpoint_every=4, log_every=4, eval_batch_size=2, dropout=0.2,
+            parallel="none")  # one device, as on one GPU (conftest.py)
 
 
 def _run(workdir, **overrides):
@@ -69,7 +70,8 @@ def test_stop_signals_flag_and_second_ctrl_c():
   assert err.exit_code == 130 and "SIGINT after step 7" in str(err)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM,
+                                    pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_mid_window_saves_and_resume_is_bit_identical(tmp_path, monkeypatch, straight,
                                                              signum):
   """Stopped after step 6 (not a log or checkpoint step): the rerun ends as the straight run."""

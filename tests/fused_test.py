@@ -53,8 +53,7 @@ CASES = [
     # n, h, v, chunk_size, vocab_chunk_size, with_bias, with_where, uniform cotangent
     (13, 5, 17, 4, 5, True, False, True),  # neither N nor V a multiple of its chunk
     (13, 5, 17, 4, 5, False, True, False),
-    (13, 5, 17, 4, None, True, True, True),  # default vocabulary chunk: the whole vocabulary
-    (13, 5, 17, 4, None, False, False, False),
+    (13, 5, 17, 4, None, True, True, True),  # default vocabulary chunk: one block of all V
     (7, 3, 11, 1, 1, True, True, False),  # one token and one vocabulary entry per chunk
     (7, 3, 11, 100, 100, False, True, True),  # chunks larger than N and V
     (40, 6, 33, 8, 16, True, True, False),

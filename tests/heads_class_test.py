@@ -107,8 +107,9 @@ def test_class_major_rows_keep_classes_contiguous():
     assert np.all(np.diff(class_of_V[np.argsort(row_of_V)]) >= 0)  # Class by class.
 
 
-@pytest.mark.parametrize("binning,tokens_per_item", [("mass", None), ("sqrt", None),
-                                                     ("sqrt", 1), ("mass", 64)])
+@pytest.mark.parametrize("binning,tokens_per_item", [
+    ("mass", None), pytest.param("sqrt", None, marks=pytest.mark.slow), ("sqrt", 1),
+    pytest.param("mass", 64, marks=pytest.mark.slow)])
 def test_equals_two_factor_product_and_is_normalised(binning, tokens_per_item):
   head, params, hidden_NxH, targets_N = _setup(binning=binning, tokens_per_item=tokens_per_item)
   class_of_V = class_based.word_classes(COUNTS, 4, binning=binning)[0]

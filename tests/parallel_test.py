@@ -42,10 +42,10 @@ def test_resolve_mode():
 
 
 @pytest.mark.parametrize("mode,dropout,head", [
-    ("shard_map", 0.0, None), ("pmap", 0.0, None),
+    pytest.param("shard_map", 0.0, None, marks=pytest.mark.slow), ("pmap", 0.0, None),
     # Dropout masks are drawn per global row and a sampled head's shared draws from one key,
     # so these match one device too.
-    ("shard_map", 0.3, None), ("shard_map", 0.3, "nce")])
+    pytest.param("shard_map", 0.3, None, marks=pytest.mark.slow), ("shard_map", 0.3, "nce")])
 def test_three_carried_steps_equal_one_device(mode, dropout, head):
   """Params, carried state and metrics after 3 sequential steps equal single-device ones."""
   assert jax.device_count() >= 4
@@ -75,7 +75,7 @@ def test_three_carried_steps_equal_one_device(mode, dropout, head):
   assert int(multi.step) == 3
 
 
-@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+@pytest.mark.parametrize("mode", ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
 def test_evaluate_sums_are_exact_across_devices(mode):
   """Padding rows to the device count adds nothing: token counts exact, losses equal."""
   model = _model()
@@ -145,7 +145,7 @@ def single_device_run(tmp_path_factory):
   return workdir, results
 
 
-@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+@pytest.mark.parametrize("mode", ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
 def test_trainer_run_equals_single_device(tmp_path, single_device_run, mode):
   """A whole run (sequential batches, carried state, evaluation) on 4 devices equals 1 device."""
   none_dir, none_results = single_device_run

@@ -56,7 +56,7 @@ MASK_BxT = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 0, 1, 1]], bool)
 
 
 @pytest.mark.parametrize("name", CELLS)
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_scan_equals_python_loop_and_unhoisted(name, masked):
   cell, params, x_BxTxE, carry = _setup(name)
   mask_BxT = MASK_BxT if masked else None
@@ -171,7 +171,7 @@ def test_padding_leaves_carry_unchanged(name):
   mask_BxT = jnp.arange(T)[None, :] < 3
   _, prefix_final = scan_jit(cell, params, x_BxTxE[:, :3], carry)
   _, padded_final = scan_jit(cell, params, x_BxTxE, carry, jnp.broadcast_to(mask_BxT, (B, T)))
-  _assert_trees_close(padded_final, prefix_final, rtol=1e-6, atol=1e-7)
+  _assert_trees_close(padded_final, prefix_final, rtol=1e-5, atol=1e-6)  # two programs
 
 
 @settings(deadline=None, max_examples=20)

@@ -23,7 +23,8 @@ TIMING_KEYS = ("wall_time", "tokens_per_sec")
 
 TINY = dict(corpus="synthetic", synthetic_vocab_size=16, synthetic_train_tokens=3000,
             cell="lstm", hidden=16, embed=8, batch_size=4, bptt=8, optimizer="adam", lr=1e-2,
-            steps=24, checkpoint_every=8, log_every=4, eval_batch_size=2)
+            steps=24, checkpoint_every=8, log_every=4, eval_batch_size=2,
+            parallel="none")  # one device, as on one GPU (conftest.py)
 
 
 def _config(workdir, **overrides):
@@ -53,6 +54,7 @@ def test_run_writes_everything_a_researcher_needs(tmp_path):
     assert key in results
   np.testing.assert_allclose(results["valid_perplexity"],
                              2.0 ** results["valid_bits_per_token"], rtol=1e-9)
+  assert (results["parallel"], results["num_devices"]) == ("none", 1)  # the one-device path
   records = run_logging.read_metrics(str(tmp_path / "metrics.jsonl"))
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
@@ -71,13 +73,23 @@ def test_elman_direct_trains_without_an_input_matrix(tmp_path):
   assert results["valid_perplexity"] < 16  # below the uniform model over the 16 words
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["cell"] == "elman_direct"
+  names = {jax.tree_util.keystr(path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(_final_params(tmp_path))[0]}
+  assert any("W_hh_HxG" in n for n in names), names
+  assert not any("W_xh" in n for n in names), names  # the flag took effect: no input matrix
 
 
 def test_variational_dropout_trains(tmp_path):
-  results = trainer.train_and_evaluate(_config(tmp_path, dropout=0.3, variational_dropout=True))
+  results = trainer.train_and_evaluate(_config(tmp_path / "v", dropout=0.3,
+                                               variational_dropout=True))
   assert results["steps"] == 24 and results["valid_perplexity"] < 16
-  with open(tmp_path / "config.json") as f:
+  with open(tmp_path / "v" / "config.json") as f:
     assert json.load(f)["variational_dropout"] is True
+  # The flag took effect: one mask per sequence drops other units than a mask per step, so
+  # the first logged training loss differs from the same run with per-step masks.
+  trainer.train_and_evaluate(_config(tmp_path / "s", dropout=0.3, steps=4))
+  first = lambda d: next(r["loss_nats"] for r in _metrics(tmp_path / d) if r["split"] == "train")
+  assert first("v") != first("s")
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
