@@ -17,9 +17,10 @@ COUNTS = np.array([40, 3, 25, 0, 9, 9, 1, 14, 2, 6, 0, 5])  # V = 12, ids not so
 V = COUNTS.shape[0]
 
 
-def _setup(num_classes=4, binning="mass", seed=0, dtype=jnp.float32, tokens_per_item=None):
+def _setup(num_classes=4, binning="mass", seed=0, dtype=jnp.float32, tokens_per_item=None,
+           backward="scan"):
   head = class_based.class_softmax(COUNTS, num_classes, binning=binning,
-                                   tokens_per_item=tokens_per_item)
+                                   tokens_per_item=tokens_per_item, backward=backward)
   rng = np.random.default_rng(seed)
   shapes = jax.eval_shape(lambda k: head.init(k, H), jax.random.PRNGKey(0))
   params = jax.tree.map(lambda s: jnp.asarray(rng.uniform(-1, 1, s.shape), dtype), shapes)
@@ -124,12 +125,38 @@ def test_equals_two_factor_product_and_is_normalised(binning, tokens_per_item):
                              -expected[np.arange(N), np.asarray(targets_N)], rtol=1e-5, atol=1e-5)
 
 
-def test_check_grads_of_loss():
+@pytest.mark.parametrize("backward, modes", [("scan", ("rev",)), ("autodiff", ("fwd", "rev"))])
+def test_check_grads_of_loss(backward, modes):
   with jax.enable_x64(True):
-    head, params, hidden_NxH, targets_N = _setup(dtype=jnp.float64)
+    head, params, hidden_NxH, targets_N = _setup(dtype=jnp.float64, backward=backward)
     where_N = jnp.array([True, True, False, True, True, True])
     check_grads(lambda p, h: head.loss(p, h, targets_N, where=where_N), (params, hidden_NxH),
-                order=1, modes=("fwd", "rev"))
+                order=1, modes=modes)
+
+
+@pytest.mark.parametrize("binning, tokens_per_item", [("mass", None), ("equal", 1), ("sqrt", 4)])
+def test_scan_backward_equals_autodiff_of_the_gathered_windows(binning, tokens_per_item):
+  """The default loss (windows sliced in place, hand-written backward) against autodiff of
+  the gathered windows, float64: values and the gradients of every param and the hidden
+  states, with a masked token and repeated classes."""
+  with jax.enable_x64(True):
+    kw = dict(binning=binning, dtype=jnp.float64, tokens_per_item=tokens_per_item, seed=4)
+    scan, params, hidden_NxH, targets_N = _setup(**kw)
+    autodiff = _setup(**kw, backward="autodiff")[0]
+    targets_N = targets_N.at[3].set(targets_N[0])  # two tokens of one class share an item
+    where_N = jnp.array([True, True, True, True, False, True])
+    cotangent_N = jnp.arange(1.0, N + 1)  # not uniform: each token's weight reaches its rows
+
+    def value_and_grads(head):
+      f = lambda p, h: jnp.sum(cotangent_N * head.loss(p, h, targets_N, where=where_N))
+      return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, hidden_NxH)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12),
+                 value_and_grads(scan), value_and_grads(autodiff))
+    with pytest.raises(TypeError, match="forward-mode"):
+      jax.jvp(lambda h: scan.loss(params, h, targets_N), (hidden_NxH,), (hidden_NxH,))
+  with pytest.raises(ValueError, match=r"backward must be one of \('scan', 'autodiff'\)"):
+    class_based.class_softmax(COUNTS, 4, backward="jvp")
 
 
 def test_init_shapes():
