@@ -8,7 +8,9 @@ gradient of the head's output matrices:
   Whatever the head reads, the gradient of a ``[V, H]`` matrix is a ``[V, H]`` array, so
   this costs at least O(V H) per step (zero-fill plus scatter).
   ``hsm_autodiff`` is the hierarchical softmax differentiated by autodiff of the plain walk,
-  timed beside the default chunked backward (:func:`lm_jax.heads.hierarchical.path_nll`).
+  timed beside the default chunked backward (:func:`lm_jax.heads.hierarchical.path_nll`);
+  ``class_autodiff`` is the class head differentiated through its gathered windows, beside
+  the default scan over windows sliced in place.
 * ``sparse``: :func:`lm_jax.heads.sparse_sgd_step`, gradients w.r.t. the gathered rows
   only, applied by an in-place scatter-add (params donated), as word2vec's SGD does. Only
   heads whose loss reads few rows have it (not ``full`` or ``dsoftmax``).
@@ -75,9 +77,11 @@ def _head_variants(name):
   """``[(row label, make_head options)]`` for one head name."""
   if name in ("nce", "neg", "sampled"):
     return [(name, {"num_samples": _SAMPLES.value})]
-  if name == "class":
-    return [("class" if b == "equal" else f"class_{b}", {"binning": b})
-            for b in _CLASS_BINNINGS.value]
+  if name == "class":  # The scan backward (default) per binning, and autodiff of the
+    # gathered windows beside the default binning.
+    return ([("class" if b == "equal" else f"class_{b}", {"binning": b})
+             for b in _CLASS_BINNINGS.value]
+            + [("class_autodiff", {"binning": _CLASS_BINNINGS.value[0], "backward": "autodiff"})])
   if name == "hsm":  # The chunked backward (default) and autodiff of the same walk.
     return [("hsm", {}), ("hsm_autodiff", {"backward": "autodiff"})]
   return [(name, {})]
@@ -86,6 +90,8 @@ def _head_variants(name):
 def _make_head(name, vocab_size, counts, options):
   if name == "hsm" and "backward" in options:  # Not a make_head option: a factory keyword.
     return heads.hierarchical_softmax(heads.huffman_tree(counts), backward=options["backward"])
+  if name == "class" and "backward" in options:
+    return heads.class_softmax(counts, binning=options["binning"], backward=options["backward"])
   return heads.make_head(name, vocab_size=vocab_size, counts=counts, **options)
 
 
@@ -121,8 +127,8 @@ def bench_vocab_size(vocab_size):
     n = full_tokens if name in ("full", "dsoftmax") else num_tokens  # the O(V H) heads
     hidden_NxH, targets_N = _inputs(vocab_size, n, hidden, counts)
     for mode in _MODES.value:
-      if mode == "sparse" and (head.sparse is None or label == "hsm_autodiff"):
-        continue  # (hsm's sparse rows do not depend on its dense backward)
+      if mode == "sparse" and (head.sparse is None or label.endswith("_autodiff")):
+        continue  # (the sparse rows do not depend on the dense backward)
       params = head.init(jax.random.PRNGKey(0), hidden)
       if mode == "dense":
         # Dense-mode params are only read, so heads share one array per shape (their values

@@ -368,8 +368,9 @@ def test_bench_heads_script_smoke(tmp_path):
   assert {(v, "full", "dense") for v in (64, 256)} <= keys
   assert {(v, h, m) for v in (64, 256) for h in ("class", "hsm", "nce")
           for m in ("dense", "sparse")} <= keys
-  assert {(v, "hsm_autodiff", "dense") for v in (64, 256)} <= keys  # beside the chunked hsm
-  assert not any(h == "hsm_autodiff" and m == "sparse" for _, h, m in keys)
+  for name in ("hsm_autodiff", "class_autodiff"):  # beside the default backwards
+    assert {(v, name, "dense") for v in (64, 256)} <= keys
+    assert not any(h == name and m == "sparse" for _, h, m in keys)
   full_us = {r["V"]: r["us_per_token"] for r in payload["rows"] if r["head"] == "full"}
   for r in payload["rows"]:  # each ratio is against the full softmax at the same V
     assert np.isfinite(r["us_per_token"]) and r["tokens"] == 32

@@ -309,10 +309,13 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
   word ``words_by_row[r]`` (classes contiguous, each in decreasing frequency), so a class is
   the ``M``-row window starting at ``min(first row of c, V - M)`` (``M`` the largest class),
   with no padding rows. Training (``loss``, ``log_prob``) sorts the tokens by class into
-  :func:`class_work_list` items of ``K`` tokens, gathers one window per item and scores each
-  item's ``[K, H]`` hidden states against it in one batched matmul, then reads back each
-  token's log-sum-exp and target logit: :math:`O(H (C + M))` per token, ``K`` tokens sharing
-  each gathered window (so the backward scatters ``L`` windows, not ``N M`` rows). ``loss``
+  :func:`class_work_list` items of ``K`` tokens and scores each item's ``[K, H]`` hidden
+  states against its class's window, then reads back each token's log-sum-exp and target
+  logit: :math:`O(H (C + M))` per token, ``K`` tokens sharing each window. By default
+  (``backward="scan"``) the windows are sliced out of ``word_weight_VxH`` in place, item by
+  item, and the backward adds each window's gradient into one ``[V, H]`` array
+  (:func:`_windowed_word_nll`); ``sparse`` (and ``backward="autodiff"``) gathers the ``L``
+  windows into one ``[L, M, H]`` array and scores them in one batched matmul. ``loss``
   ignores ``key``. ``log_probs`` builds the full ``[N, V]`` distribution in :math:`O(V H)`.
   ``sample`` at ``temperature=1.0`` (a Python number) draws the class, then the word in it,
   in :math:`O(H (C + M))`; tempering does not factor over the two levels, so any other
