@@ -70,8 +70,8 @@ def test_stop_signals_flag_and_second_ctrl_c():
   assert err.exit_code == 130 and "SIGINT after step 7" in str(err)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM,
-                                    pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.slow  # end to end; test_stop_signals_flag_and_second_ctrl_c is the fast check
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_window_saves_and_resume_is_bit_identical(tmp_path, monkeypatch, straight,
                                                              signum):
   """Stopped after step 6 (not a log or checkpoint step): the rerun ends as the straight run."""

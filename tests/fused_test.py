@@ -320,7 +320,7 @@ _OPTION_CASES = [dict(reduction="sum"), dict(reduction="mean"), dict(label_smoot
 
 
 @pytest.mark.parametrize("options", _OPTION_CASES)
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_options_match_the_materialised_reference_in_value_and_gradient(options, masked):
   with jax.enable_x64(True):
     hidden, weight, bias, labels = _problem(11, 3, 13, seed=21, dtype=np.float64)

@@ -133,8 +133,9 @@ def test_masking_gives_zero_loss_and_zero_gradient(name):
     np.testing.assert_array_equal(g, 0.0)
 
 
-@pytest.mark.parametrize("name, shared", [("nce_learned", True), ("neg", False),
-                                          ("sampled", True), ("sampled", False)])
+@pytest.mark.parametrize("name, shared", [
+    ("nce_learned", True), pytest.param("neg", False, marks=pytest.mark.slow),
+    pytest.param("sampled", True, marks=pytest.mark.slow), ("sampled", False)])
 def test_check_grads(name, shared):
   with jax.enable_x64(True):
     head = FACTORIES[name](noise.log_uniform_noise(V), K, shared_samples=shared)

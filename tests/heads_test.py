@@ -101,7 +101,7 @@ def test_full_softmax_matches_numpy_float64():
 
 
 @pytest.mark.parametrize("name", ALL_HEADS)
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
+@pytest.mark.parametrize("temperature", [1.0, pytest.param(0.5, marks=pytest.mark.slow)])
 def test_sample_frequencies_match_probabilities(name, temperature):
   head, params, hidden_NxH, _ = _setup(name)
   draws = 4000

@@ -42,7 +42,8 @@ def test_resolve_mode():
 
 
 @pytest.mark.parametrize("mode,dropout,head", [
-    pytest.param("shard_map", 0.0, None, marks=pytest.mark.slow), ("pmap", 0.0, None),
+    pytest.param("shard_map", 0.0, None, marks=pytest.mark.slow),
+    ("pmap", 0.0, None),
     # Dropout masks are drawn per global row and a sampled head's shared draws from one key,
     # so these match one device too.
     pytest.param("shard_map", 0.3, None, marks=pytest.mark.slow), ("shard_map", 0.3, "nce")])
@@ -157,6 +158,7 @@ def test_trainer_run_equals_single_device(tmp_path, single_device_run, mode):
                generation.load_trained(str(none_dir))[3])
 
 
+@pytest.mark.slow  # end to end; in the full suite (FULL=1)
 def test_resume_on_another_device_count(tmp_path, single_device_run):
   """Checkpoints hold the global layout: 4 devices for 4 steps, then 1 device, equals 1 device."""
   none_dir, _ = single_device_run

@@ -186,7 +186,8 @@ def test_masked_steps_are_skipped(mask_T, name, seed):
   _assert_trees_close(final, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,modes", [("rnn_tanh", ("rev",)), ("gru", ("rev",)),
+@pytest.mark.parametrize("name,modes", [pytest.param("rnn_tanh", ("rev",), marks=pytest.mark.slow),
+                                        pytest.param("gru", ("rev",), marks=pytest.mark.slow),
                                         ("lstm", ("fwd", "rev"))])
 def test_check_grads(name, modes):
   with jax.enable_x64(True):

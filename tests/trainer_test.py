@@ -121,6 +121,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
   _assert_same_params(_final_params(straight), _final_params(interrupted))
 
 
+@pytest.mark.slow  # end to end; in the full suite (FULL=1)
 def test_same_seed_same_metrics(tmp_path):
   trainer.train_and_evaluate(_config(tmp_path / "a", steps=8))
   trainer.train_and_evaluate(_config(tmp_path / "b", steps=8))
@@ -326,6 +327,7 @@ def _listing(directory):
                 for root, _, names in os.walk(directory) for name in names)
 
 
+@pytest.mark.slow  # end to end; in the full suite (FULL=1)
 def test_restore_through_train_lm_never_moves_a_good_checkpoint(tmp_path):
   workdir = tmp_path / "w"
   run = lambda *extra: subprocess.run(_script(workdir, "--steps=16", *extra), capture_output=True,

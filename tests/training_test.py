@@ -153,6 +153,7 @@ def test_unknown_optimizer_is_named():
     training.make_optimizer("rmsprop", 1.0)
 
 
+@pytest.mark.slow  # multi-device; parallel_test.py's fast cases cover both modes' steps
 @pytest.mark.parametrize("parallel", ["shard_map", "pmap"])
 def test_parallel_step_equals_single_device(parallel):
   """A step on 4 fake CPU devices equals one device on the whole batch (params to 1e-6)."""
