@@ -87,24 +87,22 @@ def keep_freed_memory(*, arenas: int = 1) -> bool:
   """
   if arenas < 1:
     raise ValueError(f"need arenas >= 1, got {arenas}")
-  libc = _glibc()
-  if libc is None:
-    return False
-  return all(libc.mallopt(param, value) == 1
-             for param, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
-                                  (_M_ARENA_MAX, arenas)))
+  return _mallopt(((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, arenas)))
 
 
 def restore_glibc_defaults() -> bool:
   """Puts back glibc's documented defaults for the three settings of :func:`keep_freed_memory`
   (``M_MMAP_MAX`` 65536, ``M_TRIM_THRESHOLD`` 128 KiB, ``M_ARENA_MAX`` 0: by core count). The
   mmap and trim thresholds then stay fixed instead of adapting. Returns False off glibc."""
+  return _mallopt(((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024), (_M_ARENA_MAX, 0)))
+
+
+def _mallopt(settings) -> bool:
+  """``mallopt(param, value)`` for each pair; True if glibc accepted all, False off glibc."""
   libc = _glibc()
   if libc is None:
     return False
-  return all(libc.mallopt(param, value) == 1
-             for param, value in ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024),
-                                  (_M_ARENA_MAX, 0)))
+  return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
 def _opted_out() -> bool:
@@ -166,8 +164,9 @@ def apply_cpu_default() -> bool:
                    jax.default_backend())
     _cpu_default = False
   else:
-    when = "since import" if _applied_at_import else "from now on (late: threads that "\
-        "already allocated keep their own arenas; import lm_jax before the first JAX work)"
+    when = ("since import" if _applied_at_import else
+            "from now on (late: threads that already allocated keep their own arenas; "
+            "import lm_jax before the first JAX work)")
     _cpu_default = _applied_at_import or keep_freed_memory()
     _logger.info("lm_jax: XLA:CPU backend, glibc malloc keeps freed memory for reuse %s "
                  "(applied: %s; opt out with %s=0)", when, _cpu_default, ENV_VAR)

@@ -42,8 +42,14 @@ SAMPLED = ("nce", "neg", "sampled")
 # the other variants (binnings, trees) run in the full suite (`-m "slow or not slow"`).
 FAST_VARIANTS = ("full_softmax", "class_mass", "hsm_huffman", "dsoftmax", "nce", "neg",
                  "sampled")
-ALL_HEADS = [n if n in FAST_VARIANTS else pytest.param(n, marks=pytest.mark.slow)
-             for n in HEAD_FACTORIES]
+
+
+def _variants(names):
+  """``names`` as parametrize values, the ones outside FAST_VARIANTS marked slow."""
+  return [n if n in FAST_VARIANTS else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+ALL_HEADS = _variants(HEAD_FACTORIES)
 # Where lm_jax.allocator's CPU default takes effect (the benchmarks report what it did).
 _GLIBC_CPU = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
@@ -241,8 +247,8 @@ def test_counted_out_of_range_target_is_nan_under_jit_and_an_error_eagerly(name)
       assert np.isnan(values[2]) and np.all(np.isfinite(np.delete(np.asarray(values), 2)))
 
 
-@pytest.mark.parametrize("name", [p for p in ALL_HEADS
-                                  if HEAD_FACTORIES[getattr(p, "values", [p])[0]](V).sparse])
+@pytest.mark.parametrize("name", _variants(n for n in HEAD_FACTORIES
+                                           if HEAD_FACTORIES[n](V).sparse))
 def test_sparse_sgd_step_equals_dense_sgd_step(name):
   """Gradients w.r.t. the gathered rows, scatter-added, are the dense gradient (repeated
   targets and noise draws add up); the hidden-state gradient is the dense one too."""

@@ -381,13 +381,18 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
             "row_of_V": row_of_V, "words_by_row_V": words_by_row}
   tables = {name: jnp.asarray(x) for name, x in tables.items()}
 
-  def gather(params, targets_N, key=None, *, tables):
-    del key
-    targets_N = jnp.asarray(targets_N)
+  def work_items(targets_N, tables):
+    """``(class_N, work, start_L, mask_LxM)``: the items and their windows' rows."""
     class_N = tables["class_of_V"][targets_N]
     cap = tokens_per_item or _tokens_per_item(targets_N.shape[0], num_classes)
     work = class_work_list(class_N, num_classes, cap)
-    start_L = tables["window_C"][work.item_class_L]
+    return (class_N, work, tables["window_C"][work.item_class_L],
+            tables["window_mask_CxM"][work.item_class_L])
+
+  def gather(params, targets_N, key=None, *, tables):
+    del key
+    targets_N = jnp.asarray(targets_N)
+    class_N, work, start_L, mask_LxM = work_items(targets_N, tables)
     rows_LM = (start_L[:, None] + jnp.arange(width)).reshape(-1)
     rows = {"class_weight_CxH": params["class_weight_CxH"],
             "class_bias_C": params["class_bias_C"],
@@ -395,8 +400,7 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
             "word_bias_V": params["word_bias_V"][rows_LM]}
     index = {"class_weight_CxH": None, "class_bias_C": None,
              "word_weight_VxH": rows_LM, "word_bias_V": rows_LM}
-    aux = (class_N, work, tables["column_V"][targets_N],
-           tables["window_mask_CxM"][work.item_class_L])
+    aux = (class_N, work, tables["column_V"][targets_N], mask_LxM)
     return rows, index, aux
 
   def sparse_loss(rows, hidden_NxH, aux, *, where=None):
@@ -426,15 +430,11 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
     del key
     hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
     compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
-    class_N = tables["class_of_V"][targets_N]
-    work = class_work_list(class_N, num_classes,
-                           tokens_per_item or _tokens_per_item(targets_N.shape[0], num_classes))
+    class_N, work, start_L, mask_LxM = work_items(targets_N, tables)
     class_logp_N = _class_log_softmax_at(hidden_NxH.astype(compute), params["class_weight_CxH"],
                                          params["class_bias_C"], class_N, compute)
     word_nll_N = word_nll(params["word_weight_VxH"], params["word_bias_V"], hidden_NxH, work,
-                          tables["window_C"][work.item_class_L],
-                          tables["window_mask_CxM"][work.item_class_L],
-                          tables["column_V"][targets_N][work.token_LxK])
+                          start_L, mask_LxM, tables["column_V"][targets_N][work.token_LxK])
     loss_N = word_nll_N - class_logp_N
     return loss_N if where is None else jnp.where(where, loss_N, 0.0)
 
