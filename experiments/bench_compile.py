@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_jax import benchmarking
+import benchmarking
+
 from lm_jax import heads
 
 _VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["10000", "100000", "1000000"], "V values")

@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_jax import allocator
-from lm_jax import benchmarking
+import benchmarking
+
 from lm_jax import heads
+from lm_jax.ops import allocator
 
 _VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["10000", "100000", "1000000"], "V values")
 _HIDDEN = flags.DEFINE_integer("hidden", 256, "H")
@@ -52,7 +53,7 @@ _FULL_MAX_LOGITS = flags.DEFINE_integer(
     "when that is fewer than --tokens")
 _KEEP_FREED = flags.DEFINE_bool(
     "keep_freed_memory", True,
-    "the library's default: on XLA:CPU glibc malloc keeps freed blocks (lm_jax.allocator, "
+    "the library's default: on XLA:CPU glibc malloc keeps freed blocks (lm_jax.ops.allocator, "
     "applied by the heads themselves); --nokeep_freed_memory opts out (glibc's defaults)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_heads.json", "output JSON")

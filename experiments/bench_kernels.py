@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm_jax import benchmarking
-from lm_jax import fused
-from lm_jax import losses
+import benchmarking
+
+from lm_jax.ops import fused
+from lm_jax.ops import losses
 
 _SIZE = flags.DEFINE_enum("size", "small", ["small", "full"], "small: tiny smoke run; full: the sizes of record")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_kernels.json", "where to write the results")

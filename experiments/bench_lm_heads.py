@@ -29,13 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_jax import allocator
-from lm_jax import batching
-from lm_jax import benchmarking
-from lm_jax import config as config_lib
+import benchmarking
+
 from lm_jax import heads
-from lm_jax import trainer
-from lm_jax import training
+from lm_jax.data import batching
+from lm_jax.ops import allocator
+from lm_jax.train import config as config_lib
+from lm_jax.train import optimizers
+from lm_jax.train import trainer
+from lm_jax.train import training
 
 FASTER_RNNLM_WORDS_PER_SEC = 148_000.0
 
@@ -56,10 +58,10 @@ _VARIATIONAL = flags.DEFINE_list(
     "dropout masks shared over time (train_lm's --variational_dropout); 'false,true' times both "
     "side by side")
 _BINNING = flags.DEFINE_string("head_binning", "equal", "class head binning (as train_lm.py)")
-_OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "optimizer (training.OPTIMIZERS)")
+_OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "optimizer (optimizers.OPTIMIZERS)")
 _KEEP_FREED = flags.DEFINE_bool(
     "keep_freed_memory", True,
-    "the library's default: on XLA:CPU glibc malloc keeps freed blocks (lm_jax.allocator, "
+    "the library's default: on XLA:CPU glibc malloc keeps freed blocks (lm_jax.ops.allocator, "
     "applied by the heads themselves); --nokeep_freed_memory opts out (glibc's defaults)")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_lm_heads.json", "output JSON")
@@ -85,7 +87,7 @@ def head_steps(corpus, variants, head_names, batch_size):
   batch = {"inputs_BxT": jnp.asarray(x[:-1].reshape(batch_size, t)),
            "targets_BxT": jnp.asarray(x[1:].reshape(batch_size, t)),
            "mask_BxT": jnp.ones((batch_size, t), bool), "reset": jnp.asarray(False)}
-  opt = training.make_optimizer(_OPTIMIZER.value, 1e-3, clip=1.0)
+  opt = optimizers.make_optimizer(_OPTIMIZER.value, 1e-3, clip=1.0)
   fns = {}
   for (label, (cell, variational)), name in ((v, h) for v in variants.items()
                                              for h in head_names):

@@ -1,8 +1,8 @@
 r"""Forward+backward throughput of one recurrent layer: hoisted input projection vs naive scan.
 
 For each cell, times ``jax.grad`` (w.r.t. params and inputs) of one layer over a
-``[B, T, E]`` batch with :func:`lm_jax.rnn.scan_layer` (input projection for all
-steps as one matmul before the scan) and :func:`lm_jax.rnn.scan_layer_unhoisted`
+``[B, T, E]`` batch with :func:`lm_jax.models.rnn.scan_layer` (input projection for all
+steps as one matmul before the scan) and :func:`lm_jax.models.rnn.scan_layer_unhoisted`
 (projection inside the scan), interleaved in one run so machine load hits both.
 FLOPs per token for forward+backward are ``6 (E H + H H) g`` with gate multiplier
 ``g`` = 1 (Elman), 3 (GRU), 4 (LSTM); the achieved FLOP/s is compared with the
@@ -18,10 +18,11 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from lm_jax import benchmarking
-from lm_jax import rnn
+import benchmarking
 
-_CELLS = flags.DEFINE_list("cells", ["elman", "gru", "lstm"], "lm_jax.rnn.get_cell names")
+from lm_jax.models import rnn
+
+_CELLS = flags.DEFINE_list("cells", ["elman", "gru", "lstm"], "lm_jax.models.rnn.get_cell names")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "B")
 _BPTT = flags.DEFINE_integer("bptt", 35, "T, unrolled steps")
 _SIZE = flags.DEFINE_integer("size", 256, "E = H")

@@ -40,17 +40,19 @@ def _worker() -> dict:
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   if _PROCESS.value:
-    from lm_jax import parallel  # pylint: disable=g-import-not-at-top
+    from lm_jax.train import parallel  # pylint: disable=g-import-not-at-top
     address, num, pid = _PROCESS.value.split(",")
     parallel.initialize_distributed(address, int(num), int(pid))
   else:
     jax.config.update("jax_num_cpu_devices", _DEVICES.value)
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from lm_jax import batching, language_model, parallel, training  # pylint: disable=g-import-not-at-top
+  from lm_jax.data import batching  # pylint: disable=g-import-not-at-top
+  from lm_jax.models import language_model  # pylint: disable=g-import-not-at-top
+  from lm_jax.train import optimizers, parallel, training  # pylint: disable=g-import-not-at-top
   B, T = _BATCH.value, _BPTT.value
   model = language_model.make_language_model(vocab_size=_VOCAB.value, embed_size=_HIDDEN.value,
                                              hidden_size=_HIDDEN.value, cell="lstm")
-  opt = training.make_optimizer("sgd", 0.1, clip=5.0)
+  opt = optimizers.make_optimizer("sgd", 0.1, clip=5.0)
   dp = parallel.make_data_parallel(
       _WORKER.value, functools.partial(training.train_step, model=model, optimizer=opt),
       functools.partial(training.eval_step, model=model))
@@ -93,7 +95,7 @@ def main(argv):
   if _WORKER.value:
     print(json.dumps(_worker()), flush=True)
     return
-  from lm_jax import benchmarking  # pylint: disable=g-import-not-at-top
+  import benchmarking  # pylint: disable=g-import-not-at-top
   rows = [_result(_spawn("--worker=none", "--devices=1"))]
   for n in (2, 4):
     rows.append(_result(_spawn("--worker=shard_map", f"--devices={n}")))

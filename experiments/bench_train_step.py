@@ -17,10 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm_jax import benchmarking
+import benchmarking
+
 from lm_jax import heads
-from lm_jax import language_model
-from lm_jax import training
+from lm_jax.models import language_model
+from lm_jax.train import optimizers
+from lm_jax.train import training
 
 _VOCAB = flags.DEFINE_integer("vocab_size", 10002, "V")
 _HIDDEN = flags.DEFINE_integer("hidden", 200, "H (= E)")
@@ -57,7 +59,7 @@ def main(argv):
   tokens = np.random.default_rng(0).integers(0, 2, size=(b, t + 1)).astype(np.int32)
   batch = {"inputs_BxT": jnp.asarray(tokens[:, :-1]), "targets_BxT": jnp.asarray(tokens[:, 1:]),
            "mask_BxT": jnp.ones((b, t), bool), "reset": jnp.asarray(False)}
-  opt = training.make_optimizer("sgd", 0.0, clip=5.0)
+  opt = optimizers.make_optimizer("sgd", 0.0, clip=5.0)
   fns, states = {}, {}
   for name, model in models.items():
     states[name] = training.create_train_state(model, opt, seed=0, batch_size=b)

@@ -12,8 +12,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from lm_jax import generation
-from lm_jax import text
+from lm_jax.data import text
+from lm_jax.models import generation
+from lm_jax.train import trainer
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "a train_lm.py workdir")
 _PROMPT = flags.DEFINE_string("prompt", "", "text to continue (tokenized like the corpus); "
@@ -26,7 +27,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax's INFO chatter off
-  config, vocab, model, params = generation.load_trained(_WORKDIR.value)
+  config, vocab, model, params = trainer.load_trained(_WORKDIR.value)
   level = config.level if config.corpus == "text" else "word"
   prompt_tokens = text.tokenize(_PROMPT.value.lower() if config.lowercase else _PROMPT.value,
                                 level) or ["<eos>"]

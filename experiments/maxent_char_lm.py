@@ -27,8 +27,8 @@ from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
-from lm_jax import loglinear
-from lm_jax import ngram
+from lm_jax.maxent import loglinear
+from lm_jax.maxent import ngram
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DATA = flags.DEFINE_string("data", "../shared/data/tinyshakespeare/input.txt",

@@ -24,9 +24,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from lm_jax import run_logging
-from lm_jax.config import TrainConfig
-from lm_jax.trainer import TrainingInterrupted, train_and_evaluate
+from lm_jax.train import run_logging
+from lm_jax.train.config import TrainConfig
+from lm_jax.train.trainer import TrainingInterrupted, train_and_evaluate
 
 _D = TrainConfig()
 _HELP = {
@@ -89,7 +89,7 @@ _HELP = {
     "skip_nonfinite": "skip an update whose loss or gradient is NaN/Inf (counted in "
                       "metrics.jsonl) instead of stopping the run",
     "keep_freed_memory": "on the CPU backend only, let glibc malloc keep freed blocks for "
-                         "reuse (lm_jax.allocator): no page faults on each step's large "
+                         "reuse (lm_jax.ops.allocator): no page faults on each step's large "
                          "temporaries; the process keeps its peak memory. Ignored on GPU/TPU",
     "parallel": "auto (shard_map over all devices when there are several, else none), none, "
                 "shard_map or pmap (one process)",

@@ -1,7 +1,7 @@
 r"""Zipf's law on a corpus: fitted exponents of unigrams, bigrams and trigrams, and a plot.
 
 Reads the corpus's training split (ids, with ``<eos>``/``<unk>`` as ordinary types),
-fits alpha on log-log rank/frequency curves (``lm_jax.zipf.fit_zipf``: ranks 10 up to
+fits alpha on log-log rank/frequency curves (``lm_jax.data.zipf.fit_zipf``: ranks 10 up to
 the last rank seen 5 times, each decade weighted equally), prints the alphas, and
 writes a PNG and a JSON file. Examples:
 
@@ -14,8 +14,8 @@ import json
 from absl import app
 from absl import flags
 
-from lm_jax import corpora
-from lm_jax import zipf
+from lm_jax.data import corpora
+from lm_jax.data import zipf
 
 _CORPUS = flags.DEFINE_enum("corpus", "synthetic", list(corpora.NAMES), "corpus to analyse")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "folder of ptb/, wikitext-2/, timemachine/ "

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from lm_jax.heads import noise
+from lm_jax.heads.base import full_softmax
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
-from lm_jax.heads.base import full_softmax
 from lm_jax.heads.base import sample_from_log_probs
 from lm_jax.heads.base import sparse_sgd_step
 from lm_jax.heads.class_based import class_softmax
@@ -20,19 +20,19 @@ from lm_jax.heads.class_based import word_classes
 from lm_jax.heads.differentiated import differentiated_softmax
 from lm_jax.heads.differentiated import parse_bands
 from lm_jax.heads.hierarchical import hierarchical_softmax
-from lm_jax.heads.noise import NoiseDistribution
 from lm_jax.heads.noise import alias_table
 from lm_jax.heads.noise import log_uniform_noise
 from lm_jax.heads.noise import make_noise
+from lm_jax.heads.noise import NoiseDistribution
 from lm_jax.heads.noise import uniform_noise
 from lm_jax.heads.noise import unigram_noise
 from lm_jax.heads.sampled import nce
 from lm_jax.heads.sampled import negative_sampling
 from lm_jax.heads.sampled import sampled_softmax
-from lm_jax.heads.trees import Tree
 from lm_jax.heads.trees import balanced_tree
 from lm_jax.heads.trees import class_tree
 from lm_jax.heads.trees import huffman_tree
+from lm_jax.heads.trees import Tree
 
 HEAD_NAMES = ("full", "class", "hsm", "dsoftmax", "nce", "neg", "sampled")
 TREE_KINDS = ("huffman", "balanced", "class")

@@ -31,9 +31,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from lm_jax import allocator
-from lm_jax import fused
-from lm_jax import losses
+from lm_jax.ops import allocator
+from lm_jax.ops import fused
+from lm_jax.ops import losses
 
 # Up to this many logits (64 MiB in float32) the full-softmax head materialises them.
 _UNFUSED_MAX_LOGITS = 2**24
@@ -113,7 +113,7 @@ def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.Arr
                     tables: Optional[dict] = None) -> tuple[Params, jax.Array, jax.Array]:
   r"""One SGD step on the head's params that touches only the rows its loss reads.
 
-  With :math:`L = rac{1}{|\mathcal{N}|}\sum_{n} \ell_n` (mean over the tokens where
+  With :math:`L = \frac{1}{|\mathcal{N}|}\sum_{n} \ell_n` (mean over the tokens where
   ``where`` holds), each gathered row :math:`r` is updated
   :math:`W_r \leftarrow W_r - \eta\, \partial L / \partial W_r` by a scatter-add (repeated
   rows add their gradients, which is the exact gradient), and small leaves used whole get the
@@ -198,7 +198,7 @@ def with_target_contract(head: OutputHead, vocab_size: int) -> OutputHead:
   r"""``head`` as users call it: :func:`check_targets` applied to ``loss``, ``log_prob`` and
   ``sparse``, losses and log-probabilities in float32 (float64 for float64 inputs), and
   ``tables=None`` replaced by ``head.tables``. The first call in a process applies
-  :func:`lm_jax.allocator.apply_cpu_default` (XLA:CPU only; opt out with
+  :func:`lm_jax.ops.allocator.apply_cpu_default` (XLA:CPU only; opt out with
   ``LM_JAX_KEEP_FREED_MEMORY=0``).
 
   ``loss(..., where=w)`` is 0 with a zero gradient where ``w`` is False, whatever the id;
@@ -209,7 +209,7 @@ def with_target_contract(head: OutputHead, vocab_size: int) -> OutputHead:
   own_tables = {} if head.tables is None else head.tables
 
   def resolve(tables):
-    allocator.apply_cpu_default()  # once per process; see lm_jax.allocator
+    allocator.apply_cpu_default()  # once per process; see lm_jax.ops.allocator
     return own_tables if tables is None else tables
 
   def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables=None):
@@ -317,7 +317,7 @@ def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32)
   .. math::
     \log p(w \mid h) = h \cdot W_w + b_w - \log \sum_{v=1}^{V} \exp(h \cdot W_v + b_v)
 
-  ``loss`` and ``log_prob`` use :func:`lm_jax.fused.linear_softmax_cross_entropy`,
+  ``loss`` and ``log_prob`` use :func:`lm_jax.ops.fused.linear_softmax_cross_entropy`,
   which never builds the ``[N, V]`` logits; ``log_probs`` and ``sample`` do.
   Params ``{"weight_VxH", "bias_V"}``, both uniform(-init_scale, init_scale) as in
   Zaremba et al. (2014). ``loss`` ignores ``key``.

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm_jax.heads.base import _check_hidden
+from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
-from lm_jax.heads.base import loss_from_sparse
-from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import sample_by_walk
 from lm_jax.heads.base import with_target_contract
 

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_jax import losses
 from lm_jax.heads import base
+from lm_jax.ops import losses
 
 
 def parse_bands(spec: str) -> tuple[tuple[int, int], ...]:

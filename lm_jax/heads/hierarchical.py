@@ -22,17 +22,17 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from lm_jax.heads.base import OutputHead
-from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import loss_from_sparse
+from lm_jax.heads.base import OutputHead
+from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import sample_by_walk
 from lm_jax.heads.base import with_target_contract
-from lm_jax.heads.trees import Tree
 from lm_jax.heads.trees import balanced_tree
 from lm_jax.heads.trees import class_tree
 from lm_jax.heads.trees import expected_depth
 from lm_jax.heads.trees import huffman_tree
+from lm_jax.heads.trees import Tree
 
 __all__ = ["BACKWARDS", "Tree", "balanced_tree", "class_tree", "expected_depth",
            "hierarchical_softmax", "huffman_tree", "path_nll"]

@@ -1,0 +1,278 @@
+r"""Corpora: streaming readers, the standard benchmarks and the synthetic default.
+
+A :class:`Corpus` holds a vocabulary and whole-split token streams (``np.int32`` ids).
+Readers stream files in bounded binary chunks through an incremental UTF-8 decoder,
+so a file of any size, or a single line of any length, never needs one giant
+``read()``; invalid UTF-8 raises :class:`CorpusError` naming the file and the byte
+offset of the first bad byte.
+
+Tokenization follows ``text.StreamTokenizer``, the usual setups' conventions, so token
+counts match the literature: with ``add_eos`` every line, blank lines included, ends
+with one ``<eos>`` (PyTorch's ``word_language_model``; the data README counts this way:
+on WikiText-2 each blank line between paragraphs gives a lone ``<eos>`` and the
+`` = Heading = `` lines are kept). Vocabularies come from the training split only;
+tokens of other splits that it lacks become ``<unk>``, counted in ``Corpus.oov_counts``.
+
+Vocabulary sizes: ``len(vocab)`` counts the four reserved tokens, so the real PTB gives
+10 002 ids of which 10 000 occur (PTB already has ``<unk>``, ``<eos>`` is added;
+``<pad>`` and ``<bos>`` never occur), WikiText-2 33 280 (33 278 occur), and the Time
+Machine at char level with ``letters_only=True, lowercase=True`` 31 = 26 letters +
+space + 4 reserved (D2L's 28 = 26 + space + ``<unk>``).
+"""
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from lm_jax.data import synthetic
+from lm_jax.data import text
+
+_CHUNK_BYTES = 1 << 20
+NAMES = ("synthetic", "ptb", "wikitext2", "text", "timemachine", "tinyshakespeare")
+
+
+class CorpusError(ValueError):
+  """A corpus file or split that cannot be used (missing, empty, invalid UTF-8)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Corpus:
+  """A vocabulary and its splits as whole token streams of ids (read-only ``np.int32``).
+
+  ``true_entropy_bits`` is the entropy rate of the source when known (synthetic);
+  ``oov_counts`` maps each split to the number of its tokens mapped to ``<unk>``
+  because the vocabulary lacks them (a literal ``<unk>`` in the text is not counted).
+  """
+  name: str
+  vocab: text.Vocab
+  train: np.ndarray
+  valid: np.ndarray
+  test: np.ndarray | None
+  level: str
+  true_entropy_bits: float | None = None
+  oov_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    for split in ("train", "valid", "test"):
+      ids = getattr(self, split)
+      if ids is None and split == "test":
+        continue
+      ids = np.asarray(ids)
+      if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise CorpusError(f"{self.name}: split {split!r} must be a 1-D integer array, got "
+                          f"shape {ids.shape} dtype {ids.dtype}")
+      if len(ids) == 0:
+        raise CorpusError(f"{self.name}: split {split!r} has no tokens")
+      if ids.min() < 0 or ids.max() >= len(self.vocab):
+        raise CorpusError(f"{self.name}: split {split!r} has ids outside "
+                          f"[0, {len(self.vocab)})")
+      ids = ids.astype(np.int32)
+      ids.setflags(write=False)
+      object.__setattr__(self, split, ids)
+
+
+def default_data_dir() -> str:
+  """``$LM_JAX_DATA_DIR`` if set, else ``<repo>/../shared/data``."""
+  env = os.environ.get("LM_JAX_DATA_DIR")
+  if env:
+    return env
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.path.normpath(os.path.join(repo, "..", "shared", "data"))
+
+
+def read_tokens(path: str | os.PathLike, *, level: str = "word", add_eos: bool = True,
+                lowercase: bool = False, letters_only: bool = False,
+                chunk_bytes: int = _CHUNK_BYTES) -> list[str]:
+  """Reads a UTF-8 text file as tokens, streaming it in ``chunk_bytes`` binary chunks.
+
+  Args:
+    path: the file.
+    level: "word" or "char".
+    add_eos: end every line with ``<eos>`` (module docstring).
+    lowercase: lower-case the text.
+    letters_only: map runs of non-letters (not A-Z, a-z) to one space.
+    chunk_bytes: read size in bytes; memory use is bounded by it (plus the output).
+
+  Returns:
+    The tokens. Raises ``CorpusError`` naming the file when it is missing, empty, has
+    no tokens, or is not UTF-8 (then naming the byte offset of the first bad byte).
+  """
+  path = os.fspath(path)
+  if chunk_bytes < 1:
+    raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+  tokenizer = text.StreamTokenizer(level, add_eos=add_eos, lowercase=lowercase,
+                                    letters_only=letters_only)
+  decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
+  offset, at_start = 0, True
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise CorpusError(f"{path}: cannot open corpus file ({e.strerror})") from None
+  with f:
+    while True:
+      chunk = f.read(chunk_bytes)
+      pending = len(decoder.getstate()[0])
+      try:
+        piece = decoder.decode(chunk, final=not chunk)
+      except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: invalid UTF-8 at byte offset {offset - pending + e.start} "
+                          f"({e.reason})") from None
+      if at_start and piece:
+        at_start = False
+        if piece[0] == "\ufeff":
+          piece = piece[1:]  # a byte-order mark is not text
+      offset += len(chunk)
+      tokenizer.feed(piece)
+      if not chunk:
+        break
+  tokens = tokenizer.finish()
+  if not tokens:
+    raise CorpusError(f"{path}: no tokens ({'empty file' if offset == 0 else 'only blanks'})")
+  return tokens
+
+
+def _encode(name: str, level: str, splits: Mapping[str, list[str] | None], *,
+            vocab: text.Vocab | None = None, true_entropy_bits: float | None = None,
+            **vocab_kwargs: Any) -> Corpus:
+  """Builds the vocabulary from ``splits["train"]`` and maps every split to ids."""
+  for split, tokens in splits.items():
+    if tokens is not None and not tokens:
+      raise CorpusError(f"{name}: split {split!r} has no tokens")
+  if vocab is None:
+    vocab = text.Vocab.build(splits["train"], **vocab_kwargs)
+  arrays, oov = {}, {}
+  for split, tokens in splits.items():
+    if tokens is None:
+      arrays[split] = None
+      continue
+    ids = vocab.to_ids(tokens)
+    arrays[split] = ids
+    oov[split] = int(np.count_nonzero(ids == vocab.unk_id)) - tokens.count("<unk>")
+  return Corpus(name=name, vocab=vocab, train=arrays["train"], valid=arrays["valid"],
+                test=arrays.get("test"), level=level, true_entropy_bits=true_entropy_bits,
+                oov_counts=oov)
+
+
+def _split_files(name: str, data_dir: str | None, files: tuple[str, str, str],
+                 **vocab_kwargs: Any) -> Corpus:
+  data_dir = default_data_dir() if data_dir is None else os.fspath(data_dir)
+  splits = {split: read_tokens(os.path.join(data_dir, f), level="word", add_eos=True)
+            for split, f in zip(("train", "valid", "test"), files)}
+  return _encode(name, "word", splits, **vocab_kwargs)
+
+
+def load_ptb(data_dir: str | os.PathLike | None = None, **vocab_kwargs: Any) -> Corpus:
+  """Penn Treebank (Mikolov's LM version): ``ptb.{train,valid,test}.txt`` in ``data_dir``.
+
+  ``data_dir`` is the folder holding the files; None: ``default_data_dir()/ptb``.
+  Keyword arguments go to ``Vocab.from_counts`` (``min_freq``, ``max_size``, ``reserved``).
+  """
+  if data_dir is None:
+    data_dir = os.path.join(default_data_dir(), "ptb")
+  return _split_files("ptb", os.fspath(data_dir),
+                      ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"), **vocab_kwargs)
+
+
+def load_wikitext2(data_dir: str | os.PathLike | None = None, **vocab_kwargs: Any) -> Corpus:
+  """WikiText-2 (tokenized v1): ``wiki.{train,valid,test}.tokens`` in ``data_dir``.
+
+  ``<eos>`` ends every line, blank lines included; None: ``default_data_dir()/wikitext-2``.
+  """
+  if data_dir is None:
+    data_dir = os.path.join(default_data_dir(), "wikitext-2")
+  return _split_files("wikitext2", os.fspath(data_dir),
+                      ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"),
+                      **vocab_kwargs)
+
+
+def load_text(path: str | os.PathLike, *, level: str = "char", valid_fraction: float = 0.1,
+              test_fraction: float = 0.0, lowercase: bool = False, letters_only: bool = False,
+              add_eos: bool = False, name: str | None = None, max_tokens: int = 0,
+              **vocab_kwargs: Any) -> Corpus:
+  """One plain text file, split contiguously: train first, then valid, then test.
+
+  Split sizes are ``round(n * fraction)`` tokens; ``test_fraction=0`` gives
+  ``test=None``. The Time Machine in D2L's setting is
+  ``load_text(path, level="char", lowercase=True, letters_only=True)``; D2L (0.17)
+  also keeps only the first ``max_tokens=10000`` characters.
+  """
+  if max_tokens < 0:
+    raise CorpusError(f"max_tokens must be >= 0 (0: all), got {max_tokens}")
+  if not (0.0 < valid_fraction < 1.0 and 0.0 <= test_fraction < 1.0
+          and valid_fraction + test_fraction < 1.0):
+    raise CorpusError(f"need 0 < valid_fraction < 1, 0 <= test_fraction < 1 and their sum "
+                      f"< 1, got {valid_fraction} and {test_fraction}")
+  tokens = read_tokens(path, level=level, add_eos=add_eos, lowercase=lowercase,
+                       letters_only=letters_only)
+  if max_tokens:
+    tokens = tokens[:max_tokens]
+  n = len(tokens)
+  n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
+  n_train = n - n_valid - n_test
+  splits = {"train": tokens[:n_train], "valid": tokens[n_train:n_train + n_valid],
+            "test": tokens[n_train + n_valid:] if test_fraction > 0 else None}
+  name = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
+  return _encode(name, level, splits, **vocab_kwargs)
+
+
+def load_synthetic(*, seed: int = 0, vocab_size: int = synthetic.DEFAULT_VOCAB_SIZE,
+                   num_train: int = 1_000_000, num_valid: int = 100_000,
+                   num_test: int = 100_000, **language_kwargs: Any) -> Corpus:
+  """The synthetic Markov language of ``lm_jax.data.synthetic`` as a corpus (no files needed).
+
+  Language token ``j`` is named ``"s{j}"``; the vocabulary keeps every one of them
+  (sorted by train frequency, count 0 allowed), so there is never an ``<unk>`` and
+  ``true_entropy_bits`` is the exact entropy rate of every split's source.
+  Remaining keyword arguments go to ``synthetic.make_language``.
+  """
+  lang = synthetic.make_language(vocab_size, seed=seed, **language_kwargs)
+  streams = {"train": synthetic.sample(lang, num_train, seed=seed * 3 + 1),
+             "valid": synthetic.sample(lang, num_valid, seed=seed * 3 + 2),
+             "test": synthetic.sample(lang, num_test, seed=seed * 3 + 3) if num_test else None}
+  for split, symbols in streams.items():
+    if symbols is not None and not len(symbols):
+      raise CorpusError(f"synthetic: split {split!r} has no tokens (num_{split}=0)")
+  names = [f"s{j}" for j in range(vocab_size)]
+  counts = np.bincount(streams["train"], minlength=vocab_size)
+  vocab = text.Vocab.from_counts(dict(zip(names, counts.tolist())), min_freq=0)
+  symbol_to_id = vocab.to_ids(names)
+  ids = {k: None if v is None else symbol_to_id[v] for k, v in streams.items()}
+  return Corpus(name="synthetic", vocab=vocab, train=ids["train"], valid=ids["valid"],
+                test=ids["test"], level="word", true_entropy_bits=lang.entropy_rate_bits,
+                oov_counts={k: 0 for k, v in ids.items() if v is not None})
+
+
+def load_corpus(name: str, data_dir: str | os.PathLike | None = None, **kwargs: Any) -> Corpus:
+  """Loads a corpus by name; ``kwargs`` go to the loader.
+
+  Names: "synthetic" (``load_synthetic``; ``data_dir`` unused), "ptb", "wikitext2"
+  (``data_dir`` is the shared data folder holding ``ptb/`` and ``wikitext-2/``), "text"
+  (``load_text``; needs ``path=``, relative paths are taken under ``data_dir`` if given),
+  and the presets "timemachine" (D2L's: lower-cased letters and spaces, char level unless
+  ``level="word"``) and "tinyshakespeare" (char level, last 10% for validation).
+  """
+  root = default_data_dir() if data_dir is None else os.fspath(data_dir)
+  if name == "synthetic":
+    return load_synthetic(**kwargs)
+  if name == "ptb":
+    return load_ptb(os.path.join(root, "ptb"), **kwargs)
+  if name == "wikitext2":
+    return load_wikitext2(os.path.join(root, "wikitext-2"), **kwargs)
+  if name == "text":
+    if "path" not in kwargs:
+      raise CorpusError("load_corpus('text') needs path= (the text file)")
+    path = os.fspath(kwargs.pop("path"))
+    if data_dir is not None and not os.path.isabs(path):
+      path = os.path.join(root, path)
+    return load_text(path, **kwargs)
+  if name == "timemachine":
+    kwargs = {"lowercase": True, "letters_only": True, "name": "timemachine", **kwargs}
+    return load_text(os.path.join(root, "timemachine", "timemachine.txt"), **kwargs)
+  if name == "tinyshakespeare":
+    kwargs = {"name": "tinyshakespeare", **kwargs}
+    return load_text(os.path.join(root, "tinyshakespeare", "input.txt"), **kwargs)
+  raise CorpusError(f"unknown corpus {name!r}; expected one of {NAMES}")

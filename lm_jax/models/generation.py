@@ -1,0 +1,52 @@
+r"""Sampling text from a trained recurrent LM, with the lecture's softmax temperature.
+
+Each next token is drawn from :math:`\mathrm{softmax}(z / T)`: :math:`T < 1` sharpens
+the distribution (peaky, repetitive text), :math:`T > 1` flattens it (towards uniform),
+and :math:`T = 0` is greedy decoding (argmax).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lm_jax.models import language_model as lm_lib
+
+
+def generate(model: lm_lib.LanguageModel, params: Any, prompt_ids: np.ndarray, *,
+             num_tokens: int, key: jax.Array, temperature: float = 1.0) -> np.ndarray:
+  """Continues ``prompt_ids`` ([T0] ints, T0 >= 1) with ``num_tokens`` sampled ids.
+
+  The prompt is run through the model in one scan to build the hidden state; then a
+  ``lax.scan`` alternates sampling from the head and one recurrent step.
+  """
+  prompt_ids = np.asarray(prompt_ids, np.int32)
+  if prompt_ids.ndim != 1 or prompt_ids.size == 0:
+    raise ValueError(f"prompt_ids must be a non-empty 1-D array, got shape {prompt_ids.shape}")
+  if temperature < 0:
+    raise ValueError(f"temperature must be >= 0, got {temperature}")
+  return np.asarray(_generate(model, params, jnp.asarray(prompt_ids)[None, :], key,
+                              num_tokens, float(temperature)))
+
+
+@jax.jit(static_argnums=(0, 4, 5))
+def _generate(model, params, prompt_1xT, key, num_tokens, temperature):
+  hidden_1xTxH, state = model.hidden(params, prompt_1xT, model.initial_state(1))
+
+  def step(carry, step_key):
+    h_1xH, state = carry
+    token_1 = model.head.sample(model.head_params(params), h_1xH, step_key, temperature=temperature)
+    hidden, state = model.hidden(params, token_1[:, None].astype(jnp.int32), state)
+    return (hidden[:, -1], state), token_1[0]
+
+  _, tokens = lax.scan(step, (hidden_1xTxH[:, -1], state), jax.random.split(key, num_tokens))
+  return tokens
+
+
+def detokenize(tokens: list[str], level: str) -> str:
+  joined = "".join(tokens) if level == "char" else " ".join(tokens)
+  return joined.replace(" <eos> ", "\n").replace("<eos>", "\n")

@@ -1,0 +1,520 @@
+r"""Fused output layer and softmax cross-entropy that never materialises the ``[N, V]`` logits.
+
+:func:`linear_softmax_cross_entropy` computes, per token,
+
+.. math::
+  \ell_n = \log \sum_{v=1}^{V} \exp(h_n \cdot w_v + b_v) - (h_n \cdot w_{y_n} + b_{y_n}),
+
+streaming over token chunks (``chunk_size`` rows, ``lax.scan``) and, inside
+each, over vocabulary chunks (``vocab_chunk_size`` entries) with an online
+logsumexp (running max and running sum); each block of logits computed is
+``[chunk_size, vocab_chunk_size]``. Options (label smoothing, z-loss, logit
+soft-capping, a returned logsumexp; see :func:`linear_softmax_cross_entropy`) change
+only the per-token coefficients of the gradient
+:math:`G = \alpha\,\mathrm{softmax} - \beta\,\mathrm{onehot} - \gamma` (times
+:math:`1 - (z/c)^2` under a soft cap). Three code paths:
+
+* plain evaluation (no autodiff): the online logsumexp alone; ``2NHV`` FLOPs.
+* ``reduction="none"`` (or ``return_lse``) under autodiff, a ``custom_vjp``: the forward
+  is the plain evaluation (``2NHV``), saving the ``[N]`` logsumexp; the backward
+  recomputes each block of logits, forms ``G`` with the per-token cotangents and
+  accumulates ``dhidden = G W``, ``dweight = G^T h`` and ``dbias = sum_n G`` (``6NHV``):
+  ``8NHV`` in all against the unfused ``6NHV``, in a fraction of the memory.
+* ``reduction="sum"`` or ``"mean"`` under autodiff: the cotangent is one scalar, so the
+  ``custom_vjp`` forward computes the loss and all three gradients at once, per token
+  chunk keeping its logits blocks (``[chunk_size, V]``, up to ``_KEPT_LOGITS = 2**26``
+  elements; past that they are recomputed) between the logsumexp pass and the gradient
+  pass: ``6NHV``, as many FLOPs as the unfused matmuls. The backward scales the saved
+  gradients by the scalar. (An earlier design did this for every reduction, saving the
+  unscaled ``[V, H]`` weight gradient; for per-token cotangents that residual was 1/8 of
+  the unfused memory, so only the reduced losses use it now, where it is the output.)
+
+Defaults: ``chunk_size = min(N, 256)`` and ``vocab_chunk_size = min(V, 8192)`` (an
+8 MiB float32 block); 512 and 4096 for the one-pass reduced gradient, whose ``G^T h``
+contracts over the token chunk. On 2 CPU cores at ``N, H, V = 1024, 512, 131072`` the
+per-token path took 5.9 s against 7.7 s with whole-vocabulary blocks (128 MiB, whose
+elementwise passes go to DRAM) and 6.4 s with 128-row token chunks; the ``[V, H]``
+weight gradient is accumulated in place, ``_ACCUMULATE_SLICE`` elements at a time.
+Measured speeds and memory: ``experiments/bench_kernels.py`` and WORKSPACE_NOTES.md.
+
+References:
+  Milakov and Gimelshein, "Online normalizer calculation for softmax", 2018
+  (the running max / running sum logsumexp).
+  Wijmans et al., "Cut your losses in large-vocabulary language models", 2024
+  (cross-entropy without materialising the logits).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lm_jax.ops import allocator
+
+_TOKEN_CHUNK = 256
+_VOCAB_CHUNK = 8192
+# The one-pass gradient of a reduced loss contracts G^T h over the token chunk: longer
+# chunks and shorter vocabulary blocks ran it ~15% faster at N, H, V = 4096, 512, 32768
+# (WORKSPACE_NOTES.md).
+_REDUCED_TOKEN_CHUNK = 512
+_REDUCED_VOCAB_CHUNK = 4096
+_KEPT_LOGITS = 2**26
+_ACCUMULATE_SLICE = 2**22
+
+
+def _chunk_sizes(n: int, v: int, chunk_size, vocab_chunk_size, reduced=False) -> tuple[int, int]:
+  for name, value in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+      raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+  token_chunk, vocab_chunk = ((_REDUCED_TOKEN_CHUNK, _REDUCED_VOCAB_CHUNK) if reduced
+                              else (_TOKEN_CHUNK, _VOCAB_CHUNK))
+  return (_balanced(n, chunk_size, token_chunk, 8),
+          _balanced(v, vocab_chunk_size, vocab_chunk, 128))
+
+
+def _balanced(total: int, requested, default: int, align: int) -> int:
+  """An explicit size as given; else the default, shrunk so equal chunks cover ``total``.
+
+  ``N = 400`` with the default 256 gives two chunks of 200, not 256 + a padded 256;
+  ``V = 10002`` with 8192 gives two of 5120 (aligned), not two of 8192 with the second
+  clamped to overlap the first: at PTB sizes this halves the work.
+  """
+  if requested:
+    return max(1, min(int(requested), total))
+  if total <= default:
+    return max(total, 1)
+  num_chunks = -(-total // default)
+  size = -(-total // num_chunks)
+  return min(default, -(-size // align) * align)
+
+
+def _compute_dtype(*xs):
+  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+class _Options(NamedTuple):
+  """The loss's static options (hashable: a ``nondiff_argnums`` of the ``custom_vjp``)."""
+  label_smoothing: float = 0.0
+  z_loss: float = 0.0
+  logit_soft_cap: Optional[float] = None
+
+
+def _vocab_chunk(weight_VxH, bias_V, j, tv):
+  """Entries ``[start, start + tv)``, ``start = min(j tv, V - tv)``, and a mask of those not in chunk ``j - 1``.
+
+  Clamping the last chunk (which then overlaps its predecessor) avoids padding,
+  i.e. copying, the weight.
+  """
+  start = jnp.minimum(j * tv, weight_VxH.shape[0] - tv)
+  w_TxH = lax.dynamic_slice_in_dim(weight_VxH, start, tv, axis=0)
+  b_T = None if bias_V is None else lax.dynamic_slice_in_dim(bias_V, start, tv)
+  return w_TxH, b_T, start, start + jnp.arange(tv) >= j * tv
+
+
+def _soft_cap(raw, cap):
+  """``cap tanh(raw / cap)`` (Gemma 2's logit soft-capping), or ``raw`` for ``cap=None``."""
+  return raw if cap is None else cap * jnp.tanh(raw / cap)
+
+
+def _logits(h_CxH, w_TxH, b_T, cap):
+  dtype = _compute_dtype(h_CxH, w_TxH)
+  z_CxT = lax.dot_general(h_CxH, w_TxH, (((1,), (1,)), ((), ())), preferred_element_type=dtype)
+  return _soft_cap(z_CxT if b_T is None else z_CxT + b_T.astype(dtype), cap)
+
+
+def _online_logsumexp(h_CxH, weight_VxH, bias_V, tv, keep, opts):
+  """``(lse_C, zsum_C, kept logits [K, C, tv] or None)`` for one token chunk, streaming over
+  vocabulary chunks; ``zsum_C`` (the sum of the logits, for label smoothing) is 0 unless
+  ``opts.label_smoothing``."""
+
+  def body(carry, j):
+    m_C, s_C, zsum_C = carry
+    w_TxH, b_T, _, fresh_T = _vocab_chunk(weight_VxH, bias_V, j, tv)
+    z_CxT = _logits(h_CxH, w_TxH, b_T, opts.logit_soft_cap)
+    if opts.label_smoothing:
+      zsum_C = zsum_C + jnp.sum(jnp.where(fresh_T, z_CxT, 0.0), axis=-1)
+    z_CxT = jnp.where(fresh_T, z_CxT, -jnp.inf)
+    new_m_C = jnp.maximum(m_C, jnp.max(z_CxT, axis=-1))
+    s_C = s_C * jnp.exp(m_C - new_m_C) + jnp.sum(jnp.exp(z_CxT - new_m_C[:, None]), axis=-1)
+    return (new_m_C, s_C, zsum_C), (z_CxT if keep else None)
+
+  c, dtype = h_CxH.shape[0], _compute_dtype(h_CxH, weight_VxH)
+  init = (jnp.full((c,), -jnp.inf, dtype), jnp.zeros((c,), dtype), jnp.zeros((c,), dtype))
+  (m_C, s_C, zsum_C), z_KxCxT = lax.scan(body, init, jnp.arange(-(-weight_VxH.shape[0] // tv)))
+  return m_C + jnp.log(s_C), zsum_C, z_KxCxT
+
+
+def _accumulate_outer(acc_VxH, g_CxT, h_CxH, start):
+  """``acc[start:start + T] += g^T h`` in place, in row slices that keep the product's temporary small."""
+  t = g_CxT.shape[1]
+  rows = min(t, max(1, _ACCUMULATE_SLICE // max(h_CxH.shape[1], 1)))
+
+  def body(i, acc_VxH):
+    offset = jnp.minimum(i * rows, t - rows)  # the last slice may overlap the one before it
+    g_CxS = lax.dynamic_slice_in_dim(g_CxT, offset, rows, axis=1)
+    dw_SxH = lax.dot_general(g_CxS, h_CxH, (((0,), (0,)), ((), ())))
+    dw_SxH = jnp.where((offset + jnp.arange(rows) >= i * rows)[:, None], dw_SxH, 0.0)
+    old_SxH = lax.dynamic_slice_in_dim(acc_VxH, start + offset, rows, axis=0)
+    return lax.dynamic_update_slice_in_dim(acc_VxH, old_SxH + dw_SxH, start + offset, axis=0)
+
+  n_slices = -(-t // rows)
+  return body(0, acc_VxH) if n_slices == 1 else lax.fori_loop(0, n_slices, body, acc_VxH)
+
+
+def _coefficients(g_C, g_lse_C, lse_C, v, opts):
+  r"""``(alpha, beta, gamma)`` with :math:`\partial L / \partial z_{cv} = \alpha_c p_{cv} - \beta_c
+  [v = y_c] - \gamma_c` for the loss :math:`\ell = \mathrm{lse} - (1-\varepsilon) z_y -
+  \varepsilon \bar z + \lambda\,\mathrm{lse}^2` with cotangent ``g`` (and ``g_lse`` on lse)."""
+  alpha_C = g_C * (1.0 + 2.0 * opts.z_loss * lse_C) if opts.z_loss else g_C
+  if g_lse_C is not None:
+    alpha_C = alpha_C + g_lse_C
+  return alpha_C, g_C * (1.0 - opts.label_smoothing), g_C * (opts.label_smoothing / v)
+
+
+def _chunk_gradients(h_CxH, y_C, coefficients, used_C, lse_C, z_KxCxT, weight_VxH, bias_V, tv,
+                     acc, with_dhidden, opts):
+  """Adds one token chunk's ``G^T h`` and ``sum_n G_n`` to ``acc``, ``G`` the gradient w.r.t. the
+  (pre-cap) logits (see :func:`_coefficients`); ``G = 0`` for tokens not ``used_C``.
+
+  Uses the kept logits blocks ``z_KxCxT`` or, if ``None``, recomputes them.
+  Returns ``(acc, G W [C, H] or None)``.
+  """
+  dtype = _compute_dtype(h_CxH, weight_VxH)
+  h_CxH = h_CxH.astype(dtype)
+  alpha_C, beta_C, gamma_C = coefficients
+  cap = opts.logit_soft_cap
+
+  def body(carry, x):
+    (dweight_VxH, dbias_V), dh_CxH = carry
+    j, z_CxT = x
+    w_TxH, b_T, start, fresh_T = _vocab_chunk(weight_VxH, bias_V, j, tv)
+    if z_CxT is None:
+      z_CxT = _logits(h_CxH, w_TxH, b_T, cap)
+    onehot_CxT = (start + jnp.arange(tv))[None, :] == y_C[:, None]
+    g_CxT = alpha_C[:, None] * jnp.exp(z_CxT - lse_C[:, None]) - beta_C[:, None] * onehot_CxT
+    if opts.label_smoothing:
+      g_CxT = g_CxT - gamma_C[:, None]
+    if cap is not None:  # d(cap tanh(r / cap)) / dr = 1 - (z / cap)^2
+      g_CxT = g_CxT * (1.0 - jnp.square(z_CxT / cap))
+    g_CxT = jnp.where(fresh_T[None, :] & used_C[:, None], g_CxT, 0.0)
+    if dweight_VxH is not None:
+      dweight_VxH = _accumulate_outer(dweight_VxH, g_CxT, h_CxH, start)
+      db_T = lax.dynamic_slice_in_dim(dbias_V, start, tv) + jnp.sum(g_CxT, axis=0)
+      dbias_V = lax.dynamic_update_slice_in_dim(dbias_V, db_T, start, axis=0)
+    if with_dhidden:
+      dh_CxH = dh_CxH + jnp.dot(g_CxT, w_TxH.astype(dtype))
+    return ((dweight_VxH, dbias_V), dh_CxH), None
+
+  dh_CxH = jnp.zeros((h_CxH.shape[0], weight_VxH.shape[1]), dtype) if with_dhidden else None
+  xs = (jnp.arange(-(-weight_VxH.shape[0] // tv)), z_KxCxT)
+  (acc, dh_CxH), _ = lax.scan(body, (acc, dh_CxH), xs)
+  return acc, dh_CxH
+
+
+def _token_chunks(x, tc):
+  """``[N, ...] -> [K, tc, ...]``, zero (False) padded to a multiple of ``tc`` rows."""
+  k = -(-x.shape[0] // tc)
+  x = jnp.pad(x, [(0, k * tc - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+  return x.reshape((k, tc) + x.shape[1:])
+
+
+def _label_logits(hidden_NxH, weight_VxH, bias_V, labels_N, in_range_N, cap):
+  """``cap(h_n . w_{y_n} + b_{y_n})`` from a gather of ``N`` weight rows (row 0 where out of range)."""
+  safe_N = jnp.where(in_range_N, labels_N, 0)
+  dtype = _compute_dtype(hidden_NxH, weight_VxH)
+  z_N = jnp.sum(hidden_NxH.astype(dtype) * weight_VxH[safe_N].astype(dtype), axis=-1)
+  return _soft_cap(z_N if bias_V is None else z_N + bias_V[safe_N].astype(dtype), cap)
+
+
+def _in_range(labels_N, v):
+  return (labels_N >= 0) & (labels_N < v)
+
+
+def _loss(lse_N, zsum_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, opts):
+  r""":math:`\mathrm{lse} - (1-\varepsilon) z_y - \varepsilon \bar z + \lambda\,\mathrm{lse}^2`;
+  NaN for an out-of-range label, 0 for a masked token; float32 (or wider)."""
+  v = weight_VxH.shape[0]
+  in_range_N = _in_range(labels_N, v)
+  z_y_N = _label_logits(hidden_NxH, weight_VxH, bias_V, labels_N, in_range_N,
+                        opts.logit_soft_cap)
+  loss_N = lse_N - (1.0 - opts.label_smoothing) * z_y_N
+  if opts.label_smoothing:
+    loss_N = loss_N - (opts.label_smoothing / v) * zsum_N
+  if opts.z_loss:
+    loss_N = loss_N + opts.z_loss * jnp.square(lse_N)
+  return jnp.where(valid_N, jnp.where(in_range_N, loss_N, jnp.nan), 0.0)
+
+
+def _gradient_pass(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, g_N, g_lse_N, used_N,
+                   lse_N, with_dhidden, with_dweight=True):
+  """Gradient sums over token chunks for per-token loss cotangents ``g_N`` (and ``g_lse_N``).
+
+  ``lse_N=None`` computes the logsumexp (and the logit sums) too, keeping each token chunk's
+  logits for its gradient pass: the one-pass forward of a reduced loss.
+  Returns ``(dweight_VxH, dbias_V, dhidden_NxH or None, lse_N, zsum_N)``.
+  """
+  (n, h), v = hidden_NxH.shape, weight_VxH.shape[0]
+  dtype = _compute_dtype(hidden_NxH, weight_VxH)
+  keep = lse_N is None and tc * v <= _KEPT_LOGITS
+  chunks = lambda x: None if x is None else _token_chunks(x, tc)
+  xs = tuple(map(chunks, (hidden_NxH, labels_N, g_N, g_lse_N, used_N, lse_N)))
+
+  def body(acc, x):
+    h_CxH, y_C, g_C, g_lse_C, used_C, lse_C = x
+    z_KxCxT, zsum_C = None, jnp.zeros(h_CxH.shape[:1], dtype)
+    if lse_C is None:
+      lse_C, zsum_C, z_KxCxT = _online_logsumexp(h_CxH, weight_VxH, bias_V, tv, keep, opts)
+    coefficients = _coefficients(g_C, g_lse_C, lse_C, v, opts)
+    acc, dh_CxH = _chunk_gradients(h_CxH, y_C, coefficients, used_C, lse_C, z_KxCxT, weight_VxH,
+                                   bias_V, tv, acc, with_dhidden, opts)
+    return acc, (dh_CxH, lse_C, zsum_C)
+
+  init = (jnp.zeros((v, h), dtype), jnp.zeros((v,), dtype)) if with_dweight else (None, None)
+  (dweight_VxH, dbias_V), (dh_KxCxH, lse_KxC, zsum_KxC) = lax.scan(body, init, xs)
+  dh_NxH = None if dh_KxCxH is None else dh_KxCxH.reshape(-1, h)[:n]
+  return dweight_VxH, dbias_V, dh_NxH, lse_KxC.reshape(-1)[:n], zsum_KxC.reshape(-1)[:n]
+
+
+def _lse_and_sums(tc, tv, opts, hidden_NxH, weight_VxH, bias_V):
+  """``(lse_N, zsum_N)`` streamed over token and vocabulary chunks: ``2NHV`` FLOPs."""
+  lse_KxC, zsum_KxC, _ = lax.map(
+      lambda h_CxH: _online_logsumexp(h_CxH, weight_VxH, bias_V, tv, False, opts),
+      _token_chunks(hidden_NxH, tc))
+  n = hidden_NxH.shape[0]
+  return lse_KxC.reshape(-1)[:n], zsum_KxC.reshape(-1)[:n]
+
+
+def _poisoned(valid_N, used_N, g_N, dhidden_NxH, dweight_VxH, dbias_V, dtype):
+  """Gradients made NaN as the unfused kernel's are for a counted out-of-range label with a
+  nonzero cotangent: that token's ``dhidden`` row, and all of ``dweight`` and ``dbias``."""
+  poisoned_N = valid_N & ~used_N & (g_N != 0)
+  poison = jnp.where(jnp.any(poisoned_N), jnp.nan, 0.0).astype(dtype)
+  return (jnp.where(poisoned_N[:, None], jnp.nan, dhidden_NxH), dweight_VxH + poison,
+          None if dbias_V is None else dbias_V + poison)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
+  """``(loss_N, lse_N)``; forward ``2NHV``, backward ``6NHV`` (logits recomputed)."""
+  lse_N, zsum_N = _lse_and_sums(tc, tv, opts, hidden_NxH, weight_VxH, bias_V)
+  return _loss(lse_N, zsum_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, opts), lse_N
+
+
+def _per_token_fwd(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
+  out = _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
+  return out, (hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, out[1])
+
+
+def _per_token_bwd(tc, tv, opts, residuals, cotangents):
+  hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, lse_N = residuals
+  g_N, g_lse_N = (c.astype(lse_N.dtype) for c in cotangents)
+  used_N = valid_N & _in_range(labels_N, weight_VxH.shape[0])
+  dweight_VxH, dbias_V, dhidden_NxH, _, _ = _gradient_pass(
+      tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, jnp.where(used_N, g_N, 0.0),
+      g_lse_N, used_N | (g_lse_N != 0), lse_N, True)
+  dhidden_NxH, dweight_VxH, dbias_V = _poisoned(valid_N, used_N, g_N, dhidden_NxH, dweight_VxH,
+                                                dbias_V, lse_N.dtype)
+  return (dhidden_NxH.astype(hidden_NxH.dtype), dweight_VxH.astype(weight_VxH.dtype),
+          None if bias_V is None else dbias_V.astype(bias_V.dtype), None, None)
+
+
+_per_token.defvjp(_per_token_fwd, _per_token_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _reduced(tc, tv, opts, mean, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
+  """The summed (or, ``mean``, averaged over counted tokens) loss; forward ``2NHV``."""
+  lse_N, zsum_N = _lse_and_sums(tc, tv, opts, hidden_NxH, weight_VxH, bias_V)
+  loss_N = _loss(lse_N, zsum_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, opts)
+  return jnp.sum(loss_N) / (jnp.sum(valid_N) if mean else 1)
+
+
+def _reduced_fwd(tc, tv, opts, mean, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
+  """Loss and all three gradients in one pass (``6NHV``): the cotangent is a scalar."""
+  dtype = _compute_dtype(hidden_NxH, weight_VxH)
+  used_N = valid_N & _in_range(labels_N, weight_VxH.shape[0])
+  scale = 1.0 / jnp.sum(valid_N).astype(dtype) if mean else jnp.ones((), dtype)
+  g_N = jnp.where(used_N, scale, 0.0).astype(dtype)
+  dweight_VxH, dbias_V, dhidden_NxH, lse_N, zsum_N = _gradient_pass(
+      tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, g_N, None, used_N, None, True)
+  loss_N = _loss(lse_N, zsum_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, opts)
+  grads = _poisoned(valid_N, used_N, jnp.broadcast_to(scale, valid_N.shape), dhidden_NxH,
+                    dweight_VxH, None if bias_V is None else dbias_V, dtype)
+  # Kept in the inputs' dtypes: the backward only scales them by the scalar cotangent.
+  grads = jax.tree.map(lambda grad, x: grad.astype(x.dtype), grads, (hidden_NxH, weight_VxH, bias_V))
+  return jnp.sum(loss_N) * scale, grads
+
+
+def _reduced_bwd(tc, tv, opts, mean, residuals, g):
+  del tc, tv, opts, mean
+  scaled = lambda grad: None if grad is None else g.astype(grad.dtype) * grad
+  return (*map(scaled, residuals), None, None)
+
+
+_reduced.defvjp(_reduced_fwd, _reduced_bwd)
+
+
+def linear_softmax_cross_entropy(
+    hidden_NxH: jax.typing.ArrayLike,
+    weight_VxH: jax.typing.ArrayLike,
+    labels_N: jax.typing.ArrayLike,
+    *,
+    bias_V: Optional[jax.typing.ArrayLike] = None,
+    where: Optional[jax.typing.ArrayLike] = None,
+    reduction: str = "none",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_soft_cap: Optional[float] = None,
+    return_lse: bool = False,
+    chunk_size: Optional[int] = None,
+    vocab_chunk_size: Optional[int] = None,
+) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
+  r"""Softmax cross-entropy of the output layer ``hidden @ weight.T + bias``, without the ``[N, V]`` logits.
+
+  With :math:`z_{nv} = c \tanh((h_n \cdot w_v + b_v) / c)` (``logit_soft_cap`` :math:`c`;
+  without it :math:`z_{nv} = h_n \cdot w_v + b_v`), :math:`\mathrm{lse}_n = \log \sum_{v=1}^V
+  e^{z_{nv}}` and :math:`\bar z_n = \frac1V \sum_v z_{nv}`, the loss of token :math:`n` is
+
+  .. math::
+    \ell_n = \mathrm{lse}_n - (1 - \varepsilon)\, z_{n y_n} - \varepsilon\, \bar z_n
+             + \lambda\, \mathrm{lse}_n^2,
+
+  the cross-entropy against the label smoothed with :math:`\varepsilon` (``label_smoothing``:
+  weight :math:`1 - \varepsilon + \varepsilon / V` on the label, :math:`\varepsilon / V` on
+  every other word, as PyTorch's ``label_smoothing``) plus the z-loss :math:`\lambda\,
+  \mathrm{lse}^2` (``z_loss``; PaLM, Levanter) that keeps the normaliser near 1. With no
+  options it equals ``losses.softmax_cross_entropy_with_integer_labels(hidden @ weight.T +
+  bias, labels)`` (to float32 rounding) in value and gradient, but streams over token and
+  vocabulary chunks (see the module docstring): no array of ``N * V`` elements exists in
+  the forward or the backward pass.
+
+  ``reduction`` is PyTorch's: ``"none"`` returns ``[N]`` (0 where ``where`` is False),
+  ``"sum"`` the sum over counted tokens, ``"mean"`` that sum over the number of counted
+  tokens (NaN if none is counted, as PyTorch with every target ``ignore_index``). With
+  ``"sum"`` or ``"mean"`` the cotangent is a scalar, so the pass that differentiates it
+  computes the loss and all three gradients at once, ``6NHV`` FLOPs against ``8NHV``
+  for ``"none"`` (forward ``2NHV``, backward recomputing the logits); plain evaluation is
+  ``2NHV`` either way. Reverse mode only (``jax.custom_vjp``). Computed in float32 for
+  bfloat16/float16 inputs (the matmuls accumulate in float32); the loss is float32.
+
+  Out-of-range labels (``< 0`` or ``>= V``) in counted tokens raise ``ValueError`` when
+  the labels are concrete and give a NaN loss (and NaN gradients) under ``jit``, as the
+  unfused kernel does; tokens where ``where`` is False may hold any label (``-1`` padding
+  is PyTorch's ``ignore_index``).
+
+  Args:
+    hidden_NxH: ``[N, H]`` floating, the inputs of the output layer.
+    weight_VxH: ``[V, H]`` floating, one row per vocabulary entry.
+    labels_N: ``[N]`` integer targets in ``[0, V)``.
+    bias_V: optional ``[V]`` floating bias.
+    where: optional ``[N]`` boolean mask; masked tokens get loss 0 and
+      contribute no gradient (their labels may be anything).
+    reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over the counted tokens).
+    label_smoothing: :math:`\varepsilon \in [0, 1]`.
+    z_loss: :math:`\lambda \ge 0`, the weight of :math:`\mathrm{lse}^2` added to each loss.
+    logit_soft_cap: :math:`c > 0`, or ``None`` for no capping (Gemma 2 uses 30).
+    return_lse: also return ``lse_N`` ``[N]`` (of the capped logits, for every token, masked
+      or not), differentiable; then the backward always recomputes (``8NHV``).
+    chunk_size: token rows per chunk (default ``min(N, 256)``; 512 for the one-pass
+      ``"sum"``/``"mean"`` gradient).
+    vocab_chunk_size: vocabulary entries per block of logits (default
+      ``min(V, 8192)``; 4096 for the one-pass gradient).
+
+  Returns:
+    ``loss``: ``[N]`` cross-entropy in nats per token (``reduction="none"``) or a scalar,
+    float32 (float64 for float64 inputs); with ``return_lse``, ``(loss, lse_N)``.
+
+  References:
+    Milakov and Gimelshein, "Online normalizer calculation for softmax", 2018.
+    Wijmans et al., "Cut your losses in large-vocabulary language models", 2024.
+    Szegedy et al., "Rethinking the Inception architecture", 2016 (label smoothing);
+    Chowdhery et al., "PaLM", 2022, Section 5 (z-loss); Gemma Team, "Gemma 2", 2024
+    (logit soft-capping); PyTorch ``torch.nn.functional.linear_cross_entropy``.
+
+  >>> hidden = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+  >>> weight = jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+  >>> loss = linear_softmax_cross_entropy(hidden, weight, jnp.array([0, 1, 2]), chunk_size=2,
+  ...                                     vocab_chunk_size=2)
+  >>> print(loss.round(4))
+  [0.4076 0.2395 2.7586]
+  >>> logits = hidden @ weight.T  # the unfused computation, for comparison
+  >>> print((jax.nn.logsumexp(logits, axis=-1) - logits[jnp.arange(3), jnp.array([0, 1, 2])]).round(4))
+  [0.4076 0.2395 2.7586]
+  >>> mean = linear_softmax_cross_entropy(hidden, weight, jnp.array([0, 1, 2]), reduction="mean")
+  >>> print(f"{float(mean):.4f}")  # (0.4076 + 0.2395 + 2.7586) / 3
+  1.1353
+  """
+  allocator.apply_cpu_default()  # once per process, XLA:CPU only (lm_jax.ops.allocator)
+  hidden_NxH = jnp.asarray(hidden_NxH)
+  weight_VxH = jnp.asarray(weight_VxH)
+  labels_N = jnp.asarray(labels_N)
+  for name, x in (("hidden_NxH", hidden_NxH), ("weight_VxH", weight_VxH)):
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a rank-2 floating array, got shape {x.shape} and dtype {x.dtype}")
+  (n, h), (v, h_w) = hidden_NxH.shape, weight_VxH.shape
+  if h != h_w or v == 0:
+    raise ValueError(f"hidden_NxH {hidden_NxH.shape} and weight_VxH {weight_VxH.shape} need the same H "
+                     "and V > 0")
+  if labels_N.shape != (n,) or not jnp.issubdtype(labels_N.dtype, jnp.integer):
+    raise ValueError(f"labels_N must be an integer array of shape ({n},), got shape {labels_N.shape} "
+                     f"and dtype {labels_N.dtype}")
+  if bias_V is not None:
+    bias_V = jnp.asarray(bias_V)
+    if bias_V.shape != (v,) or not jnp.issubdtype(bias_V.dtype, jnp.floating):
+      raise ValueError(f"bias_V must be a floating array of shape ({v},), got shape {bias_V.shape} "
+                       f"and dtype {bias_V.dtype}")
+  if where is None:
+    valid_N = jnp.ones((n,), bool)
+  else:
+    valid_N = jnp.asarray(where)
+    if valid_N.shape != (n,) or valid_N.dtype != jnp.bool_:
+      raise ValueError(f"where must be a boolean array of shape ({n},), got shape {valid_N.shape} "
+                       f"and dtype {valid_N.dtype}")
+  opts = _check_options(reduction, label_smoothing, z_loss, logit_soft_cap)
+  tc, tv = _chunk_sizes(n, v, chunk_size, vocab_chunk_size,
+                        reduced=reduction != "none" and not return_lse)
+  _check_labels_in_range(labels_N, valid_N, v)
+  dtype = _compute_dtype(hidden_NxH, weight_VxH)
+  if n == 0:
+    loss = jnp.zeros((0,), dtype) if reduction == "none" else jnp.asarray(
+        jnp.nan if reduction == "mean" else 0.0, dtype)
+    return (loss, jnp.zeros((0,), dtype)) if return_lse else loss
+  if reduction == "none" or return_lse:
+    loss_N, lse_N = _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
+    loss = loss_N
+    if reduction != "none":
+      loss = jnp.sum(loss_N) / (jnp.sum(valid_N).astype(dtype) if reduction == "mean" else 1)
+    return (loss, lse_N) if return_lse else loss
+  return _reduced(tc, tv, opts, reduction == "mean", hidden_NxH, weight_VxH, bias_V, labels_N,
+                  valid_N)
+
+
+def _check_options(reduction, label_smoothing, z_loss, logit_soft_cap) -> _Options:
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+  if not 0.0 <= label_smoothing <= 1.0:
+    raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+  if not z_loss >= 0.0:
+    raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+  if logit_soft_cap is not None and not logit_soft_cap > 0.0:
+    raise ValueError(f"logit_soft_cap must be > 0 or None, got {logit_soft_cap}")
+  return _Options(float(label_smoothing), float(z_loss),
+                  None if logit_soft_cap is None else float(logit_soft_cap))
+
+
+def _check_labels_in_range(labels_N, valid_N, v):
+  if isinstance(labels_N, jax.core.Tracer) or isinstance(valid_N, jax.core.Tracer):
+    return
+  labels_np = np.asarray(labels_N)
+  bad = ((labels_np < 0) | (labels_np >= v)) & np.asarray(valid_N)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"label {int(labels_np[i])} at index {i} is out of range for vocabulary size V={v} "
+                     f"(labels must lie in [0, {v}))")

@@ -1,0 +1,198 @@
+"""What a training run leaves behind for a person: metrics.jsonl, console progress, plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+from lm_jax.train.checkpointing import CheckpointMismatchError
+
+logger = logging.getLogger("lm_jax")
+
+
+def configure_console(level: int = logging.INFO) -> None:
+  """Sends lm_jax's progress lines to stderr (orbax's INFO chatter stays off)."""
+  if not any(getattr(h, "_lm_jax", False) for h in logger.handlers):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler._lm_jax = True  # pylint: disable=protected-access
+    logger.addHandler(handler)
+  logger.setLevel(level)
+  logger.propagate = False
+
+
+def write_json(path: str, payload: Any) -> None:
+  """Writes JSON atomically (a temporary file, then a rename)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def check_or_save_vocab(workdir: str, vocab) -> None:
+  """Saves ``vocab.json``, or checks that the one already there is the same vocabulary."""
+  path = os.path.join(workdir, "vocab.json")
+  if os.path.exists(path):
+    saved = type(vocab).load(path)
+    if saved != vocab:
+      raise CheckpointMismatchError(
+          f"{path} (size {len(saved)}) differs from the vocabulary of this run's corpus "
+          f"(size {len(vocab)}); use a new --workdir or the original corpus flags")
+  else:
+    vocab.save(path)
+
+
+class MetricsWriter:
+  """Appends one JSON object per report to ``metrics.jsonl``.
+
+  On resume the file is first cut back to the reports at or before the restored step,
+  so a run that was killed and restarted ends with the same records (apart from wall
+  times and speeds) as one that never stopped.
+  """
+
+  def __init__(self, path: str, *, resume_step: int | None = None, enabled: bool = True,
+               keep_at_resume_step: Callable[[dict[str, Any]], bool] | None = None):
+    """``keep_at_resume_step``: which records AT ``resume_step`` to keep (default all)."""
+    self.path = path
+    self.enabled = enabled
+    self.kept: list[dict[str, Any]] = []
+    if not enabled:
+      return
+    kept = []
+    if resume_step is not None and os.path.exists(path):
+      keep = keep_at_resume_step or (lambda r: True)
+      kept = [r for r in read_metrics(path) if r.get("step", 0) < resume_step
+              or (r.get("step", 0) == resume_step and keep(r))]
+    with open(path + ".tmp", "w") as f:
+      for record in kept:
+        f.write(json.dumps(record) + "\n")
+    os.replace(path + ".tmp", path)
+    self.kept = kept
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+      f.flush()
+
+
+class TrainWindow:
+  """Sums of the train metrics since the last report, as plain floats.
+
+  Checkpoints store :meth:`as_dict`, so a run stopped between reports resumes with the
+  same sums and writes the same next report. Steps whose loss or gradient was not
+  finite (skipped by ``--skip_nonfinite``) count in ``skipped`` and nowhere else.
+  """
+  FIELDS = ("loss_sum", "token_count", "grad_norm", "steps", "skipped", "lr")
+
+  def __init__(self, **values: float):
+    unknown = set(values) - set(self.FIELDS)
+    if unknown:
+      raise ValueError(f"unknown TrainWindow fields {sorted(unknown)}")
+    for name in self.FIELDS:
+      setattr(self, name, float(values.get(name, 0.0)))
+
+  def add(self, metrics: dict[str, float]) -> None:
+    self.lr = float(metrics["learning_rate"])
+    if float(metrics.get("nonfinite", 0.0)):
+      self.skipped += 1
+      return
+    self.loss_sum += float(metrics["loss_sum"])
+    self.token_count += float(metrics["token_count"])
+    self.grad_norm += float(metrics["grad_norm"])
+    self.steps += 1
+
+  def reset(self) -> None:
+    self.__init__()
+
+  def as_dict(self) -> dict[str, float]:
+    return {name: getattr(self, name) for name in self.FIELDS}
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """All complete records of a metrics.jsonl file (a torn last line is dropped)."""
+  records = []
+  with open(path) as f:
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        break
+  return records
+
+
+class Progress:
+  """Console progress: tokens/s, loss, perplexity and ETA, at most every ``every`` s."""
+
+  def __init__(self, total_steps: int, tokens_per_step: int, start_step: int = 0):
+    self.total_steps = total_steps
+    self.tokens_per_step = tokens_per_step
+    self.start_step = start_step
+    self.start_time = time.time()
+    self.last_time = self.start_time
+    self.last_step = start_step
+
+  def rate(self, step: int) -> float:
+    """Tokens per second since the previous call."""
+    now = time.time()
+    elapsed = max(now - self.last_time, 1e-9)
+    tokens = (step - self.last_step) * self.tokens_per_step
+    self.last_time, self.last_step = now, step
+    return tokens / elapsed
+
+  def eta_seconds(self, step: int) -> float:
+    done = step - self.start_step
+    if done <= 0:
+      return math.nan
+    return (time.time() - self.start_time) / done * (self.total_steps - step)
+
+
+def format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def plot_learning_curve(records: Iterable[dict[str, Any]], path: str, *,
+                        true_entropy_bits: float | None = None, title: str = "") -> None:
+  """Bits per token against step for the train and evaluation splits, as PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  by_split: dict[str, tuple[list, list]] = {}
+  for r in records:
+    if "bits_per_token" in r and "split" in r:
+      steps, values = by_split.setdefault(r["split"], ([], []))
+      steps.append(r["step"])
+      values.append(r["bits_per_token"])
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for split, (steps, values) in sorted(by_split.items()):
+    style = "-" if split == "train" else "o-"
+    ax.plot(steps, values, style, label=split, markersize=4)
+  if true_entropy_bits is not None:
+    ax.axhline(true_entropy_bits, color="k", linestyle="--",
+               label=f"true entropy rate {true_entropy_bits:.3f}")
+  ax.set_xlabel("step")
+  ax.set_ylabel("bits per token")
+  if by_split:
+    sec = ax.secondary_yaxis("right", functions=(lambda b: 2.0 ** b,
+                                                  lambda p: _safe_log2(p)))
+    sec.set_ylabel("perplexity")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _safe_log2(p):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return np.log2(np.maximum(p, 1e-12))

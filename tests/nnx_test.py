@@ -1,0 +1,205 @@
+"""Tests for lm_jax.nnx: the NNX layers equal the functional heads and cells they wrap."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lm_jax import heads
+from lm_jax import nnx as lm_nnx
+from lm_jax.models import rnn
+
+N, H, V, E, B, T = 6, 4, 9, 3, 2, 5
+COUNTS_V = np.array([0, 3, 1, 9, 5, 2, 7, 4, 6])
+HEADS = {
+    "full": lambda: heads.full_softmax(V, init_scale=0.5),
+    "class": lambda: heads.make_head("class", vocab_size=V, counts=COUNTS_V),
+    "hsm": lambda: heads.make_head("hsm", vocab_size=V, counts=COUNTS_V),
+    "dsoftmax": lambda: heads.make_head("dsoftmax", vocab_size=V, counts=COUNTS_V,
+                                        bands="3:3,6:1"),
+    "nce": lambda: heads.make_head("nce", vocab_size=V, counts=COUNTS_V, num_samples=3),
+    "sampled": lambda: heads.make_head("sampled", vocab_size=V, counts=COUNTS_V, num_samples=3),
+}
+FAST = ("full", "class", "hsm")
+HEAD_NAMES = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in HEADS]
+
+
+def _data(seed=0):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.normal(0, 1.5, (N, H)), jnp.float32),
+          jnp.asarray(rng.integers(0, V, (N,)), jnp.int32))
+
+
+def _functional_params(layer):
+  return layer.head_params()
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_output_layer_equals_the_functional_head_in_value_and_gradient(name):
+  head = HEADS[name]()
+  layer = lm_nnx.OutputLayer(head, H, rngs=nnx.Rngs(0))
+  hidden_NxH, targets_N = _data()
+  params = _functional_params(layer)
+  where_N = jnp.array([True, True, False, True, True, False])
+  np.testing.assert_allclose(layer(hidden_NxH, targets_N, where=where_N),
+                             head.loss(params, hidden_NxH, targets_N, where=where_N), rtol=1e-6)
+  np.testing.assert_allclose(layer.log_prob(hidden_NxH, targets_N),
+                             head.log_prob(params, hidden_NxH, targets_N), rtol=1e-6)
+  np.testing.assert_allclose(layer.log_probs(hidden_NxH), head.log_probs(params, hidden_NxH),
+                             rtol=1e-6)
+  key = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(layer.sample(hidden_NxH, key),
+                                head.sample(params, hidden_NxH, key))
+  # Sampled heads draw their noise from the key given as `rngs`.
+  np.testing.assert_allclose(layer(hidden_NxH, targets_N, rngs=key),
+                             head.loss(params, hidden_NxH, targets_N, key=key), rtol=1e-6)
+
+  # Gradients: nnx.grad w.r.t. the Params equals jax.grad of the functional loss, leaf by leaf.
+  grads = nnx.grad(lambda m: jnp.sum(m(hidden_NxH, targets_N, where=where_N)))(layer)
+  expected = jax.grad(lambda p: jnp.sum(head.loss(p, hidden_NxH, targets_N, where=where_N)))(
+      params)
+  flat = {lm_nnx.leaf_name(p): g for p, g in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  got = {name: v[...] for name, v in grads["params"].items()}
+  assert sorted(got) == sorted(flat)
+  for leaf in flat:
+    np.testing.assert_allclose(got[leaf], flat[leaf], rtol=1e-5, atol=1e-7, err_msg=leaf)
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_tables_are_variables_but_not_params(name):
+  head = HEADS[name]()
+  layer = lm_nnx.OutputLayer(head, H, rngs=nnx.Rngs(0))
+  param_state = nnx.state(layer, nnx.Param)
+  table_state = nnx.state(layer, lm_nnx.HeadTable)
+  n_params = len(jax.tree.leaves(head.init(jax.random.PRNGKey(0), H)))
+  n_tables = len(jax.tree.leaves(head.tables))
+  assert len(jax.tree.leaves(param_state)) == n_params
+  assert len(jax.tree.leaves(table_state)) == n_tables
+  jax.tree.map(np.testing.assert_array_equal, layer.head_tables(), dict(head.tables))
+  # The tables reach the compiled program as arguments (not constants): new tables, new values.
+  hidden_NxH, targets_N = _data()
+  graphdef, params, tables = nnx.split(layer, nnx.Param, lm_nnx.HeadTable)
+
+  @jax.jit
+  def loss(params, tables):
+    return jnp.sum(nnx.merge(graphdef, params, tables)(hidden_NxH, targets_N))
+
+  np.testing.assert_allclose(loss(params, tables), jnp.sum(layer(hidden_NxH, targets_N)),
+                             rtol=1e-6)
+  if n_tables:
+    scrambled = jax.tree.map(lambda t: t[...][::-1] if t.ndim else t[...], tables)
+    assert not np.isclose(loss(params, scrambled), loss(params, tables))
+
+
+def test_axes_metadata_names_the_shape_letters():
+  layer = lm_nnx.OutputLayer(HEADS["class"](), H, rngs=nnx.Rngs(0))
+  assert layer.params["word_weight_VxH"].axes == ("V", "H")
+  assert layer.params["class_bias_C"].axes == ("C",)
+  assert lm_nnx.shape_axes("log_z", 0) is None
+
+
+def test_jit_value_and_grad_and_optimizer_update_only_params():
+  layer = lm_nnx.OutputLayer(HEADS["class"](), H, rngs=nnx.Rngs(1))
+  tables_before = jax.tree.map(np.asarray, nnx.state(layer, lm_nnx.HeadTable))
+  params_before = jax.tree.map(np.asarray, nnx.state(layer, nnx.Param))
+  optimizer = nnx.Optimizer(layer, optax.sgd(0.5), wrt=nnx.Param)
+  hidden_NxH, targets_N = _data(1)
+
+  @nnx.jit
+  def step(layer, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(hidden_NxH, targets_N)))(layer)
+    optimizer.update(layer, grads)
+    return loss
+
+  first = step(layer, optimizer)
+  for _ in range(5):
+    last = step(layer, optimizer)
+  assert float(last) < float(first)
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(layer, lm_nnx.HeadTable), tables_before)
+  moved = jax.tree.map(lambda a, b: not np.allclose(a, b), nnx.state(layer, nnx.Param),
+                       params_before)
+  assert all(jax.tree.leaves(moved))
+
+
+def test_split_merge_and_plain_jax_grad_equal_nnx_grad():
+  layer = lm_nnx.OutputLayer(HEADS["hsm"](), H, rngs=nnx.Rngs(2))
+  hidden_NxH, targets_N = _data(2)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def loss(params):
+    return jnp.sum(nnx.merge(graphdef, params, rest)(hidden_NxH, targets_N))
+
+  plain = jax.grad(loss)(params)
+  via_nnx = nnx.grad(lambda m: jnp.sum(m(hidden_NxH, targets_N)))(layer)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), plain, via_nnx)
+
+
+def test_dtype_and_param_dtype():
+  layer = lm_nnx.OutputLayer(HEADS["full"](), H, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                             rngs=nnx.Rngs(0))
+  assert layer.params["weight_VxH"].dtype == jnp.float32
+  hidden_NxH, targets_N = _data()
+  loss_N = layer(hidden_NxH, targets_N)
+  assert loss_N.dtype == jnp.float32  # softmax in float32 whatever the compute dtype
+  head = HEADS["full"]()
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), layer.head_params())
+  np.testing.assert_allclose(loss_N, head.loss(bf16, hidden_NxH.astype(jnp.bfloat16), targets_N),
+                             rtol=1e-6)
+  stored_bf16 = lm_nnx.OutputLayer(HEADS["full"](), H, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert stored_bf16.params["bias_V"].dtype == jnp.bfloat16
+
+
+def test_leading_dims_bad_ids_and_bad_shapes():
+  layer = lm_nnx.OutputLayer(HEADS["class"](), H, rngs=nnx.Rngs(0))
+  hidden_BxTxH = jnp.ones((2, 3, H))
+  targets_BxT = jnp.zeros((2, 3), jnp.int32)
+  assert layer(hidden_BxTxH, targets_BxT).shape == (2, 3)
+  assert layer.log_probs(hidden_BxTxH).shape == (2, 3, V)
+  padded = targets_BxT.at[0, 0].set(-1)
+  where = padded >= 0
+  loss = layer(hidden_BxTxH, padded, where=where)
+  assert loss[0, 0] == 0.0 and np.all(np.isfinite(loss))
+  with pytest.raises(ValueError, match="target -1 at index 0 is out of range"):
+    layer(hidden_BxTxH, padded)
+  with pytest.raises(ValueError, match="in_features=4"):
+    layer(jnp.ones((2, H + 1)), jnp.zeros(2, jnp.int32))
+
+
+def test_custom_initializer_applies_to_every_trainable_leaf():
+  layer = lm_nnx.OutputLayer(HEADS["full"](), H, param_init=jax.nn.initializers.zeros,
+                             rngs=nnx.Rngs(0))
+  assert all(float(jnp.abs(v[...]).sum()) == 0.0 for v in layer.params.values())
+
+
+@pytest.mark.parametrize("cell", ["elman", pytest.param("gru", marks=pytest.mark.slow), "lstm"])
+def test_rnn_layer_equals_scan_layer_in_value_and_gradient(cell):
+  layer = lm_nnx.RNNLayer(cell, E, H, rngs=nnx.Rngs(0))
+  inputs_BxTxE = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, E)), jnp.float32)
+  mask_BxT = jnp.arange(T)[None, :] < jnp.array([[T], [3]])
+  params = {name: v[...] for name, v in layer.params.items()}
+  fn = rnn.get_cell(cell)
+  carry0 = layer.initial_carry(B)
+  out, carry = layer(inputs_BxTxE, mask_BxT=mask_BxT)
+  ref_out, ref_carry = rnn.scan_layer(fn, params, inputs_BxTxE, carry0, mask_BxT)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), carry, ref_carry)
+
+  grads = nnx.grad(lambda m: jnp.sum(m(inputs_BxTxE, mask_BxT=mask_BxT)[0] ** 2))(layer)
+  expected = jax.grad(lambda p: jnp.sum(
+      rnn.scan_layer(fn, p, inputs_BxTxE, carry0, mask_BxT)[0] ** 2))(params)
+  for name in expected:
+    np.testing.assert_allclose(grads["params"][name][...], expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_rnn_layer_carries_state_under_nnx_jit():
+  layer = lm_nnx.RNNLayer("lstm", E, H, rngs=nnx.Rngs(0))
+  x = jnp.ones((B, 2 * T, E))
+  whole, _ = layer(x)
+  run = nnx.jit(lambda m, x, c: m(x, c))
+  first, carry = run(layer, x[:, :T], layer.initial_carry(B))
+  second, _ = run(layer, x[:, T:], carry)
+  np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), whole, rtol=1e-6)
+  assert isinstance(carry, tuple) and carry[0].shape == (B, H)
+  half = lm_nnx.RNNLayer("elman", E, H, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert half(x)[0].dtype == jnp.bfloat16 and half.params["W_hh_HxG"].dtype == jnp.float32

@@ -1,0 +1,117 @@
+"""Tests for lm_jax.ops.allocator."""
+import ctypes.util
+import platform
+
+import pytest
+
+from lm_jax.ops import allocator
+
+
+def test_bad_arguments_are_named():
+  with pytest.raises(ValueError, match="arenas"):
+    allocator.keep_freed_memory(arenas=0)
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt settings exist in glibc only")
+def test_glibc_accepts_the_settings():
+  assert ctypes.util.find_library("c") is not None
+  assert allocator.keep_freed_memory() is True
+  assert allocator.keep_freed_memory() is True  # idempotent
+
+
+def test_returns_false_without_glibc(monkeypatch):
+  monkeypatch.setattr(allocator, "_glibc", lambda: None)
+  assert allocator.keep_freed_memory() is False
+
+
+# What a user gets: a fresh process that imports lm_jax, builds its arrays, calls a head.
+_USER_SCRIPT = """
+import logging, resource, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+import jax, jax.numpy as jnp
+from lm_jax import heads
+from lm_jax.ops import allocator
+import lm_jax
+print("after import:", allocator._applied_at_import, allocator._cpu_default)
+vocab_size, hidden = 100_000, 256  # a [V, H] gradient of 100 MB: > 64 MiB, one mmap each call
+counts = [vocab_size - i for i in range(vocab_size)]
+head = heads.make_head("sampled", vocab_size=vocab_size, counts=counts, num_samples=8)
+params = head.init(jax.random.PRNGKey(0), hidden)  # backend and XLA threads start here
+hidden_NxH, targets_N = jnp.ones((16, hidden)), jnp.arange(16)
+grad = jax.jit(jax.grad(lambda p: head.loss(p, hidden_NxH, targets_N).sum()))
+faults = []
+for _ in range(4):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  jax.block_until_ready(grad(params))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print("after a head call:", allocator._cpu_default, jax.default_backend())
+print("page faults per call after the first two:", min(faults[2:]))
+"""
+
+
+def _run_user_script(**env):
+  import os
+  import subprocess
+  import sys
+  environment = {k: v for k, v in os.environ.items() if k != allocator.ENV_VAR}
+  environment.update(env, JAX_PLATFORMS="cpu")
+  done = subprocess.run([sys.executable, "-c", _USER_SCRIPT], capture_output=True, text=True,
+                        env=environment, timeout=300, check=True)
+  return done.stdout
+
+
+def _faults(out):
+  return int(out.split("page faults per call after the first two:")[1].split()[0])
+
+
+_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.skipif(not _GLIBC, reason="mallopt settings exist in glibc only")
+def test_importing_lm_jax_on_cpu_keeps_a_heads_large_gradient_off_fresh_pages():
+  out = _run_user_script()
+  assert "after import: True None" in out  # applied on import, decided at the first call
+  assert "after a head call: True cpu" in out
+  assert out.count("glibc malloc keeps freed memory for reuse since import") == 1, out
+  # 100 MB in 4 KiB pages is 25,000 faults when the gradient is a fresh mmap every call.
+  assert _faults(out) < 2500, out
+
+
+@pytest.mark.skipif(not _GLIBC, reason="mallopt settings exist in glibc only")
+def test_environment_variable_opts_out():
+  out = _run_user_script(**{allocator.ENV_VAR: "0"})
+  assert "after import: False None" in out
+  assert "after a head call: False cpu" in out
+  assert "keeps freed memory" not in out
+  assert _faults(out) > 20_000, out  # the behaviour the default avoids, shown to exist
+
+
+def test_other_backends_undo_the_import_setting_and_disable_restores(monkeypatch):
+  calls = []
+  monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep") or True)
+  monkeypatch.setattr(allocator, "restore_glibc_defaults",
+                      lambda: calls.append("restore") or True)
+  monkeypatch.setattr(allocator, "_cpu_default", None)
+  monkeypatch.setattr(allocator, "_applied_at_import", True)
+  monkeypatch.setattr(allocator.jax, "default_backend", lambda: "gpu")
+  assert allocator.apply_cpu_default() is False and calls == ["restore"]
+  calls.clear()
+  monkeypatch.setattr(allocator, "_cpu_default", None)
+  monkeypatch.setattr(allocator, "_applied_at_import", True)
+  monkeypatch.setattr(allocator.jax, "default_backend", lambda: "cpu")
+  allocator.disable_cpu_default()
+  assert calls == ["restore"] and allocator.apply_cpu_default() is False
+  calls.clear()
+  monkeypatch.setattr(allocator, "_cpu_default", None)  # not applied at import: applied late
+  assert allocator.apply_cpu_default() is True and calls == ["keep"]
+  assert allocator.apply_cpu_default() is True and calls == ["keep"]  # once
+
+
+@pytest.mark.parametrize("platforms, plugins, expected", [
+    ("cpu", ["cuda"], True), ("cuda,cpu", [], False), ("", [], True), ("", ["cuda"], False)])
+def test_cpu_is_predicted_without_starting_a_backend(monkeypatch, platforms, plugins, expected):
+  monkeypatch.setattr(allocator, "_configured_platforms", lambda: platforms)
+  monkeypatch.setattr(allocator, "_backends_started", lambda: False)
+  monkeypatch.setattr(allocator.importlib.metadata, "entry_points", lambda group: plugins)
+  assert allocator._cpu_is_known_default() is expected

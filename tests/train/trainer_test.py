@@ -1,0 +1,426 @@
+"""End to end: the training loop, its outputs, resume, bad flags, NaN; train_lm.py smoke run."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm_jax.models import generation
+from lm_jax.train import checkpointing
+from lm_jax.train import run_logging
+from lm_jax.train import trainer
+from lm_jax.train.config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TIMING_KEYS = ("wall_time", "tokens_per_sec")
+
+TINY = dict(corpus="synthetic", synthetic_vocab_size=16, synthetic_train_tokens=3000,
+            cell="lstm", hidden=16, embed=8, batch_size=4, bptt=8, optimizer="adam", lr=1e-2,
+            steps=24, checkpoint_every=8, log_every=4, eval_batch_size=2,
+            parallel="none")  # one device, as on one GPU (conftest.py)
+
+
+def _config(workdir, **overrides):
+  return TrainConfig(workdir=str(workdir), **{**TINY, **overrides})
+
+
+def _metrics(workdir):
+  records = run_logging.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def _final_params(workdir):
+  return trainer.load_trained(str(workdir))[3]
+
+
+def _assert_same_params(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_run_writes_everything_a_researcher_needs(tmp_path):
+  results = trainer.train_and_evaluate(_config(tmp_path))
+  for name in ("metrics.jsonl", "vocab.json", "config.json", "learning_curve.png",
+               "results.json", "checkpoints"):
+    assert os.path.exists(tmp_path / name), name
+  for key in ("valid_perplexity", "valid_bits_per_token", "test_perplexity",
+              "test_bits_per_token", "true_entropy_bits_per_token", "wall_time_sec", "flags"):
+    assert key in results
+  np.testing.assert_allclose(results["valid_perplexity"],
+                             2.0 ** results["valid_bits_per_token"], rtol=1e-9)
+  assert (results["parallel"], results["num_devices"]) == ("none", 1)  # the one-device path
+  records = run_logging.read_metrics(str(tmp_path / "metrics.jsonl"))
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == [4, 8, 12, 16, 20, 24]
+  for key in ("step", "split", "loss_nats", "perplexity", "bits_per_token", "tokens_per_sec",
+              "lr", "grad_norm", "wall_time"):
+    assert key in train[0]
+  assert train[-1]["loss_nats"] < train[0]["loss_nats"]
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f)["steps"] == 24
+
+
+def test_elman_direct_trains_without_an_input_matrix(tmp_path):
+  results = trainer.train_and_evaluate(_config(tmp_path, cell="elman_direct", embed=16,
+                                               hidden=16))
+  assert results["steps"] == 24 and np.isfinite(results["valid_perplexity"])
+  assert results["valid_perplexity"] < 16  # below the uniform model over the 16 words
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["cell"] == "elman_direct"
+  names = {jax.tree_util.keystr(path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(_final_params(tmp_path))[0]}
+  assert any("W_hh_HxG" in n for n in names), names
+  assert not any("W_xh" in n for n in names), names  # the flag took effect: no input matrix
+
+
+def test_variational_dropout_trains(tmp_path):
+  results = trainer.train_and_evaluate(_config(tmp_path / "v", dropout=0.3,
+                                               variational_dropout=True))
+  assert results["steps"] == 24 and results["valid_perplexity"] < 16
+  with open(tmp_path / "v" / "config.json") as f:
+    assert json.load(f)["variational_dropout"] is True
+  # The flag took effect: one mask per sequence drops other units than a mask per step, so
+  # the first logged training loss differs from the same run with per-step masks.
+  trainer.train_and_evaluate(_config(tmp_path / "s", dropout=0.3, steps=4))
+  first = lambda d: next(r["loss_nats"] for r in _metrics(tmp_path / d) if r["split"] == "train")
+  assert first("v") != first("s")
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
+  straight = tmp_path / "straight"
+  trainer.train_and_evaluate(_config(straight, dropout=0.3))
+
+  interrupted = tmp_path / "interrupted"
+  real_save = checkpointing.save
+
+  class Interrupt(Exception):
+    pass
+
+  def save_then_die(manager, step, state, meta):
+    real_save(manager, step, state, meta)
+    if step == 16:
+      manager.wait_until_finished()
+      raise Interrupt
+
+  monkeypatch.setattr(checkpointing, "save", save_then_die)
+  with pytest.raises(Interrupt):
+    trainer.train_and_evaluate(_config(interrupted, dropout=0.3))
+  monkeypatch.setattr(checkpointing, "save", real_save)
+  # Simulate a torn last line of metrics.jsonl, as a kill during a write leaves.
+  with open(interrupted / "metrics.jsonl", "a") as f:
+    f.write('{"step": 17, "spl')
+  trainer.train_and_evaluate(_config(interrupted, dropout=0.3))
+
+  assert _metrics(straight) == _metrics(interrupted)
+  _assert_same_params(_final_params(straight), _final_params(interrupted))
+
+
+@pytest.mark.slow  # end to end; in the full suite (FULL=1)
+def test_same_seed_same_metrics(tmp_path):
+  trainer.train_and_evaluate(_config(tmp_path / "a", steps=8))
+  trainer.train_and_evaluate(_config(tmp_path / "b", steps=8))
+  assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+
+
+def test_checkpoint_of_another_model_is_refused_by_name(tmp_path):
+  trainer.train_and_evaluate(_config(tmp_path, steps=8))
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="hidden: checkpoint has 16"):
+    trainer.train_and_evaluate(_config(tmp_path, steps=16, hidden=32))
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="vocab"):
+    trainer.train_and_evaluate(_config(tmp_path, steps=16, synthetic_vocab_size=17))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+  trainer.train_and_evaluate(_config(tmp_path, steps=16))
+  newest = tmp_path / "checkpoints" / "16" / "state"
+  for root, _, files in os.walk(newest):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  results = trainer.train_and_evaluate(_config(tmp_path, steps=24))
+  assert results["steps"] == 24
+
+
+def test_nan_loss_stops_with_the_step_named(tmp_path):
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+"):
+    trainer.train_and_evaluate(_config(tmp_path, optimizer="sgd", lr=1e30, clip=0.0,
+                                       cell="rnn_relu", init_scale=3.0))
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(cell="transformer"), "--cell"), (dict(batching="shuffled"), "--batching"),
+    (dict(hidden=0), "--hidden"), (dict(steps=0, epochs=0), "--epochs"),
+    (dict(corpus="text"), "--text_path"), (dict(dropout=1.0), "--dropout")])
+def test_bad_flags_fail_before_any_work(tmp_path, overrides, flag):
+  with pytest.raises(ValueError, match=flag):
+    trainer.train_and_evaluate(_config(tmp_path, **overrides))
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def _script(workdir, *extra):
+  flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--workdir={workdir}", *extra]
+  return [sys.executable, os.path.join(REPO, "experiments", "train_lm.py"), *flags]
+
+
+def test_train_lm_script_smoke_and_generate(tmp_path):
+  out = subprocess.run(_script(tmp_path / "w"), capture_output=True, text=True, timeout=300,
+                       cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "true entropy rate" in out.stderr
+  gen = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "generate.py"),
+                        f"--workdir={tmp_path / 'w'}", "--prompt=s1 s2", "--num_tokens=5",
+                        "--temperature=0"], capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert gen.returncode == 0, gen.stderr[-3000:]
+  assert gen.stdout.split()[:2] == ["s1", "s2"] and len(gen.stdout.split()) == 7
+
+
+def _wait_for(predicate, timeout=300.0):
+  deadline = time.time() + timeout
+  while not predicate() and time.time() < deadline:
+    time.sleep(0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kill_9_then_rerun_ends_bit_identical(tmp_path, seed):
+  """SIGKILL at random moments: one during a checkpoint write (orbax's tmp directory seen),
+  others at a uniformly random time of the run (mid-step, mid-eval, mid-write alike); each
+  time the same command restarts; the final rerun ends as an uninterrupted run, bit for bit."""
+  extra = ["--steps=60", "--checkpoint_every=4"]
+  t0 = time.time()
+  straight = subprocess.run(_script(tmp_path / "straight", *extra), capture_output=True,
+                            text=True, timeout=600, cwd=REPO)
+  assert straight.returncode == 0, straight.stderr[-3000:]
+  run_seconds = time.time() - t0
+  rng = random.Random(seed)
+  workdir = tmp_path / "killed"
+  ckpt_dir = workdir / "checkpoints"
+
+  def writing_checkpoint():
+    return ckpt_dir.exists() and any("tmp" in name for name in os.listdir(ckpt_dir))
+
+  for attempt in range(3):
+    proc = subprocess.Popen(_script(workdir, *extra), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    if attempt == 0:
+      _wait_for(writing_checkpoint)
+    else:
+      time.sleep(rng.uniform(0.0, run_seconds))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  rerun = subprocess.run(_script(workdir, *extra), capture_output=True, text=True, timeout=600,
+                         cwd=REPO)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert _metrics(tmp_path / "straight") == _metrics(workdir)
+  _assert_same_params(_final_params(tmp_path / "straight"), _final_params(workdir))
+
+
+def test_head_options_hold_only_what_each_head_uses():
+  config = TrainConfig()
+  assert config.head_options() == {}
+  expected = {
+      "class": {"num_classes", "binning"}, "hsm": {"tree", "num_classes"},
+      "dsoftmax": {"bands"},
+      "nce": {"noise", "noise_power", "num_samples", "shared_samples", "log_z"},
+      "neg": {"noise", "noise_power", "num_samples", "shared_samples"},
+      "sampled": {"noise", "noise_power", "num_samples", "shared_samples"}}
+  for head, keys in expected.items():
+    assert set(TrainConfig(head=head).head_options()) == keys, head
+  assert TrainConfig(head="nce", head_samples=5).head_options()["num_samples"] == 5
+  from lm_jax.train.config import model_fingerprint
+  fingerprint = model_fingerprint(TrainConfig(head="hsm", head_tree="balanced"), 10)
+  assert fingerprint["head"] == "hsm" and fingerprint["head_options"]["tree"] == "balanced"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(head="mixture"), r"--head='mixture' is not one of"),
+    (dict(head_samples=8), r"--head_samples=8 has no effect with --head=full"),
+    (dict(head="class", head_tree="balanced"), r"--head_tree='balanced' has no effect with "
+                                                r"--head=class .*--head=hsm"),
+    (dict(head="hsm", head_tree="random"), r"--head_tree='random' is not one of"),
+    (dict(head="neg", head_log_z="1.0"), r"--head_log_z='1.0' has no effect with --head=neg"),
+    (dict(head="nce", head_noise="zipf"), r"--head_noise='zipf'"),
+    (dict(cell="elman_direct", embed=8, hidden=16), r"--cell=elman_direct adds the embedding "
+                                                    r"to the hidden state, so it needs --embed "
+                                                    r"== --hidden, got --embed=8 --hidden=16"),
+    (dict(variational_dropout=True), r"--variational_dropout has no effect without "
+                                     r"--dropout > 0"),
+    (dict(batch_size=200, bptt=20), r"--batch_size=200 and --bptt=20 are too large for the "
+                                    r"train split of synthetic: 3000 tokens are too few")])
+def test_bad_head_and_size_flags_fail_before_any_work(tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    trainer.train_and_evaluate(_config(tmp_path, **overrides))
+  assert not os.path.exists(tmp_path / "vocab.json")
+  assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_full_head_is_built_through_make_head(tmp_path, monkeypatch):
+  from lm_jax import heads
+  calls = []
+  real = heads.make_head
+  monkeypatch.setattr(heads, "make_head", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+  trainer.train_and_evaluate(_config(tmp_path, steps=2, log_every=1))
+  (args, kwargs), = calls
+  assert args == ("full",) and kwargs["vocab_size"] == 20 and kwargs["counts"].sum() == 3000
+
+
+def test_one_token_language_and_oov_count_in_the_log(tmp_path, caplog):
+  """A text of one repeated character learns it (perplexity near 1); unseen chars are <unk>."""
+  path = tmp_path / "one.txt"
+  path.write_text("a" * 2000 + "b")  # 'b' only in the valid split: one OOV token
+  caplog.set_level("INFO", logger="lm_jax")
+  results = trainer.train_and_evaluate(_config(
+      tmp_path / "w", corpus="text", text_path=str(path), level="char", steps=40, lr=3e-2))
+  assert "'valid': 1" in caplog.text and "5 types" in caplog.text
+  assert results["valid_perplexity"] < 1.3
+
+
+def test_eval_rows_beyond_the_split_still_count_every_token(tmp_path):
+  results = trainer.train_and_evaluate(_config(tmp_path, steps=2, synthetic_train_tokens=400,
+                                               eval_batch_size=64))
+  records = run_logging.read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert [r["tokens"] for r in records if r["split"] == "valid"] == [39]
+  assert np.isfinite(results["valid_perplexity"])
+
+
+@pytest.mark.parametrize("head,options", [
+    pytest.param("hsm", {}, id="hsm"),
+    pytest.param("class", {"head_classes": 3}, marks=pytest.mark.slow, id="class"),
+    pytest.param("dsoftmax", {"head_bands": "4:8,-1:8"}, marks=pytest.mark.slow,
+                 id="dsoftmax"),
+    pytest.param("nce", {"head_samples": 4}, marks=pytest.mark.slow, id="nce"),
+    pytest.param("neg", {"head_samples": 4, "head_noise": "log_uniform"},
+                 marks=pytest.mark.slow, id="neg"),
+    pytest.param("sampled", {"head_samples": 4}, marks=pytest.mark.slow, id="sampled"),
+])
+def test_every_head_trains_evaluates_and_generates(tmp_path, head, options):
+  """train_lm's loop with each head: the loss falls, evaluation is the exact perplexity,
+  and generate.py rebuilds the same head from the saved token counts."""
+  results = trainer.train_and_evaluate(_config(tmp_path, head=head, steps=40, log_every=20,
+                                               checkpoint_every=40, hidden=16, embed=8,
+                                               **options))
+  train = [r for r in run_logging.read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+           if r["split"] == "train"]
+  assert train[-1]["loss_nats"] < train[0]["loss_nats"]
+  assert 1.0 < results["valid_perplexity"] < np.inf  # the exact, normalised softmax
+  if head not in ("nce", "neg"):
+    # NCE / negative sampling fit unnormalised scores and never touch the zero-count
+    # reserved ids (never drawn as noise), so 40 steps need not beat uniform (V = 20).
+    assert results["valid_perplexity"] < 20
+  config, vocab, model, params = trainer.load_trained(str(tmp_path))
+  ids = generation.generate(model, params, [vocab.to_ids(["s0"])[0]], num_tokens=5,
+                            key=jax.random.PRNGKey(0), temperature=1.0)
+  assert len(ids) == 5 and all(0 <= int(i) < len(vocab) for i in ids)
+
+
+# Restore safety (issue 13): a changed flag is not a damaged file.
+
+def _listing(directory):
+  return sorted(os.path.relpath(os.path.join(root, name), directory)
+                for root, _, names in os.walk(directory) for name in names)
+
+
+@pytest.mark.slow  # end to end; in the full suite (FULL=1)
+def test_restore_through_train_lm_never_moves_a_good_checkpoint(tmp_path):
+  workdir = tmp_path / "w"
+  run = lambda *extra: subprocess.run(_script(workdir, "--steps=16", *extra), capture_output=True,
+                                      text=True, timeout=300, cwd=REPO)
+  first = run()
+  assert first.returncode == 0, first.stderr[-3000:]
+  before = _listing(workdir)
+  config_json = (workdir / "config.json").read_text()
+  for flag, message in (("--clip=0", "clip: checkpoint has 5.0, this run has 0.0"),
+                        ("--bptt=4", "bptt: checkpoint has 8, this run has 4"),
+                        ("--batching=random", "batching: checkpoint has 'sequential', this run "
+                         "has 'random'")):
+    changed = run(flag)
+    assert changed.returncode != 0
+    assert message in changed.stderr and "another --workdir" in changed.stderr, flag
+    assert "nothing was written or moved" in changed.stderr
+    assert _listing(workdir) == before, flag  # no file moved, added or rewritten away
+    assert (workdir / "config.json").read_text() == config_json
+    assert not (workdir / "checkpoints.quarantine").exists()
+  # A damaged file is the one thing that is moved aside; the older checkpoint is used.
+  newest = workdir / "checkpoints" / "16" / "state"
+  victim = next(os.path.join(root, name) for root, _, names in os.walk(newest)
+                for name in sorted(names))
+  with open(victim, "wb") as f:
+    f.write(b"garbage")
+  resumed = run("--steps=24")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step 8" in resumed.stderr
+  assert [p.split("-")[0] for p in os.listdir(workdir / "checkpoints.quarantine")] == ["16"]
+
+
+def test_state_tree_mismatch_is_named_and_nothing_moves(tmp_path):
+  from lm_jax.models import language_model
+  from lm_jax.train import optimizers
+  from lm_jax.train import training
+  model = language_model.make_language_model(vocab_size=7, embed_size=3, hidden_size=4,
+                                             num_layers=1, cell="gru")
+  state = lambda clip: training.create_train_state(
+      model, optimizers.make_optimizer("adam", 1e-3, clip=clip), seed=0, batch_size=2)
+  manager = checkpointing.make_manager(str(tmp_path / "checkpoints"), async_save=False)
+  checkpointing.save(manager, 3, state(None), {"config": {"a": 1}})
+  manager.wait_until_finished()
+  before = _listing(tmp_path)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"different state tree.*\n.*state leaf opt_state\.inner_state"):
+    checkpointing.restore_latest(manager, state(1.0), {"a": 1})
+  assert _listing(tmp_path) == before
+  step, restored, _ = checkpointing.restore_latest(manager, state(None), {"a": 1})
+  assert step == 3 and jax.tree.structure(restored) == jax.tree.structure(state(None))
+
+
+def test_fingerprint_covers_what_changes_the_state_or_the_data_order(caplog):
+  from lm_jax.train.config import model_fingerprint
+  base = model_fingerprint(_config("w"), 16)
+  for field, value in (("clip", 0.0), ("bptt", 4), ("seed", 1), ("batching", "random"),
+                       ("optimizer", "adamw"), ("lr", 0.5), ("weight_decay", 0.1),
+                       ("batch_size", 2)):
+    changed = model_fingerprint(_config("w", **{field: value}), 16)
+    problems = checkpointing.config_differences(base, changed)
+    assert any(p.startswith(f"{field}: checkpoint has") for p in problems), field
+  # A checkpoint from before a field existed: not checked, and said so.
+  old = {k: v for k, v in base.items() if k not in ("clip", "bptt")}
+  assert checkpointing.config_differences(old, base) == []
+  assert "predates fingerprint fields ['bptt', 'clip']" in caplog.text
+
+
+def test_data_position_is_read_from_the_checkpoint_and_checked():
+  manager = type("M", (), {"directory": "/ckpt"})()
+  trainer._check_position({"position": {"epoch": 2, "index": 1, "steps_per_epoch": 5}}, 11, 5,
+                          manager)
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"data position .*'steps_per_epoch': 5.*'steps_per_epoch': 6"):
+    trainer._check_position({"position": {"epoch": 2, "index": 1, "steps_per_epoch": 5}}, 11, 6,
+                            manager)
+
+
+def test_adamw_decays_matrices_but_not_biases_or_the_embedding():
+  import optax
+  from lm_jax.train import optimizers
+  params = {"embed_VxE": np.ones((3, 2)), "layers": [{"W_hh_HxG": np.ones((2, 2)),
+                                                       "b_G": np.ones(2)}],
+            "head": {"weight_VxH": np.ones((3, 2)), "bias_V": np.ones(3)}}
+  params = jax.tree.map(jnp.asarray, params)
+  mask = optimizers.weight_decay_mask(params)
+  assert mask == {"embed_VxE": False, "layers": [{"W_hh_HxG": True, "b_G": False}],
+                  "head": {"weight_VxH": True, "bias_V": False}}
+  opt = optimizers.make_optimizer("adamw", 0.1, weight_decay=0.5)
+  zero = jax.tree.map(jnp.zeros_like, params)  # zero gradient: only the decay moves params
+  updates, _ = opt.update(zero, opt.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["layers"][0]["W_hh_HxG"], 1.0 - 0.1 * 0.5)
+  np.testing.assert_allclose(new["head"]["weight_VxH"], 0.95)
+  np.testing.assert_array_equal(new["embed_VxE"], 1.0)
+  np.testing.assert_array_equal(new["layers"][0]["b_G"], 1.0)
+  with pytest.raises(ValueError, match=r"--weight_decay=0.1 has no effect with --optimizer=adam"):
+    _config("w", weight_decay=0.1).validate()
