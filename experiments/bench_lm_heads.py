@@ -95,12 +95,11 @@ def head_steps(corpus, variants, head_names, batch_size):
     if name == "hsm_autodiff":  # train_lm's hsm (Huffman tree), differentiated by autodiff.
       head = heads.hierarchical_softmax(heads.huffman_tree(counts), backward="autodiff")
       base_name = "hsm"
-    config = config_lib.TrainConfig(corpus=_CORPUS.value, head=base_name, cell=cell,
-                                    layers=_LAYERS.value, hidden=_HIDDEN.value,
-                                    embed=_HIDDEN.value, dropout=_DROPOUT.value,
-                                    variational_dropout=variational,
-                                    batch_size=batch_size, bptt=t,
-                                    head_binning=_BINNING.value)
+    config = config_lib.TrainConfig.from_flags(
+        corpus=_CORPUS.value, head=base_name, cell=cell, layers=_LAYERS.value,
+        hidden=_HIDDEN.value, embed=_HIDDEN.value, dropout=_DROPOUT.value,
+        variational_dropout=variational, batch_size=batch_size, bptt=t,
+        head_binning=_BINNING.value)
     model = trainer.build_model(config, len(corpus.vocab), counts, head=head)
     state = training.create_train_state(model, opt, seed=0, batch_size=batch_size)
     step = jax.jit(functools.partial(training.train_step, model=model, optimizer=opt))
@@ -112,7 +111,7 @@ def main(argv):
   del argv
   if not _KEEP_FREED.value:
     allocator.disable_cpu_default()
-  base = config_lib.TrainConfig(corpus=_CORPUS.value, data_dir=_DATA_DIR.value)
+  base = config_lib.TrainConfig.from_flags(corpus=_CORPUS.value, data_dir=_DATA_DIR.value)
   corpus = trainer.load_corpus(base)
   threads = os.environ.get("XLA_FLAGS", "")
   one_thread = "intra_op_parallelism_threads=1" in threads

@@ -28,8 +28,8 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax's INFO chatter off
   config, vocab, model, params = trainer.load_trained(_WORKDIR.value)
-  level = config.level if config.corpus == "text" else "word"
-  prompt_tokens = text.tokenize(_PROMPT.value.lower() if config.lowercase else _PROMPT.value,
+  level = config.data.level if config.data.corpus == "text" else "word"
+  prompt_tokens = text.tokenize(_PROMPT.value.lower() if config.data.lowercase else _PROMPT.value,
                                 level) or ["<eos>"]
   ids = generation.generate(model, params, vocab.to_ids(prompt_tokens),
                             num_tokens=_NUM_TOKENS.value, key=jax.random.PRNGKey(_SEED.value),

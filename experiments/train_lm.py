@@ -17,7 +17,6 @@ processes (hosts): start the same command in each with --coordinator_address=HOS
 --num_processes=N --process_id=I (or the JAX_* environment variables).
 """
 
-import dataclasses
 import sys
 
 from absl import app
@@ -28,89 +27,11 @@ from lm_jax.train import run_logging
 from lm_jax.train.config import TrainConfig
 from lm_jax.train.trainer import TrainingInterrupted, train_and_evaluate
 
-_D = TrainConfig()
-_HELP = {
-    "workdir": "where checkpoints, metrics.jsonl, plots and results.json go",
-    "corpus": "synthetic (embedded default), ptb, wikitext2 or text (--text_path)",
-    "data_dir": "directory of ptb/ and wikitext-2/ (default: $LM_JAX_DATA_DIR or ../shared/data)",
-    "text_path": "plain text file for --corpus=text (split 90/10 into train/valid)",
-    "level": "char or word, for --corpus=text",
-    "lowercase": "lower-case the text (--corpus=text)",
-    "letters_only": "map every non-letter to a space, as D2L's Time Machine (--corpus=text)",
-    "text_max_tokens": "--corpus=text: keep only the first this many tokens before splitting "
-                       "(D2L 0.17's Time Machine: 10000); 0: all",
-    "synthetic_vocab_size": "synthetic corpus: language size (0: the library default)",
-    "synthetic_train_tokens": "synthetic corpus: train tokens (valid and test get a tenth each)",
-    "cell": "elman (= rnn_tanh), rnn_relu, elman_direct (tanh without W_xh, the embedding "
-            "added directly: Mikolov's RNNLM; needs --embed == --hidden), gru or lstm",
-    "layers": "recurrent layers",
-    "hidden": "hidden units per layer",
-    "embed": "embedding size",
-    "dropout": "dropout on non-recurrent connections (Zaremba et al. 2014)",
-    "variational_dropout": "one dropout mask per sequence, reused at every time step (Gal & "
-                           "Ghahramani 2016; locked dropout); T times fewer random numbers",
-    "init_scale": "parameters start uniform in [-init_scale, init_scale]",
-    "batch_size": "rows per batch (global, over all devices)",
-    "bptt": "unrolled time steps per batch (truncated BPTT length)",
-    "batching": "sequential (state carried across batches) or random (state reset)",
-    "optimizer": "sgd, adam, adamw or lazy_adam (Adam moving only the rows a gradient "
-                 "touches, as TensorFlow's LazyAdam)",
-    "lr": "learning rate",
-    "lr_schedule": "constant; zaremba (divide by --lr_decay_factor each epoch after "
-                   "--lr_decay_start); plateau (Mikolov: halve once validation stalls)",
-    "lr_decay_start": "epochs at the initial rate before zaremba decay starts",
-    "lr_decay_factor": "zaremba decay divisor per epoch",
-    "stop_when_stalled": "plateau schedule: stop when halving no longer improves validation",
-    "clip": "clip gradients to this global norm (0: off)",
-    "weight_decay": "--optimizer=adamw only: decoupled weight decay (optax.adamw) of every "
-                    "matrix except the input embedding; biases and vectors are not decayed",
-    "grad_reduction": "token_mean, or sum_over_time (sum over T, mean over rows: Zaremba/TF PTB)",
-    "epochs": "epochs to train (ignored if --steps > 0)",
-    "steps": "total training steps (overrides --epochs)",
-    "seed": "seed for parameters, batches and dropout",
-    "checkpoint_every": "save a checkpoint every this many steps (and at each epoch end)",
-    "eval_every": "also evaluate on validation every this many steps (0: epoch ends only)",
-    "log_every": "report train metrics every this many steps",
-    "eval_batch_size": "rows for evaluation (each row a contiguous stream, state carried)",
-    "tie_weights": "share the embedding matrix with the output layer (needs --embed == "
-                   "--hidden and a head with a [V, H] weight: full, nce, neg, sampled)",
-    "head": "output layer: full, class, hsm, dsoftmax, nce, neg or sampled",
-    "head_classes": "class/hsm heads: number of classes (0: sqrt of the vocabulary size)",
-    "head_binning": "class head binning: equal (V/C words a class by frequency: the "
-                    "smallest largest class, fastest), sqrt (equal shares of sqrt-frequency "
-                    "mass) or mass (Mikolov: equal unigram mass)",
-    "head_tree": "hsm head: huffman, balanced or class (two-level) tree",
-    "head_samples": "nce/neg/sampled heads: noise samples per step",
-    "head_noise": "nce/neg/sampled heads: noise distribution unigram, log_uniform or uniform",
-    "head_noise_power": "nce/neg/sampled heads: unigram counts raised to this power",
-    "head_shared_samples": "nce/neg/sampled heads: one noise sample set shared by the batch",
-    "head_bands": "dsoftmax head: frequency bands as words:dims,... (most frequent first)",
-    "head_log_z": "nce head: the log normaliser, learned or a fixed number",
-    "skip_nonfinite": "skip an update whose loss or gradient is NaN/Inf (counted in "
-                      "metrics.jsonl) instead of stopping the run",
-    "keep_freed_memory": "on the CPU backend only, let glibc malloc keep freed blocks for "
-                         "reuse (lm_jax.ops.allocator): no page faults on each step's large "
-                         "temporaries; the process keeps its peak memory. Ignored on GPU/TPU",
-    "parallel": "auto (shard_map over all devices when there are several, else none), none, "
-                "shard_map or pmap (one process)",
-    "coordinator_address": "host:port of process 0 for a multi-process run "
-                           "(or $JAX_COORDINATOR_ADDRESS)",
-    "num_processes": "processes in a multi-process run (0: one, or $JAX_NUM_PROCESSES / "
-                     "the cluster's)",
-    "process_id": "this process's index in [0, num_processes) (-1: $JAX_PROCESS_ID or the "
-                  "cluster's)",
-}
-
-for field in dataclasses.fields(TrainConfig):
-  default = getattr(_D, field.name)
-  if isinstance(default, bool):
-    flags.DEFINE_bool(field.name, default, _HELP[field.name])
-  elif isinstance(default, int):
-    flags.DEFINE_integer(field.name, default, _HELP[field.name])
-  elif isinstance(default, float):
-    flags.DEFINE_float(field.name, default, _HELP[field.name])
-  else:
-    flags.DEFINE_string(field.name, default, _HELP[field.name])
+# One flag per TrainConfig field, with the default and help text declared there.
+for _group, _field in TrainConfig.flag_fields():
+  _define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+             float: flags.DEFINE_float}.get(type(_field.default), flags.DEFINE_string)
+  _define(_field.name, _field.default, f"[{_group}] {_field.metadata['help']}")
 
 FLAGS = flags.FLAGS
 
@@ -120,7 +41,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax's INFO chatter off; progress comes below
   run_logging.configure_console()
-  config = TrainConfig(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)})
+  config = TrainConfig.from_flags(**{f.name: FLAGS[f.name].value
+                                     for _, f in TrainConfig.flag_fields()})
   try:
     train_and_evaluate(config)
   except TrainingInterrupted as e:

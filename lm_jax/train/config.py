@@ -1,14 +1,26 @@
-"""The flags of a training run, as one validated record (only the launcher passes it around)."""
+"""The flags of a training run, grouped by what they control, each declared once with its help.
+
+``TrainConfig`` holds four groups, ``data``, ``model``, ``optimization`` and ``run``; every
+field of a group is one ``train_lm.py`` flag of the same name, declared with :func:`flag`,
+which keeps its default and its help text together (``train_lm.py`` defines its flags from
+these). ``TrainConfig.from_flags(**flat)`` and ``config.flags()`` convert to and from the
+flat ``{flag: value}`` form that ``config.json`` keeps (older workdirs' files read as before).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from lm_jax import heads
+from lm_jax.data import batching
+from lm_jax.data import corpora
+from lm_jax.models import rnn
+from lm_jax.train import optimizers
 from lm_jax.train import parallel
+from lm_jax.train import schedules
+from lm_jax.train import training
 
-CORPORA = ("synthetic", "ptb", "wikitext2", "text")
-CELLS = ("elman", "rnn_tanh", "rnn_relu", "elman_direct", "gru", "lstm")
 # The TrainConfig field behind each of heads.make_head's options.
 HEAD_OPTION_FLAGS = {"num_classes": "head_classes", "binning": "head_binning",
                      "tree": "head_tree", "bands": "head_bands", "noise": "head_noise",
@@ -21,105 +33,234 @@ HEAD_OPTION_FIELDS = {head: {option: HEAD_OPTION_FLAGS[option] for option in opt
 FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}, "tie_weights": False}
 
 
+def flag(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
+  """A config field that is also a ``train_lm.py`` flag: its default and help in one place."""
+  return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class DataConfig:
+  """What the model reads and how batches are cut from it."""
+
+  corpus: str = flag(
+      "synthetic",
+      'synthetic (embedded default), ptb, wikitext2 or text (--text_path)')
+  data_dir: str | None = flag(
+      None,
+      'directory of ptb/ and wikitext-2/ (default: $LM_JAX_DATA_DIR or ../shared/data)')
+  text_path: str | None = flag(
+      None,
+      'plain text file for --corpus=text (split 90/10 into train/valid)')
+  level: str = flag("char", 'char or word, for --corpus=text')
+  lowercase: bool = flag(False, 'lower-case the text (--corpus=text)')
+  letters_only: bool = flag(
+      False,
+      "map every non-letter to a space, as D2L's Time Machine (--corpus=text)")
+  text_max_tokens: int = flag(
+      0,
+      "--corpus=text: keep only the first this many tokens before splitting (D2L 0.17's"
+      ' Time Machine: 10000); 0: all')
+  synthetic_vocab_size: int = flag(0, 'synthetic corpus: language size (0: the library default)')
+  synthetic_train_tokens: int = flag(
+      1_000_000,
+      'synthetic corpus: train tokens (valid and test get a tenth each)')
+  batch_size: int = flag(32, 'rows per batch (global, over all devices)')
+  bptt: int = flag(32, 'unrolled time steps per batch (truncated BPTT length)')
+  batching: str = flag(
+      "sequential",
+      'sequential (state carried across batches) or random (state reset)')
+  eval_batch_size: int = flag(
+      10,
+      'rows for evaluation (each row a contiguous stream, state carried)')
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """The network: cells, sizes, dropout and the output head."""
+
+  cell: str = flag(
+      "lstm",
+      'elman (= rnn_tanh), rnn_relu, elman_direct (tanh without W_xh, the embedding '
+      "added directly: Mikolov's RNNLM; needs --embed == --hidden), gru or lstm")
+  layers: int = flag(1, 'recurrent layers')
+  hidden: int = flag(128, 'hidden units per layer')
+  embed: int = flag(64, 'embedding size')
+  dropout: float = flag(0.0, 'dropout on non-recurrent connections (Zaremba et al. 2014)')
+  variational_dropout: bool = flag(
+      False,
+      'one dropout mask per sequence, reused at every time step (Gal & Ghahramani 2016;'
+      ' locked dropout); T times fewer random numbers')
+  tie_weights: bool = flag(
+      False,
+      'share the embedding matrix with the output layer (needs --embed == --hidden and '
+      'a head with a [V, H] weight: full, nce, neg, sampled)')
+  init_scale: float = flag(0.1, 'parameters start uniform in [-init_scale, init_scale]')
+  head: str = flag("full", 'output layer: full, class, hsm, dsoftmax, nce, neg or sampled')
+  head_classes: int = flag(0, 'class/hsm heads: number of classes (0: sqrt of the vocabulary size)')
+  head_binning: str = flag(
+      "equal",
+      'class head binning: equal (V/C words a class by frequency: the smallest largest '
+      'class, fastest), sqrt (equal shares of sqrt-frequency mass) or mass (Mikolov: '
+      'equal unigram mass)')
+  head_tree: str = flag("huffman", 'hsm head: huffman, balanced or class (two-level) tree')
+  head_samples: int = flag(64, 'nce/neg/sampled heads: noise samples per step')
+  head_noise: str = flag(
+      "unigram",
+      'nce/neg/sampled heads: noise distribution unigram, log_uniform or uniform')
+  head_noise_power: float = flag(0.75, 'nce/neg/sampled heads: unigram counts raised to this power')
+  head_shared_samples: bool = flag(
+      True,
+      'nce/neg/sampled heads: one noise sample set shared by the batch')
+  head_bands: str = flag(
+      "",
+      'dsoftmax head: frequency bands as words:dims,... (most frequent first)')
+  head_log_z: str = flag("learned", 'nce head: the log normaliser, learned or a fixed number')
+
+
+@dataclasses.dataclass
+class OptimizationConfig:
+  """The optimizer, its learning-rate schedule and the loss reduction."""
+
+  optimizer: str = flag(
+      "adam",
+      'sgd, adam, adamw or lazy_adam (Adam moving only the rows a gradient touches, as '
+      "TensorFlow's LazyAdam)")
+  lr: float = flag(3e-3, 'learning rate')
+  lr_schedule: str = flag(
+      "constant",
+      'constant; zaremba (divide by --lr_decay_factor each epoch after '
+      '--lr_decay_start); plateau (Mikolov: halve once validation stalls)')
+  lr_decay_start: int = flag(4, 'epochs at the initial rate before zaremba decay starts')
+  lr_decay_factor: float = flag(2.0, 'zaremba decay divisor per epoch')
+  stop_when_stalled: bool = flag(
+      False,
+      'plateau schedule: stop when halving no longer improves validation')
+  clip: float = flag(5.0, 'clip gradients to this global norm (0: off)')
+  weight_decay: float = flag(
+      0.01,
+      '--optimizer=adamw only: decoupled weight decay (optax.adamw) of every matrix '
+      'except the input embedding; biases and vectors are not decayed')
+  grad_reduction: str = flag(
+      "token_mean",
+      'token_mean, or sum_over_time (sum over T, mean over rows: Zaremba/TF PTB)')
+
+
+@dataclasses.dataclass
+class RunConfig:
+  """Length, seeds, checkpoints, logging, devices and processes."""
+
+  workdir: str = flag("runs/default", 'where checkpoints, metrics.jsonl, plots and results.json go')
+  epochs: int = flag(3, 'epochs to train (ignored if --steps > 0)')
+  steps: int = flag(0, 'total training steps (overrides --epochs)')
+  seed: int = flag(0, 'seed for parameters, batches and dropout')
+  checkpoint_every: int = flag(
+      500,
+      'save a checkpoint every this many steps (and at each epoch end)')
+  eval_every: int = flag(
+      0,
+      'also evaluate on validation every this many steps (0: epoch ends only)')
+  log_every: int = flag(100, 'report train metrics every this many steps')
+  skip_nonfinite: bool = flag(
+      False,
+      'skip an update whose loss or gradient is NaN/Inf (counted in metrics.jsonl) '
+      'instead of stopping the run')
+  keep_freed_memory: bool = flag(
+      True,
+      'on the CPU backend only, let glibc malloc keep freed blocks for reuse '
+      "(lm_jax.ops.allocator): no page faults on each step's large temporaries; the "
+      'process keeps its peak memory. Ignored on GPU/TPU')
+  parallel: str = flag(
+      "auto",
+      'auto (shard_map over all devices when there are several, else none), none, '
+      'shard_map or pmap (one process)')
+  coordinator_address: str = flag(
+      "",
+      'host:port of process 0 for a multi-process run (or $JAX_COORDINATOR_ADDRESS)')
+  num_processes: int = flag(
+      0,
+      "processes in a multi-process run (0: one, or $JAX_NUM_PROCESSES / the cluster's)")
+  process_id: int = flag(
+      -1,
+      "this process's index in [0, num_processes) (-1: $JAX_PROCESS_ID or the "
+      "cluster's)")
+
 @dataclasses.dataclass
 class TrainConfig:
-  """Everything ``train_lm.py`` can be told. Defaults: the embedded synthetic run."""
+  """Everything ``train_lm.py`` can be told, by group. Defaults: the embedded synthetic run."""
 
-  workdir: str = "runs/default"
-  corpus: str = "synthetic"
-  data_dir: str | None = None
-  text_path: str | None = None
-  level: str = "char"
-  synthetic_vocab_size: int = 0
-  synthetic_train_tokens: int = 1_000_000
-  lowercase: bool = False
-  letters_only: bool = False
-  text_max_tokens: int = 0
-  cell: str = "lstm"
-  layers: int = 1
-  hidden: int = 128
-  embed: int = 64
-  dropout: float = 0.0
-  variational_dropout: bool = False
-  tie_weights: bool = False
-  init_scale: float = 0.1
-  batch_size: int = 32
-  bptt: int = 32
-  batching: str = "sequential"
-  optimizer: str = "adam"
-  lr: float = 3e-3
-  lr_schedule: str = "constant"
-  lr_decay_start: int = 4
-  lr_decay_factor: float = 2.0
-  stop_when_stalled: bool = False
-  clip: float = 5.0
-  weight_decay: float = 0.01
-  grad_reduction: str = "token_mean"
-  epochs: int = 3
-  steps: int = 0
-  seed: int = 0
-  checkpoint_every: int = 500
-  eval_every: int = 0
-  log_every: int = 100
-  eval_batch_size: int = 10
-  head: str = "full"
-  head_classes: int = 0
-  head_binning: str = "equal"
-  head_tree: str = "huffman"
-  head_samples: int = 64
-  head_noise: str = "unigram"
-  head_noise_power: float = 0.75
-  head_shared_samples: bool = True
-  head_bands: str = ""
-  head_log_z: str = "learned"
-  skip_nonfinite: bool = False
-  keep_freed_memory: bool = True
-  parallel: str = "auto"
-  coordinator_address: str = ""
-  num_processes: int = 0
-  process_id: int = -1
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  optimization: OptimizationConfig = dataclasses.field(default_factory=OptimizationConfig)
+  run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+  @staticmethod
+  def flag_fields() -> list[tuple[str, dataclasses.Field]]:
+    """``(group, field)`` for every flag, in declaration order."""
+    return [(group.name, f) for group in dataclasses.fields(TrainConfig)
+            for f in dataclasses.fields(group.default_factory())]
+
+  @classmethod
+  def from_flags(cls, **values: Any) -> TrainConfig:
+    """A config from flat ``flag=value`` pairs (flags not given keep their defaults)."""
+    groups: dict[str, dict[str, Any]] = {g.name: {} for g in dataclasses.fields(cls)}
+    known = {f.name: group for group, f in cls.flag_fields()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+      raise ValueError(f"unknown flag(s) {unknown}; the flags are {sorted(known)}")
+    for name, value in values.items():
+      groups[known[name]][name] = value
+    return cls(**{g.name: g.default_factory(**groups[g.name]) for g in dataclasses.fields(cls)})
+
+  def flags(self) -> dict[str, Any]:
+    """The flat ``{flag: value}`` form (``config.json``; ``from_flags`` reads it back)."""
+    return {f.name: getattr(getattr(self, group), f.name) for group, f in self.flag_fields()}
+
+  def replace(self, **values: Any) -> TrainConfig:
+    """A copy with some flags changed (flat names)."""
+    return TrainConfig.from_flags(**{**self.flags(), **values})
 
   def head_options(self) -> dict:
-    """The keyword options of ``heads.make_head`` that ``self.head`` uses, and only those."""
-    fields = HEAD_OPTION_FIELDS.get(self.head, {})
-    return {option: getattr(self, name) for option, name in fields.items()}
+    """The keyword options of ``heads.make_head`` that ``self.model.head`` uses, and only those."""
+    fields = HEAD_OPTION_FIELDS.get(self.model.head, {})
+    flags = self.flags()
+    return {option: flags[name] for option, name in fields.items()}
 
   def _head_problems(self) -> list[str]:
-    if self.head not in heads.HEAD_NAMES:
-      return [f"--head={self.head!r} is not one of {heads.HEAD_NAMES}"]
+    if self.model.head not in heads.HEAD_NAMES:
+      return [f"--head={self.model.head!r} is not one of {heads.HEAD_NAMES}"]
     problems = []
-    used = set(HEAD_OPTION_FIELDS.get(self.head, {}).values())
-    defaults = TrainConfig()
+    used = set(HEAD_OPTION_FIELDS.get(self.model.head, {}).values())
+    flags, defaults = self.flags(), TrainConfig().flags()
     for name in sorted({n for opts in HEAD_OPTION_FIELDS.values() for n in opts.values()}):
-      if name not in used and getattr(self, name) != getattr(defaults, name):
-        problems.append(f"--{name}={getattr(self, name)!r} has no effect with "
-                        f"--head={self.head} (it only applies to --head="
+      if name not in used and flags[name] != defaults[name]:
+        problems.append(f"--{name}={flags[name]!r} has no effect with "
+                        f"--head={self.model.head} (it only applies to --head="
                         + "|".join(h for h, o in HEAD_OPTION_FIELDS.items() if name in o.values())
                         + ")")
-    if self.head_tree not in heads.TREE_KINDS:
-      problems.append(f"--head_tree={self.head_tree!r} is not one of {heads.TREE_KINDS}")
-    if self.head_noise not in heads.noise.NOISE_NAMES:
-      problems.append(f"--head_noise={self.head_noise!r} is not one of "
+    if self.model.head_tree not in heads.TREE_KINDS:
+      problems.append(f"--head_tree={self.model.head_tree!r} is not one of {heads.TREE_KINDS}")
+    if self.model.head_noise not in heads.noise.NOISE_NAMES:
+      problems.append(f"--head_noise={self.model.head_noise!r} is not one of "
                       f"{heads.noise.NOISE_NAMES}")
-    if self.head_classes < 0:
-      problems.append(f"--head_classes={self.head_classes} must be >= 0 (0: sqrt of the "
+    if self.model.head_classes < 0:
+      problems.append(f"--head_classes={self.model.head_classes} must be >= 0 (0: sqrt of the "
                       "vocabulary size)")
-    if self.head_samples < 1:
-      problems.append(f"--head_samples={self.head_samples} must be >= 1")
+    if self.model.head_samples < 1:
+      problems.append(f"--head_samples={self.model.head_samples} must be >= 1")
     return problems
 
   def _device_problems(self, num_devices: int, num_processes: int) -> list[str]:
     problems = []
-    if num_processes > 1 and self.parallel in ("none", "pmap"):
-      problems.append(f"--parallel={self.parallel} cannot span {num_processes} processes; use "
+    if num_processes > 1 and self.run.parallel in ("none", "pmap"):
+      problems.append(f"--parallel={self.run.parallel} cannot span {num_processes} processes; use "
                       "--parallel=shard_map (or auto)")
-    if self.parallel == "none" or (self.parallel == "auto" and num_devices == 1):
+    if self.run.parallel == "none" or (self.run.parallel == "auto" and num_devices == 1):
       return problems
-    if self.batch_size % num_devices:
+    if self.data.batch_size % num_devices:
       where = (f"{num_processes} processes x {num_devices // num_processes} local devices"
                if num_processes > 1 else f"{num_devices} devices")
-      problems.append(f"--batch_size={self.batch_size} is not divisible by the {where} = "
-                      f"{num_devices} of --parallel={self.parallel}; use a multiple of "
+      problems.append(f"--batch_size={self.data.batch_size} is not divisible by the {where} = "
+                      f"{num_devices} of --parallel={self.run.parallel}; use a multiple of "
                       f"{num_devices} or --parallel=none")
     return problems
 
@@ -129,63 +270,58 @@ class TrainConfig:
     With ``num_devices`` (all devices of all processes), also checks that the batches
     split evenly over the devices the run will use.
     """
+    data, model, opt, run = self.data, self.model, self.optimization, self.run
+    flags = self.flags()
     problems = self._head_problems()
-    modes = ("auto",) + parallel.MODES
-    if self.parallel not in modes:
-      problems.append(f"--parallel={self.parallel!r} is not one of {modes}")
-    if self.num_processes < 0:
-      problems.append(f"--num_processes={self.num_processes} must be >= 0 (0: one process, "
-                      "or as the JAX_* environment variables say)")
-    if self.num_processes > 1 and not self.coordinator_address:
-      problems.append(f"--num_processes={self.num_processes} needs --coordinator_address "
-                      "(host:port of process 0)")
-    if self.coordinator_address and not 0 <= self.process_id < max(self.num_processes, 1):
-      problems.append(f"--process_id={self.process_id} must be in [0, --num_processes="
-                      f"{self.num_processes}) with --coordinator_address")
-    if num_devices is not None:
-      problems += self._device_problems(num_devices, num_processes)
-    if self.corpus not in CORPORA:
-      problems.append(f"--corpus={self.corpus!r} is not one of {CORPORA}")
-    if self.corpus == "text" and not self.text_path:
-      problems.append("--corpus=text needs --text_path")
-    if self.cell not in CELLS:
-      problems.append(f"--cell={self.cell!r} is not one of {CELLS}")
-    if self.weight_decay < 0:
-      problems.append(f"--weight_decay={self.weight_decay} must be >= 0")
-    if self.optimizer != "adamw" and self.weight_decay != TrainConfig.weight_decay:
-      problems.append(f"--weight_decay={self.weight_decay} has no effect with --optimizer="
-                      f"{self.optimizer} (it only applies to --optimizer=adamw)")
-    if self.batching not in ("sequential", "random"):
-      problems.append(f"--batching={self.batching!r} must be sequential or random")
-    if self.lr_schedule not in ("constant", "zaremba", "plateau"):
-      problems.append(f"--lr_schedule={self.lr_schedule!r} must be constant, zaremba or plateau")
-    if self.grad_reduction not in ("token_mean", "sum_over_time"):
-      problems.append(f"--grad_reduction={self.grad_reduction!r} must be token_mean or "
-                      "sum_over_time")
+    for name, choices in (("parallel", ("auto",) + parallel.MODES), ("corpus", corpora.NAMES),
+                          ("cell", rnn.CELL_NAMES), ("batching", batching.STRATEGIES),
+                          ("optimizer", optimizers.OPTIMIZERS),
+                          ("lr_schedule", schedules.SCHEDULES),
+                          ("grad_reduction", training.GRAD_REDUCTIONS)):
+      if flags[name] not in choices:
+        problems.append(f"--{name}={flags[name]!r} is not one of {choices}")
     for name in ("layers", "hidden", "embed", "batch_size", "bptt", "checkpoint_every",
                  "log_every", "eval_batch_size"):
-      if getattr(self, name) < 1:
-        problems.append(f"--{name}={getattr(self, name)} must be >= 1")
-    if self.steps < 0 or self.epochs < 0 or (self.steps == 0 and self.epochs == 0):
-      problems.append(f"--epochs={self.epochs} and --steps={self.steps}: one must be positive")
-    if not 0.0 <= self.dropout < 1.0:
-      problems.append(f"--dropout={self.dropout} must be in [0, 1)")
-    if self.variational_dropout and self.dropout == 0.0:
+      if flags[name] < 1:
+        problems.append(f"--{name}={flags[name]} must be >= 1")
+    if run.num_processes < 0:
+      problems.append(f"--num_processes={run.num_processes} must be >= 0 (0: one process, "
+                      "or as the JAX_* environment variables say)")
+    if run.num_processes > 1 and not run.coordinator_address:
+      problems.append(f"--num_processes={run.num_processes} needs --coordinator_address "
+                      "(host:port of process 0)")
+    if run.coordinator_address and not 0 <= run.process_id < max(run.num_processes, 1):
+      problems.append(f"--process_id={run.process_id} must be in [0, --num_processes="
+                      f"{run.num_processes}) with --coordinator_address")
+    if num_devices is not None:
+      problems += self._device_problems(num_devices, num_processes)
+    if data.corpus == "text" and not data.text_path:
+      problems.append("--corpus=text needs --text_path")
+    if opt.weight_decay < 0:
+      problems.append(f"--weight_decay={opt.weight_decay} must be >= 0")
+    if opt.optimizer != "adamw" and opt.weight_decay != OptimizationConfig.weight_decay:
+      problems.append(f"--weight_decay={opt.weight_decay} has no effect with --optimizer="
+                      f"{opt.optimizer} (it only applies to --optimizer=adamw)")
+    if run.steps < 0 or run.epochs < 0 or (run.steps == 0 and run.epochs == 0):
+      problems.append(f"--epochs={run.epochs} and --steps={run.steps}: one must be positive")
+    if not 0.0 <= model.dropout < 1.0:
+      problems.append(f"--dropout={model.dropout} must be in [0, 1)")
+    if model.variational_dropout and model.dropout == 0.0:
       problems.append("--variational_dropout has no effect without --dropout > 0")
-    if self.cell == "elman_direct" and self.embed != self.hidden:
+    if model.cell == "elman_direct" and model.embed != model.hidden:
       problems.append(f"--cell=elman_direct adds the embedding to the hidden state, so it "
-                      f"needs --embed == --hidden, got --embed={self.embed} "
-                      f"--hidden={self.hidden}")
-    if self.tie_weights and self.embed != self.hidden:
-      problems.append(f"--tie_weights needs --embed == --hidden, got --embed={self.embed} "
-                      f"and --hidden={self.hidden}")
-    if self.tie_weights and self.head in ("class", "hsm", "dsoftmax"):
+                      f"needs --embed == --hidden, got --embed={model.embed} "
+                      f"--hidden={model.hidden}")
+    if model.tie_weights and model.embed != model.hidden:
+      problems.append(f"--tie_weights needs --embed == --hidden, got --embed={model.embed} "
+                      f"and --hidden={model.hidden}")
+    if model.tie_weights and model.head in ("class", "hsm", "dsoftmax"):
       problems.append(f"--tie_weights needs a head with a [V, H] output matrix, not "
-                      f"--head={self.head}")
-    if self.lr <= 0:
-      problems.append(f"--lr={self.lr} must be positive")
-    if self.clip < 0:
-      problems.append(f"--clip={self.clip} must be >= 0 (0 disables clipping)")
+                      f"--head={model.head}")
+    if opt.lr <= 0:
+      problems.append(f"--lr={opt.lr} must be positive")
+    if opt.clip < 0:
+      problems.append(f"--clip={opt.clip} must be >= 0 (0 disables clipping)")
     if problems:
       raise ValueError("bad flags:\n  " + "\n  ".join(problems))
 
@@ -195,9 +331,8 @@ def model_fingerprint(config: TrainConfig, vocab_size: int) -> dict:
   changes the state tree (model shape, optimizer and clipping, whose states are leaves of
   the optimizer state) or the data order (``bptt``, ``seed``, ``batching``, batch size), and
   the optimizer's hyperparameters."""
-  return {"vocab_size": vocab_size, "cell": config.cell, "layers": config.layers,
-          "hidden": config.hidden, "embed": config.embed, "batch_size": config.batch_size,
-          "optimizer": config.optimizer, "corpus": config.corpus, "head": config.head,
-          "head_options": config.head_options(), "tie_weights": config.tie_weights,
-          "clip": config.clip, "bptt": config.bptt, "seed": config.seed,
-          "batching": config.batching, "lr": config.lr, "weight_decay": config.weight_decay}
+  flags = config.flags()
+  keys = ("cell", "layers", "hidden", "embed", "batch_size", "optimizer", "corpus", "head",
+          "tie_weights", "clip", "bptt", "seed", "batching", "lr", "weight_decay")
+  return {"vocab_size": vocab_size, "head_options": config.head_options(),
+          **{k: flags[k] for k in keys}}

@@ -23,7 +23,7 @@ TINY = dict(corpus="synthetic", synthetic_vocab_size=16, synthetic_train_tokens=
 
 
 def _run(workdir, **overrides):
-  return trainer.train_and_evaluate(TrainConfig(workdir=str(workdir), **{**TINY, **overrides}))
+  return trainer.train_and_evaluate(TrainConfig.from_flags(workdir=str(workdir), **{**TINY, **overrides}))
 
 
 def _metrics(workdir):

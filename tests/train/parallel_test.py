@@ -123,7 +123,7 @@ def test_shard_map_row_range_and_bad_batch():
 
 
 def _run(workdir, **overrides):
-  return trainer.train_and_evaluate(TrainConfig(workdir=str(workdir), **{**TINY, **overrides}))
+  return trainer.train_and_evaluate(TrainConfig.from_flags(workdir=str(workdir), **{**TINY, **overrides}))
 
 
 def _records(workdir):
@@ -183,11 +183,11 @@ def test_bad_parallel_flags_fail_before_any_work(tmp_path, overrides, match):
 
 
 def test_device_checks_of_validate():
-  config = TrainConfig(batch_size=6)
+  config = TrainConfig.from_flags(batch_size=6)
   config.validate(num_devices=1)  # one device: anything goes
-  TrainConfig(batch_size=6, parallel="none").validate(num_devices=4)
-  TrainConfig(batch_size=4, parallel="pmap").validate(num_devices=1)  # pmap on one device is fine
+  TrainConfig.from_flags(batch_size=6, parallel="none").validate(num_devices=4)
+  TrainConfig.from_flags(batch_size=4, parallel="pmap").validate(num_devices=1)  # pmap on one device is fine
   with pytest.raises(ValueError, match=r"2 processes x 2 local devices = 4"):
     config.validate(num_devices=4, num_processes=2)
   with pytest.raises(ValueError, match=r"--parallel=pmap cannot span 2 processes"):
-    TrainConfig(batch_size=4, parallel="pmap").validate(num_devices=4, num_processes=2)
+    TrainConfig.from_flags(batch_size=4, parallel="pmap").validate(num_devices=4, num_processes=2)

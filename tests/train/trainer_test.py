@@ -28,7 +28,7 @@ TINY = dict(corpus="synthetic", synthetic_vocab_size=16, synthetic_train_tokens=
 
 
 def _config(workdir, **overrides):
-  return TrainConfig(workdir=str(workdir), **{**TINY, **overrides})
+  return TrainConfig.from_flags(workdir=str(workdir), **{**TINY, **overrides})
 
 
 def _metrics(workdir):
@@ -232,10 +232,10 @@ def test_head_options_hold_only_what_each_head_uses():
       "neg": {"noise", "noise_power", "num_samples", "shared_samples"},
       "sampled": {"noise", "noise_power", "num_samples", "shared_samples"}}
   for head, keys in expected.items():
-    assert set(TrainConfig(head=head).head_options()) == keys, head
-  assert TrainConfig(head="nce", head_samples=5).head_options()["num_samples"] == 5
+    assert set(TrainConfig.from_flags(head=head).head_options()) == keys, head
+  assert TrainConfig.from_flags(head="nce", head_samples=5).head_options()["num_samples"] == 5
   from lm_jax.train.config import model_fingerprint
-  fingerprint = model_fingerprint(TrainConfig(head="hsm", head_tree="balanced"), 10)
+  fingerprint = model_fingerprint(TrainConfig.from_flags(head="hsm", head_tree="balanced"), 10)
   assert fingerprint["head"] == "hsm" and fingerprint["head_options"]["tree"] == "balanced"
 
 
@@ -424,3 +424,41 @@ def test_adamw_decays_matrices_but_not_biases_or_the_embedding():
   np.testing.assert_array_equal(new["layers"][0]["b_G"], 1.0)
   with pytest.raises(ValueError, match=r"--weight_decay=0.1 has no effect with --optimizer=adam"):
     _config("w", weight_decay=0.1).validate()
+
+
+def test_trainer_steps_one_at_a_time(tmp_path):
+  """Trainer(config) writes nothing; restore, train_epoch, evaluate, checkpoint and finish
+  each do their one thing."""
+  workdir = tmp_path / "w"
+  run = trainer.Trainer(_config(workdir, steps=0, epochs=2, checkpoint_every=1000,
+                                log_every=1000))
+  assert not os.path.exists(workdir)
+  assert run.restore() == 0
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl",
+                                         "token_counts.json", "vocab.json"]
+  run.train_epoch()
+  assert run.step == run.steps_per_epoch and not run.done()
+  first = run.evaluate("valid", 1)  # already done at the epoch's end: not repeated
+  assert [r["split"] for r in _metrics(workdir)] == ["train", "valid"]
+  assert first["perplexity"] > 1.0
+  assert run.manager.latest_step() == run.steps_per_epoch  # the epoch end checkpointed
+  run.train_epoch()
+  assert run.done()
+  results = run.finish()
+  assert results["steps"] == 2 * run.steps_per_epoch
+  assert os.path.exists(workdir / "results.json")
+  # A second Trainer on the same workdir resumes where the first stopped.
+  again = trainer.Trainer(_config(workdir, steps=0, epochs=2, checkpoint_every=1000,
+                                  log_every=1000))
+  assert again.restore() == 2 * run.steps_per_epoch and again.done()
+
+
+def test_old_flat_config_json_still_loads(tmp_path):
+  """Workdirs written before the flags were grouped keep working (nothing is moved)."""
+  run = trainer.train_and_evaluate(_config(tmp_path, steps=8))
+  with open(tmp_path / "config.json") as f:
+    flat = json.load(f)
+  assert "hidden" in flat and "model" not in flat  # config.json stays flat
+  config, _, _, params = trainer.load_trained(str(tmp_path))
+  assert config.model.hidden == TINY["hidden"] and config.run.steps == 8
+  assert run["steps"] == 8 and jax.tree.leaves(params)
