@@ -50,6 +50,10 @@ _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 10, "rows for evaluation")
 _SEED = flags.DEFINE_integer("seed", 0, "seed")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 200, "steps between progress lines")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "write the results here as JSON")
+_CACHED = flags.DEFINE_bool(
+    "cached", True, "call the train step through nnx.cached_partial (Flax's remedy for "
+    "nnx.jit's per-call graph traversal, 'Performance considerations'); --nocached: plain "
+    "nnx.jit on every call")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "directory of ptb/ and wikitext-2/")
 
 
@@ -130,6 +134,8 @@ def main(argv):
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   print(f"{corpus.name}: V={vocab_size}, {len(corpus.train)} train tokens; head {_HEAD.value}, "
         f"{n_params} trainable parameters; {steps_per_epoch} steps per epoch")
+  step_fn = (nnx.cached_partial(train_step, model, optimizer) if _CACHED.value
+             else lambda *args: train_step(model, optimizer, *args))
   carry, step, rates, history = model.rnn.initial_carry(_BATCH.value), 0, [], []
   train_seconds, window_start, window_steps = 0.0, time.perf_counter(), 0
   t_start = time.perf_counter()
@@ -140,7 +146,7 @@ def main(argv):
                                strategy="sequential", seed=_SEED.value)
     if batch.reset:
       carry = model.rnn.initial_carry(_BATCH.value)
-    loss, carry = train_step(model, optimizer, batch.inputs_BxT, batch.targets_BxT, carry)
+    loss, carry = step_fn(batch.inputs_BxT, batch.targets_BxT, carry)
     step, window_steps = step + 1, window_steps + 1
     if step % _LOG_EVERY.value == 0 or step % steps_per_epoch == 0 or step == total:
       loss = float(loss)  # waits for the step
@@ -163,7 +169,7 @@ def main(argv):
              "wall_seconds": time.perf_counter() - t_start, "history": history,
              "flags": {f: flags.FLAGS[f].value for f in (
                  "corpus", "head", "cell", "embed", "hidden", "dropout", "batch_size", "bptt",
-                 "lr", "clip", "epochs", "steps", "seed")}}
+                 "lr", "clip", "epochs", "steps", "seed", "cached")}}
   print(json.dumps({k: v for k, v in results.items() if k not in ("history", "flags")}))
   if _JSON_OUT.value:
     os.makedirs(os.path.dirname(_JSON_OUT.value) or ".", exist_ok=True)

@@ -10,6 +10,9 @@ from typing import Any
 import numpy as np
 
 from lm_jax.heads import noise
+from lm_jax.heads.adaptive import adaptive_softmax
+from lm_jax.heads.adaptive import default_cutoffs
+from lm_jax.heads.adaptive import params_from_torch
 from lm_jax.heads.base import full_softmax
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
@@ -34,13 +37,14 @@ from lm_jax.heads.trees import class_tree
 from lm_jax.heads.trees import huffman_tree
 from lm_jax.heads.trees import Tree
 
-HEAD_NAMES = ("full", "class", "hsm", "dsoftmax", "nce", "neg", "sampled")
+HEAD_NAMES = ("full", "class", "hsm", "dsoftmax", "nce", "neg", "sampled", "adaptive")
 TREE_KINDS = ("huffman", "balanced", "class")
 _NOISE_OPTIONS = ("noise", "noise_power", "num_samples", "shared_samples")
 # The keyword options make_head accepts for each head (train_lm's flags map onto these).
 HEAD_OPTIONS = {"full": (), "class": ("num_classes", "binning"), "hsm": ("tree", "num_classes"),
                 "dsoftmax": ("bands",), "nce": _NOISE_OPTIONS + ("log_z",),
-                "neg": _NOISE_OPTIONS, "sampled": _NOISE_OPTIONS}
+                "neg": _NOISE_OPTIONS, "sampled": _NOISE_OPTIONS,
+                "adaptive": ("cutoffs", "div_value")}
 
 
 def _make_tree(kind: str, counts: np.ndarray, num_classes: Any) -> Tree:
@@ -62,12 +66,25 @@ def _log_z(value: Any) -> Any:
     raise ValueError(f"log_z must be 'learned' or a number, got {value!r}") from None
 
 
+def _cutoffs(value: Any, counts: np.ndarray) -> list[int]:
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return default_cutoffs(counts)
+  if isinstance(value, str):
+    try:
+      return [int(v) for v in value.split(",")]
+    except ValueError:
+      raise ValueError(f"cutoffs must be comma-separated ints like '2000,10000', got "
+                       f"{value!r}") from None
+  return list(value)
+
+
 def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: float = 0.1,
               **options: Any) -> OutputHead:
   """The head called ``name`` (one of :data:`HEAD_NAMES`), built from training counts.
 
   Args:
-    name: ``full``, ``class``, ``hsm``, ``dsoftmax``, ``nce``, ``neg`` or ``sampled``.
+    name: ``full``, ``class``, ``hsm``, ``dsoftmax``, ``nce``, ``neg``, ``sampled`` or
+      ``adaptive``.
     vocab_size: ``V``.
     counts: ``[V]`` training-set count of each id (needed by every head but ``full``).
     init_scale: half-width of the uniform parameter initialisation.
@@ -77,7 +94,9 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
       :func:`parse_bands`; empty: the default bands); ``nce``, ``neg``, ``sampled``:
       ``noise`` (``unigram``, ``log_uniform``, ``uniform``), ``noise_power``,
       ``num_samples``, ``shared_samples``; ``nce`` also ``log_z`` (``"learned"`` or a
-      number, fixed).
+      number, fixed); ``adaptive``: ``cutoffs`` (ints or ``"2000,10000"``; empty:
+      :func:`default_cutoffs` of the counts), ``div_value``. The adaptive head maps ids to
+      frequency ranks with the counts, so any vocabulary order works.
 
   Returns:
     An :class:`OutputHead`.
@@ -106,6 +125,10 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
     bands = get("bands") or None
     return differentiated_softmax(counts, parse_bands(bands) if isinstance(bands, str) else bands,
                                   init_scale=init_scale)
+  if name == "adaptive":
+    return adaptive_softmax(vocab_size, _cutoffs(get("cutoffs"), counts),
+                            div_value=get("div_value", 4.0), counts=counts,
+                            init_scale=init_scale)
   noise_dist = make_noise(get("noise", "unigram"), vocab_size=vocab_size, counts=counts,
                           power=get("noise_power", 0.75))
   kw = dict(init_scale=init_scale, shared_samples=get("shared_samples", True))

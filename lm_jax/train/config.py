@@ -25,7 +25,8 @@ from lm_jax.train import training
 HEAD_OPTION_FLAGS = {"num_classes": "head_classes", "binning": "head_binning",
                      "tree": "head_tree", "bands": "head_bands", "noise": "head_noise",
                      "noise_power": "head_noise_power", "num_samples": "head_samples",
-                     "shared_samples": "head_shared_samples", "log_z": "head_log_z"}
+                     "shared_samples": "head_shared_samples", "log_z": "head_log_z",
+                     "cutoffs": "head_cutoffs", "div_value": "head_div_value"}
 # Which TrainConfig fields each output head reads, under the name its factory takes.
 HEAD_OPTION_FIELDS = {head: {option: HEAD_OPTION_FLAGS[option] for option in options}
                       for head, options in heads.HEAD_OPTIONS.items()}
@@ -95,7 +96,7 @@ class ModelConfig:
       'share the embedding matrix with the output layer (needs --embed == --hidden and '
       'a head with a [V, H] weight: full, nce, neg, sampled)')
   init_scale: float = flag(0.1, 'parameters start uniform in [-init_scale, init_scale]')
-  head: str = flag("full", 'output layer: full, class, hsm, dsoftmax, nce, neg or sampled')
+  head: str = flag("full", 'output layer: full, class, hsm, dsoftmax, nce, neg, sampled or adaptive')
   head_classes: int = flag(0, 'class/hsm heads: number of classes (0: sqrt of the vocabulary size)')
   head_binning: str = flag(
       "equal",
@@ -115,6 +116,13 @@ class ModelConfig:
       "",
       'dsoftmax head: frequency bands as words:dims,... (most frequent first)')
   head_log_z: str = flag("learned", 'nce head: the log normaliser, learned or a fixed number')
+  head_cutoffs: str = flag(
+      "",
+      "adaptive head: cutoffs c_0,c_1,... between the shortlist and the clusters, in "
+      "frequency ranks (PyTorch's AdaptiveLogSoftmaxWithLoss); empty: the fewest words "
+      "covering 80% of the training tokens, then clusters 4x larger each")
+  head_div_value: float = flag(
+      4.0, "adaptive head: cluster i is scored through a projection of H // div**(i+1) units")
 
 
 @dataclasses.dataclass
@@ -315,7 +323,7 @@ class TrainConfig:
     if model.tie_weights and model.embed != model.hidden:
       problems.append(f"--tie_weights needs --embed == --hidden, got --embed={model.embed} "
                       f"and --hidden={model.hidden}")
-    if model.tie_weights and model.head in ("class", "hsm", "dsoftmax"):
+    if model.tie_weights and model.head in ("class", "hsm", "dsoftmax", "adaptive"):
       problems.append(f"--tie_weights needs a head with a [V, H] output matrix, not "
                       f"--head={model.head}")
     if opt.lr <= 0:

@@ -36,12 +36,14 @@ HEAD_FACTORIES = {
                                      noise="log_uniform"),
     "sampled": lambda v: heads.make_head("sampled", vocab_size=v, counts=COUNTS_V,
                                          num_samples=3, noise="uniform"),
+    "adaptive": lambda v: heads.make_head("adaptive", vocab_size=v, counts=COUNTS_V,
+                                          cutoffs=[2, 4], div_value=2.0),
 }
 SAMPLED = ("nce", "neg", "sampled")
 # The fast suite runs each per-head test on one variant of every name in heads.HEAD_NAMES;
 # the other variants (binnings, trees) run in the full suite (`-m "slow or not slow"`).
 FAST_VARIANTS = ("full_softmax", "class_mass", "hsm_huffman", "dsoftmax", "nce", "neg",
-                 "sampled")
+                 "sampled", "adaptive")
 
 
 def _variants(names):

@@ -50,4 +50,4 @@ def test_train_lm_defines_exactly_the_config_flags_with_their_help():
                         "--helpfull"], capture_output=True, text=True, timeout=120)
   for group, field in TrainConfig.flag_fields():
     assert f"--{field.name}:" in out.stdout or f"--[no]{field.name}:" in out.stdout, field.name
-  assert "[model] output layer: full, class" in out.stdout
+  assert "[model] output layer: full, class" in out.stdout and "--head_cutoffs" in out.stdout

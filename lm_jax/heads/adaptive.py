@@ -1,0 +1,269 @@
+r"""Adaptive softmax (Grave et al., ICML 2017), with PyTorch's ``AdaptiveLogSoftmaxWithLoss``
+semantics: a frequent-word shortlist in the head, rarer words in clusters scored through
+smaller projections.
+
+Ids are ranks in decreasing frequency (or are mapped to ranks with ``counts=``). With
+cutoffs :math:`0 < c_0 < c_1 < \dots < c_{k-1} < V` and :math:`c_k = V`, the head scores
+the :math:`c_0` shortlist words and one logit per cluster :math:`i` (ids
+:math:`[c_i, c_{i+1})`); cluster :math:`i` is scored through a projection
+:math:`P_i \in \mathbb{R}^{R_i \times H}`, :math:`R_i = \lfloor H / d^{\,i+1} \rfloor`
+(``div_value`` :math:`d`), then its words :math:`U_i \in \mathbb{R}^{W_i \times R_i}`:
+
+.. math::
+  \log p(y \mid h) = \begin{cases}
+    \log \mathrm{softmax}(A h + a)_y & y < c_0 \\
+    \log \mathrm{softmax}(A h + a)_{c_0 + i} + \log \mathrm{softmax}(U_i P_i h)_{y - c_i}
+      & c_i \le y < c_{i+1}
+  \end{cases}
+
+References:
+  Grave, Joulin, Cissé, Grangier and Jégou, "Efficient softmax approximation for GPUs",
+  ICML 2017, Section 4. PyTorch ``torch.nn.AdaptiveLogSoftmaxWithLoss``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm_jax.heads.base import OutputHead
+from lm_jax.heads.base import _check_hidden
+from lm_jax.heads.base import sample_by_walk
+from lm_jax.heads.base import with_target_contract
+
+
+def check_cutoffs(vocab_size: int, cutoffs: Sequence[int]) -> list[int]:
+  """PyTorch's rule: unique, increasing ints, each in ``[1, V - 1]``; the checked list."""
+  cutoffs = list(cutoffs)
+  if (not cutoffs or any(int(c) != c for c in cutoffs) or cutoffs != sorted(set(cutoffs))
+      or cutoffs[0] <= 0 or cutoffs[-1] > vocab_size - 1):
+    raise ValueError(f"cutoffs {cutoffs} must be a non-empty increasing sequence of unique "
+                     f"ints, each between 1 and vocab_size - 1 = {vocab_size - 1} (PyTorch's rule)")
+  return [int(c) for c in cutoffs]
+
+
+def default_cutoffs(counts: Any, *, head_mass: float = 0.8, growth: int = 4) -> list[int]:
+  """Cutoffs from training counts: the shortlist is the fewest most frequent words that
+  cover ``head_mass`` of the tokens; each further cluster is ``growth`` times larger."""
+  counts_V = np.sort(np.asarray(counts, np.float64))[::-1]
+  vocab_size = counts_V.size
+  if vocab_size < 3:
+    raise ValueError(f"the adaptive softmax needs V >= 3 (a shortlist and a cluster), got {vocab_size}")
+  cover = np.cumsum(counts_V) / max(counts_V.sum(), 1.0)
+  first = int(np.searchsorted(cover, head_mass) + 1)
+  cutoffs = [min(max(first, 1), vocab_size - 2)]
+  while cutoffs[-1] * growth < vocab_size - 1:
+    cutoffs.append(cutoffs[-1] * growth)
+  return cutoffs
+
+
+def projection_sizes(hidden_size: int, num_clusters: int, div_value: float) -> list[int]:
+  """``R_i = int(H // div_value ** (i + 1))``, as PyTorch computes them."""
+  sizes = [int(hidden_size // (div_value ** (i + 1))) for i in range(num_clusters)]
+  if min(sizes) < 1:
+    raise ValueError(f"hidden size {hidden_size} with div_value={div_value} gives projection "
+                     f"sizes {sizes}; every cluster needs at least 1 (fewer cutoffs or a "
+                     "smaller div_value)")
+  return sizes
+
+
+def params_from_torch(state_dict: Mapping[str, Any]) -> dict:
+  r"""lm_jax params from a PyTorch ``AdaptiveLogSoftmaxWithLoss.state_dict()``.
+
+  ========================  =========================  ================
+  PyTorch key               lm_jax leaf                shape
+  ========================  =========================  ================
+  ``head.weight``           ``head_weight_SxH``        ``[c_0 + k, H]``
+  ``head.bias``             ``head_bias_S``            ``[c_0 + k]`` (``head_bias=True``)
+  ``tail.{i}.0.weight``     ``tail[i]["proj_RxH"]``    ``[R_i, H]``
+  ``tail.{i}.1.weight``     ``tail[i]["weight_WxR"]``  ``[W_i, R_i]``
+  ========================  =========================  ================
+
+  Values may be NumPy arrays or tensors (anything ``np.asarray`` reads, after
+  ``.detach().cpu()`` for tensors). The head built with the same ``vocab_size``,
+  ``cutoffs``, ``div_value`` and ``head_bias`` (and no ``counts``) then gives PyTorch's
+  log-probabilities.
+  """
+  def array(x):
+    if hasattr(x, "detach"):
+      x = x.detach().cpu().numpy()
+    return jnp.asarray(np.asarray(x))
+
+  num_clusters = len({k.split(".")[1] for k in state_dict if k.startswith("tail.")})
+  params = {"head_weight_SxH": array(state_dict["head.weight"]),
+            "tail": [{"proj_RxH": array(state_dict[f"tail.{i}.0.weight"]),
+                      "weight_WxR": array(state_dict[f"tail.{i}.1.weight"])}
+                     for i in range(num_clusters)]}
+  if "head.bias" in state_dict:
+    params["head_bias_S"] = array(state_dict["head.bias"])
+  return params
+
+
+def _cluster_nll(proj_RxH, weight_WxR, hidden_NxH, relative_N, in_cluster_N, tokens_per_item,
+                 compute):
+  """``-log softmax(U P h)[relative]`` for the tokens in the cluster, 0 elsewhere.
+
+  The cluster's tokens are moved to the front (a stable sort), then scored ``K`` at a time
+  by a ``lax.scan`` whose items past the cluster's count are skipped (``lax.cond``), so the
+  work is proportional to the tokens the cluster has, with static shapes.
+  """
+  num_tokens = hidden_NxH.shape[0]
+  width = min(tokens_per_item, num_tokens)
+  num_items = -(-num_tokens // width)
+  order_N = jnp.argsort(~in_cluster_N, stable=True).astype(jnp.int32)
+  order = jnp.concatenate([order_N, jnp.zeros(num_items * width - num_tokens, jnp.int32)])
+  count = jnp.sum(in_cluster_N.astype(jnp.int32))
+  proj_RxH, weight_WxR = proj_RxH.astype(compute), weight_WxR.astype(compute)
+
+  def item(nll_N, j):
+    def score(nll_N):
+      index_K = jax.lax.dynamic_slice(order, (j * width,), (width,))
+      valid_K = j * width + jnp.arange(width) < count
+      logits_KxW = (hidden_NxH[index_K] @ proj_RxH.T) @ weight_WxR.T
+      target_K = jnp.take_along_axis(logits_KxW, relative_N[index_K][:, None], axis=-1)[:, 0]
+      nll_K = jax.nn.logsumexp(logits_KxW, axis=-1) - target_K
+      return nll_N.at[index_K].add(jnp.where(valid_K, nll_K, 0.0))
+
+    return jax.lax.cond(j * width < count, score, lambda x: x, nll_N), None
+
+  nll_N, _ = jax.lax.scan(item, jnp.zeros(num_tokens, compute), jnp.arange(num_items))
+  return nll_N
+
+
+def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: float = 4.0,
+                     head_bias: bool = False, counts: Optional[Any] = None,
+                     tokens_per_item: int = 256, init_scale: Optional[float] = None,
+                     dtype=jnp.float32) -> OutputHead:
+  r"""The adaptive softmax over ``V`` words (module docstring), as an ``OutputHead``.
+
+  Params ``{"head_weight_SxH", ["head_bias_S"], "tail": [{"proj_RxH", "weight_WxR"}, ...]}``
+  (``S = c_0 + k``; :func:`params_from_torch` maps PyTorch's). ``loss`` (exact, equal to
+  ``-log_prob``; ignores ``key``) scores the head for every token and each cluster only for
+  the tokens whose target is in it (:func:`_cluster_nll`): per token
+  :math:`O(H S)` plus :math:`O(R_i (H + W_i))` for its own cluster. ``log_probs`` builds
+  every cluster for every token; ``sample`` at temperature 1 draws from the head, then from
+  the drawn cluster.
+
+  Args:
+    vocab_size: ``V``.
+    cutoffs: ``[c_0, ..., c_{k-1}]``, increasing, ``0 < c_i < V - 1`` (PyTorch's rule).
+    div_value: ``d``; cluster ``i``'s projection has ``H // d**(i+1)`` rows.
+    head_bias: whether the head has a bias (PyTorch's ``head_bias``).
+    counts: optional ``[V]`` training counts. Without them ids are taken to be frequency
+      ranks (PyTorch's convention); with them the head maps each id to its rank first (a
+      table), so that any vocabulary order works.
+    tokens_per_item: ``K``, tokens a cluster scores at a time.
+    init_scale: params uniform in ``[-init_scale, init_scale]``; None: PyTorch's
+      ``nn.Linear`` default, uniform in :math:`\pm 1/\sqrt{\text{fan-in}}`.
+    dtype: parameter dtype.
+
+  Returns:
+    An :class:`~lm_jax.heads.base.OutputHead`.
+
+  >>> head = adaptive_softmax(4, [2], div_value=1.0)  # shortlist {0, 1}, one cluster {2, 3}
+  >>> params = {"head_weight_SxH": jnp.zeros((3, 1)),
+  ...           "tail": [{"proj_RxH": jnp.ones((1, 1)), "weight_WxR": jnp.zeros((2, 1))}]}
+  >>> print(np.round(np.exp(head.log_probs(params, jnp.array([[1.0]]))), 4))
+  [[0.3333 0.3333 0.1667 0.1667]]
+  """
+  cutoffs = check_cutoffs(vocab_size, cutoffs)
+  bounds = cutoffs + [vocab_size]
+  shortlist, num_clusters = cutoffs[0], len(cutoffs)
+  width_C = [bounds[i + 1] - bounds[i] for i in range(num_clusters)]
+  if tokens_per_item < 1:
+    raise ValueError(f"tokens_per_item must be >= 1, got {tokens_per_item}")
+  tables = {}
+  if counts is not None:
+    counts_V = np.asarray(counts)
+    if counts_V.shape != (vocab_size,):
+      raise ValueError(f"counts has shape {counts_V.shape}, expected [V] = ({vocab_size},)")
+    id_of_rank = np.argsort(-counts_V, kind="stable").astype(np.int32)
+    rank_of_id = np.empty(vocab_size, np.int32)
+    rank_of_id[id_of_rank] = np.arange(vocab_size, dtype=np.int32)
+    tables = {"rank_of_id_V": jnp.asarray(rank_of_id), "id_of_rank_V": jnp.asarray(id_of_rank)}
+
+  def init(key, hidden_size):
+    sizes = projection_sizes(hidden_size, num_clusters, div_value)
+    keys = iter(jax.random.split(key, 2 + 2 * num_clusters))
+
+    def uniform(shape, fan_in):
+      bound = init_scale if init_scale is not None else 1.0 / math.sqrt(fan_in)
+      return jax.random.uniform(next(keys), shape, dtype, -bound, bound)
+
+    params = {"head_weight_SxH": uniform((shortlist + num_clusters, hidden_size), hidden_size),
+              "tail": [{"proj_RxH": uniform((r, hidden_size), hidden_size),
+                        "weight_WxR": uniform((w, r), r)} for r, w in zip(sizes, width_C)]}
+    if head_bias:
+      params["head_bias_S"] = uniform((shortlist + num_clusters,), hidden_size)
+    return params
+
+  def _compute(hidden_NxH, params):
+    return jnp.result_type(jnp.float32, hidden_NxH, params["head_weight_SxH"])
+
+  def head_log_softmax(params, hidden_NxH, compute):
+    logits_NxS = jnp.matmul(hidden_NxH.astype(compute),
+                            params["head_weight_SxH"].astype(compute).T)
+    if "head_bias_S" in params:
+      logits_NxS = logits_NxS + params["head_bias_S"].astype(compute)
+    return jax.nn.log_softmax(logits_NxS, axis=-1)
+
+  def ranks(targets_N, tables):
+    return tables["rank_of_id_V"][targets_N] if "rank_of_id_V" in tables else targets_N
+
+  def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables):
+    del key
+    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+    compute = _compute(hidden_NxH, params)
+    hidden_NxH = hidden_NxH.astype(compute)
+    rank_N = ranks(targets_N, tables)
+    cluster_N = jnp.sum(rank_N[:, None] >= jnp.asarray(cutoffs)[None, :], axis=1)  # 0: head
+    head_index_N = jnp.where(cluster_N == 0, rank_N, shortlist + cluster_N - 1)
+    head_logp_NxS = head_log_softmax(params, hidden_NxH, compute)
+    loss_N = -jnp.take_along_axis(head_logp_NxS, head_index_N[:, None], axis=-1)[:, 0]
+    for i, tail in enumerate(params["tail"]):
+      in_cluster_N = cluster_N == i + 1
+      if where is not None:
+        in_cluster_N = in_cluster_N & jnp.asarray(where, bool)
+      relative_N = jnp.clip(rank_N - bounds[i], 0, width_C[i] - 1)
+      loss_N = loss_N + _cluster_nll(tail["proj_RxH"], tail["weight_WxR"], hidden_NxH,
+                                     relative_N, in_cluster_N, tokens_per_item, compute)
+    return loss_N if where is None else jnp.where(where, loss_N, 0.0)
+
+  def log_prob(params, hidden_NxH, targets_N, *, tables):
+    return -loss(params, hidden_NxH, targets_N, tables=tables)
+
+  def cluster_log_softmax(tail, hidden_NxH, compute):
+    logits_NxW = ((hidden_NxH @ tail["proj_RxH"].astype(compute).T)
+                  @ tail["weight_WxR"].astype(compute).T)
+    return jax.nn.log_softmax(logits_NxW, axis=-1)
+
+  def log_probs(params, hidden_NxH, *, tables):
+    hidden_NxH, _ = _check_hidden(hidden_NxH)
+    compute = _compute(hidden_NxH, params)
+    hidden_NxH = hidden_NxH.astype(compute)
+    head_logp_NxS = head_log_softmax(params, hidden_NxH, compute)
+    parts = [head_logp_NxS[:, :shortlist]]
+    for i, tail in enumerate(params["tail"]):
+      parts.append(cluster_log_softmax(tail, hidden_NxH, compute)
+                   + head_logp_NxS[:, shortlist + i:shortlist + i + 1])
+    logp_NxV = jnp.concatenate(parts, axis=-1)  # columns in rank order
+    return logp_NxV[:, tables["rank_of_id_V"]] if "rank_of_id_V" in tables else logp_NxV
+
+  def walk(params, hidden_NxH, key, tables):
+    compute = _compute(hidden_NxH, params)
+    hidden_NxH = hidden_NxH.astype(compute)
+    key_head, *key_tail = jax.random.split(key, 1 + num_clusters)
+    choice_N = jax.random.categorical(key_head, head_log_softmax(params, hidden_NxH, compute))
+    rank_N = choice_N
+    for i, tail in enumerate(params["tail"]):
+      word_N = jax.random.categorical(key_tail[i], cluster_log_softmax(tail, hidden_NxH, compute))
+      rank_N = jnp.where(choice_N == shortlist + i, bounds[i] + word_N, rank_N)
+    rank_N = rank_N.astype(jnp.int32)
+    return tables["id_of_rank_V"][rank_N] if "id_of_rank_V" in tables else rank_N
+
+  return with_target_contract(
+      OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), None, tables),
+      vocab_size)
