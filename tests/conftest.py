@@ -32,3 +32,29 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+
+
+# --- The fast tier: each test function once. ---
+# `-m "not slow"` (CI's default) runs every test function, but a parametrized one with only
+# one of its parameter sets: the one at index crc32(function name) mod (number of sets not
+# already marked slow), so that across functions every head / axis / mode still comes up.
+# The other sets get the `slow` mark and run in the full suite (`-m "slow or not slow"`).
+# Deterministic, so pytest-xdist's workers collect the same tests.
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  groups = {}
+  for item in items:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or item.get_closest_marker("slow") is not None:
+      continue
+    groups.setdefault((item.path, item.originalname), []).append(item)
+  for (_, name), group in groups.items():
+    keep = zlib.crc32(name.encode()) % len(group)
+    for index, item in enumerate(group):
+      if index != keep:
+        item.add_marker(pytest.mark.slow)
