@@ -19,7 +19,6 @@ taskset -c 0``.
   python experiments/bench_lm_heads.py --cell=elman_direct --variational_dropout=false,true \
       --heads=class,hsm --batch_size=128        # per-token vs per-sequence dropout masks
 """
-import dataclasses
 import functools
 import os
 

@@ -38,7 +38,11 @@ def cast_floating(tree: Any, dtype) -> Any:
       lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
 
 
-def check_features(hidden_xH: jax.Array, in_features: int) -> None:
+def flatten_hidden(hidden_xH: Any, in_features: int, dtype) -> tuple[jax.Array, tuple]:
+  """``(hidden_NxH, lead)``: ``[..., H]`` hidden states cast to ``dtype`` and flattened for a
+  head, and the leading shape to give its per-token results back."""
+  hidden_xH = cast_floating(jnp.asarray(hidden_xH), dtype)
   if hidden_xH.ndim < 1 or hidden_xH.shape[-1] != in_features:
     raise ValueError(f"hidden states have shape {hidden_xH.shape}; this layer takes "
                      f"[..., in_features={in_features}]")
+  return hidden_xH.reshape(-1, in_features), hidden_xH.shape[:-1]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from lm_jax import heads as heads_lib
 from lm_jax._layer_util import cast_floating
-from lm_jax._layer_util import check_features
+from lm_jax._layer_util import flatten_hidden
 from lm_jax._layer_util import leaf_name
 from lm_jax.models import rnn
 
@@ -97,9 +97,7 @@ class OutputLayer(nn.Module):
                         is_leaf=lambda v: isinstance(v, nn.Variable) or hasattr(v, "value"))
 
   def _flat(self, hidden_xH):
-    hidden_xH = cast_floating(jnp.asarray(hidden_xH), self.dtype)
-    check_features(hidden_xH, self.in_features)
-    return hidden_xH.reshape(-1, self.in_features), hidden_xH.shape[:-1]
+    return flatten_hidden(hidden_xH, self.in_features, self.dtype)
 
   def __call__(self, hidden_xH, targets_x, *, where=None, key=None):
     hidden_NxH, lead = self._flat(hidden_xH)

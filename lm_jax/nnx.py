@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from lm_jax import heads as heads_lib
 from lm_jax._layer_util import cast_floating
-from lm_jax._layer_util import check_features
+from lm_jax._layer_util import flatten_hidden
 from lm_jax._layer_util import leaf_name
 from lm_jax._layer_util import shape_axes
 from lm_jax.models import rnn
@@ -48,9 +48,9 @@ class HeadTable(nnx.Variable):
   """A head's non-trainable array (tree paths, class maps, alias tables): not an ``nnx.Param``."""
 
 
-def head_param_variables(head_params: Any, param_dtype) -> dict:
-  """``{leaf_name: nnx.Param}`` for every leaf of ``head_params``, stored in ``param_dtype``."""
-  leaves = jax.tree_util.tree_flatten_with_path(head_params)[0]
+def param_variables(params: Any, param_dtype) -> dict:
+  """``{leaf_name: nnx.Param}`` for every leaf of ``params``, stored in ``param_dtype``."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   variables = {}
   for path, leaf in leaves:
     name = leaf_name(path)
@@ -61,6 +61,11 @@ def head_param_variables(head_params: Any, param_dtype) -> dict:
     dtype = param_dtype if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) else None
     variables[name] = nnx.Param(jnp.asarray(leaf, dtype), **meta)
   return variables
+
+
+def _key(rngs):
+  """A PRNG key from an ``nnx.Rngs``, one of its streams, a key, or None."""
+  return rngs() if callable(rngs) else rngs
 
 
 def _values(variables: dict) -> dict:
@@ -93,9 +98,10 @@ class OutputLayer(nnx.Module):
                param_dtype=jnp.float32, param_init: Optional[Initializer] = None,
                rngs: nnx.Rngs):
     key = rngs.params()
-    params = head.init(key, in_features)
-    if param_init is not None:
-      leaves, treedef = jax.tree.flatten(params)
+    if param_init is None:
+      params = head.init(key, in_features)
+    else:  # only the structure of the head's init is needed
+      leaves, treedef = jax.tree.flatten(jax.eval_shape(lambda k: head.init(k, in_features), key))
       keys = jax.random.split(key, len(leaves))
       params = jax.tree.unflatten(treedef, [param_init(k, x.shape, param_dtype)
                                             for k, x in zip(keys, leaves)])
@@ -103,33 +109,28 @@ class OutputLayer(nnx.Module):
     self.dtype = dtype
     self.head = nnx.static(head._replace(tables=None))
     self.treedef = nnx.static(jax.tree.structure(params))
-    self.params = nnx.data(head_param_variables(params, param_dtype))
+    self.leaf_names = nnx.static(tuple(
+        leaf_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]))
+    self.params = nnx.data(param_variables(params, param_dtype))
     self.tables = nnx.data(jax.tree.map(HeadTable, dict(head.tables or {})))
 
   def head_params(self) -> Any:
     """The params pytree the functional head takes (cast to ``dtype``)."""
-    leaves = [self.params[name] for name in self._names()]
-    return cast_floating(jax.tree.unflatten(self.treedef, [v[...] for v in leaves]), self.dtype)
+    leaves = [self.params[name][...] for name in self.leaf_names]
+    return cast_floating(jax.tree.unflatten(self.treedef, leaves), self.dtype)
 
   def head_tables(self) -> dict:
     return jax.tree.map(lambda v: v[...], self.tables,
                         is_leaf=lambda v: isinstance(v, nnx.Variable))
 
-  def _names(self):
-    paths = jax.tree_util.tree_flatten_with_path(
-        jax.tree.unflatten(self.treedef, [0] * self.treedef.num_leaves))[0]
-    return [leaf_name(p) for p, _ in paths]
-
   def _flat(self, hidden_xH):
-    hidden_xH = cast_floating(jnp.asarray(hidden_xH), self.dtype)
-    check_features(hidden_xH, self.in_features)
-    return hidden_xH.reshape(-1, self.in_features), hidden_xH.shape[:-1]
+    return flatten_hidden(hidden_xH, self.in_features, self.dtype)
 
   def __call__(self, hidden_xH, targets_x, *, where=None, rngs=None) -> jax.Array:
     hidden_NxH, lead = self._flat(hidden_xH)
     targets_N = jnp.asarray(targets_x).reshape(-1)
     where_N = None if where is None else jnp.asarray(where, bool).reshape(-1)
-    key = rngs() if callable(rngs) else rngs  # nnx.Rngs, a stream, or a key
+    key = _key(rngs)
     loss_N = self.head.loss(self.head_params(), hidden_NxH, targets_N, key=key, where=where_N,
                             tables=self.head_tables())
     return loss_N.reshape(lead)
@@ -146,7 +147,7 @@ class OutputLayer(nnx.Module):
 
   def sample(self, hidden_xH, rngs, *, temperature=1.0) -> jax.Array:
     hidden_NxH, lead = self._flat(hidden_xH)
-    key = rngs() if callable(rngs) else rngs  # nnx.Rngs, a stream, or a key
+    key = _key(rngs)
     return self.head.sample(self.head_params(), hidden_NxH, key, temperature=temperature,
                             tables=self.head_tables()).reshape(lead)
 
@@ -179,7 +180,7 @@ class RNNLayer(nnx.Module):
     self.cell_name = cell_name
     self.in_features, self.hidden_features = in_features, hidden_features
     self.unroll, self.dtype = unroll, dtype
-    self.params = nnx.data(head_param_variables(params, param_dtype))
+    self.params = nnx.data(param_variables(params, param_dtype))
 
   def initial_carry(self, batch_size: int):
     """Zeros: an ``[B, H]`` array (a ``(c, h)`` pair for LSTM)."""

@@ -6,43 +6,27 @@ import numpy as np
 import optax
 import pytest
 
+from flax_layer_cases import B, E, H, HEADS, T, V, data, head_names
 from lm_jax import heads
 from lm_jax import linen as lm_linen
-from lm_jax import nnx as lm_nnx
+from lm_jax._layer_util import leaf_name
 from lm_jax.models import rnn
 
-N, H, V, E, B, T = 6, 4, 9, 3, 2, 5
-COUNTS_V = np.array([0, 3, 1, 9, 5, 2, 7, 4, 6])
-HEADS = {
-    "full": lambda: heads.full_softmax(V, init_scale=0.5),
-    "class": lambda: heads.make_head("class", vocab_size=V, counts=COUNTS_V),
-    "hsm": lambda: heads.make_head("hsm", vocab_size=V, counts=COUNTS_V),
-    "dsoftmax": lambda: heads.make_head("dsoftmax", vocab_size=V, counts=COUNTS_V,
-                                        bands="3:3,6:1"),
-    "neg": lambda: heads.make_head("neg", vocab_size=V, counts=COUNTS_V, num_samples=3),
-}
-FAST = ("full", "class", "hsm")
-HEAD_NAMES = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in HEADS]
-
-
-def _data(seed=0):
-  rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.normal(0, 1.5, (N, H)), jnp.float32),
-          jnp.asarray(rng.integers(0, V, (N,)), jnp.int32))
+HEAD_NAMES = head_names(['full', 'class', 'hsm', 'dsoftmax', 'neg'])
 
 
 def _as_head_params(head, flat_params):
   """The functional head's params pytree from the module's one-entry-per-leaf params."""
   shapes = jax.eval_shape(lambda k: head.init(k, H), jax.random.PRNGKey(0))
   paths, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  return jax.tree.unflatten(treedef, [flat_params[lm_nnx.leaf_name(p)] for p, _ in paths])
+  return jax.tree.unflatten(treedef, [flat_params[leaf_name(p)] for p, _ in paths])
 
 
 @pytest.mark.parametrize("name", HEAD_NAMES)
 def test_output_layer_equals_the_functional_head_in_value_and_gradient(name):
   head = HEADS[name]()
   layer = lm_linen.OutputLayer(head, H)
-  hidden_NxH, targets_N = _data()
+  hidden_NxH, targets_N = data()
   variables = layer.init(jax.random.PRNGKey(0), hidden_NxH, targets_N)
   assert set(variables) == ({"params", "tables"} if head.tables else {"params"})
   params = _as_head_params(head, variables["params"])
@@ -75,7 +59,7 @@ def test_output_layer_equals_the_functional_head_in_value_and_gradient(name):
 def test_tables_are_a_separate_collection_and_optax_sees_only_params():
   head = HEADS["class"]()
   layer = lm_linen.OutputLayer(head, H)
-  hidden_NxH, targets_N = _data(1)
+  hidden_NxH, targets_N = data(1)
   variables = layer.init(jax.random.PRNGKey(1), hidden_NxH, targets_N)
   assert sorted(variables["params"]) == sorted(head.init(jax.random.PRNGKey(0), H))
   jax.tree.map(np.testing.assert_array_equal, dict(variables["tables"]), dict(head.tables))

@@ -6,29 +6,12 @@ import optax
 import pytest
 from flax import nnx
 
-from lm_jax import heads
+from flax_layer_cases import B, E, H, HEADS, T, V, data, head_names
 from lm_jax import nnx as lm_nnx
+from lm_jax._layer_util import leaf_name
 from lm_jax.models import rnn
 
-N, H, V, E, B, T = 6, 4, 9, 3, 2, 5
-COUNTS_V = np.array([0, 3, 1, 9, 5, 2, 7, 4, 6])
-HEADS = {
-    "full": lambda: heads.full_softmax(V, init_scale=0.5),
-    "class": lambda: heads.make_head("class", vocab_size=V, counts=COUNTS_V),
-    "hsm": lambda: heads.make_head("hsm", vocab_size=V, counts=COUNTS_V),
-    "dsoftmax": lambda: heads.make_head("dsoftmax", vocab_size=V, counts=COUNTS_V,
-                                        bands="3:3,6:1"),
-    "nce": lambda: heads.make_head("nce", vocab_size=V, counts=COUNTS_V, num_samples=3),
-    "sampled": lambda: heads.make_head("sampled", vocab_size=V, counts=COUNTS_V, num_samples=3),
-}
-FAST = ("full", "class", "hsm")
-HEAD_NAMES = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in HEADS]
-
-
-def _data(seed=0):
-  rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.normal(0, 1.5, (N, H)), jnp.float32),
-          jnp.asarray(rng.integers(0, V, (N,)), jnp.int32))
+HEAD_NAMES = head_names(['full', 'class', 'hsm', 'dsoftmax', 'nce', 'sampled'])
 
 
 def _functional_params(layer):
@@ -39,7 +22,7 @@ def _functional_params(layer):
 def test_output_layer_equals_the_functional_head_in_value_and_gradient(name):
   head = HEADS[name]()
   layer = lm_nnx.OutputLayer(head, H, rngs=nnx.Rngs(0))
-  hidden_NxH, targets_N = _data()
+  hidden_NxH, targets_N = data()
   params = _functional_params(layer)
   where_N = jnp.array([True, True, False, True, True, False])
   np.testing.assert_allclose(layer(hidden_NxH, targets_N, where=where_N),
@@ -59,7 +42,7 @@ def test_output_layer_equals_the_functional_head_in_value_and_gradient(name):
   grads = nnx.grad(lambda m: jnp.sum(m(hidden_NxH, targets_N, where=where_N)))(layer)
   expected = jax.grad(lambda p: jnp.sum(head.loss(p, hidden_NxH, targets_N, where=where_N)))(
       params)
-  flat = {lm_nnx.leaf_name(p): g for p, g in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  flat = {leaf_name(p): g for p, g in jax.tree_util.tree_flatten_with_path(expected)[0]}
   got = {name: v[...] for name, v in grads["params"].items()}
   assert sorted(got) == sorted(flat)
   for leaf in flat:
@@ -78,7 +61,7 @@ def test_tables_are_variables_but_not_params(name):
   assert len(jax.tree.leaves(table_state)) == n_tables
   jax.tree.map(np.testing.assert_array_equal, layer.head_tables(), dict(head.tables))
   # The tables reach the compiled program as arguments (not constants): new tables, new values.
-  hidden_NxH, targets_N = _data()
+  hidden_NxH, targets_N = data()
   graphdef, params, tables = nnx.split(layer, nnx.Param, lm_nnx.HeadTable)
 
   @jax.jit
@@ -104,7 +87,7 @@ def test_jit_value_and_grad_and_optimizer_update_only_params():
   tables_before = jax.tree.map(np.asarray, nnx.state(layer, lm_nnx.HeadTable))
   params_before = jax.tree.map(np.asarray, nnx.state(layer, nnx.Param))
   optimizer = nnx.Optimizer(layer, optax.sgd(0.5), wrt=nnx.Param)
-  hidden_NxH, targets_N = _data(1)
+  hidden_NxH, targets_N = data(1)
 
   @nnx.jit
   def step(layer, optimizer):
@@ -124,7 +107,7 @@ def test_jit_value_and_grad_and_optimizer_update_only_params():
 
 def test_split_merge_and_plain_jax_grad_equal_nnx_grad():
   layer = lm_nnx.OutputLayer(HEADS["hsm"](), H, rngs=nnx.Rngs(2))
-  hidden_NxH, targets_N = _data(2)
+  hidden_NxH, targets_N = data(2)
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
   def loss(params):
@@ -139,7 +122,7 @@ def test_dtype_and_param_dtype():
   layer = lm_nnx.OutputLayer(HEADS["full"](), H, dtype=jnp.bfloat16, param_dtype=jnp.float32,
                              rngs=nnx.Rngs(0))
   assert layer.params["weight_VxH"].dtype == jnp.float32
-  hidden_NxH, targets_N = _data()
+  hidden_NxH, targets_N = data()
   loss_N = layer(hidden_NxH, targets_N)
   assert loss_N.dtype == jnp.float32  # softmax in float32 whatever the compute dtype
   head = HEADS["full"]()
