@@ -160,6 +160,10 @@ class RunConfig:
   workdir: str = flag("runs/default", 'where checkpoints, metrics.jsonl, plots and results.json go')
   epochs: int = flag(3, 'epochs to train (ignored if --steps > 0)')
   steps: int = flag(0, 'total training steps (overrides --epochs)')
+  time_budget: float = flag(
+      0.0,
+      'also stop after this many seconds of training (evaluation, checkpointing and plotting '
+      'not counted; kept across resumes; 0: no limit), then evaluate as usual')
   seed: int = flag(0, 'seed for parameters, batches and dropout')
   checkpoint_every: int = flag(
       500,
@@ -167,6 +171,10 @@ class RunConfig:
   eval_every: int = flag(
       0,
       'also evaluate on validation every this many steps (0: epoch ends only)')
+  eval_every_seconds: float = flag(
+      0.0,
+      'also evaluate on validation each time this many more seconds of training time '
+      '(as --time_budget counts it) have passed (0: off); for curves against training time')
   log_every: int = flag(100, 'report train metrics every this many steps')
   skip_nonfinite: bool = flag(
       False,
@@ -312,6 +320,10 @@ class TrainConfig:
                       f"{opt.optimizer} (it only applies to --optimizer=adamw)")
     if run.steps < 0 or run.epochs < 0 or (run.steps == 0 and run.epochs == 0):
       problems.append(f"--epochs={run.epochs} and --steps={run.steps}: one must be positive")
+    if run.time_budget < 0:
+      problems.append(f"--time_budget={run.time_budget} must be >= 0 (0: no limit)")
+    if run.eval_every_seconds < 0:
+      problems.append(f"--eval_every_seconds={run.eval_every_seconds} must be >= 0 (0: off)")
     if not 0.0 <= model.dropout < 1.0:
       problems.append(f"--dropout={model.dropout} must be in [0, 1)")
     if model.variational_dropout and model.dropout == 0.0:

@@ -15,6 +15,10 @@ from lm_jax.train.checkpointing import CheckpointMismatchError
 logger = logging.getLogger("lm_jax")
 
 
+# metrics.jsonl fields that measure time, so differ between otherwise identical runs.
+TIMING_KEYS = ("wall_time", "train_time", "tokens_per_sec")
+
+
 def configure_console(level: int = logging.INFO) -> None:
   """Sends lm_jax's progress lines to stderr (orbax's INFO chatter stays off)."""
   if not any(getattr(h, "_lm_jax", False) for h in logger.handlers):

@@ -180,6 +180,8 @@ class Trainer:
     self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
     self.rows = self.dp.row_range(config.data.batch_size)
     self.step, self.skipped_total = 0, 0
+    self.train_seconds, self._clock = 0.0, None  # training time (see training_time)
+    self._next_timed_eval = run.eval_every_seconds
     self.plateau, self.window = schedules.PlateauState(), run_logging.TrainWindow()
     self.last_eval: dict[tuple[int, str], dict[str, float]] = {}
     self.pending: list[tuple[int, Any]] = []
@@ -206,6 +208,9 @@ class Trainer:
       self.plateau = schedules.PlateauState(**meta["plateau"])
       self.window = run_logging.TrainWindow(**meta.get("window", {}))
       self.skipped_total, evals_at_start = meta.get("skipped_total", 0), meta.get("evals", {})
+      self.train_seconds = float(meta.get("train_seconds", 0.0))
+      if run_every := self.config.run.eval_every_seconds:
+        self._next_timed_eval = (math.floor(self.train_seconds / run_every) + 1) * run_every
       run_logging.logger.info("resumed from step %d (epoch %d, batch %d)", self.step,
                               meta["position"]["epoch"], meta["position"]["index"])
     if self.is_writer:  # only now: a checkpoint that does not match stopped the run above
@@ -223,14 +228,53 @@ class Trainer:
     return self.step
 
   def done(self) -> bool:
-    return self.step >= self.total_steps or self.plateau.stop
+    return self.step >= self.total_steps or self.plateau.stop or self.budget_spent()
+
+  def training_time(self) -> float:
+    """Seconds spent training so far, over all resumes: the train loop's time, less
+    evaluation, checkpointing and plotting (``train_time`` in metrics.jsonl; what
+    ``--time_budget`` limits). Steps are dispatched asynchronously, so a running clock
+    may be ahead of the device by the one step in flight."""
+    running = 0.0 if self._clock is None else time.perf_counter() - self._clock
+    return self.train_seconds + running
+
+  def budget_spent(self) -> bool:
+    budget = self.config.run.time_budget
+    return bool(budget) and self.training_time() >= budget
+
+  def _timed_eval_due(self) -> bool:
+    """Whether training time has passed the next multiple of ``--eval_every_seconds`` since
+    the last evaluation (never in the same step as the budget running out: finish evaluates)."""
+    every = self.config.run.eval_every_seconds
+    if not every or self.budget_spent():
+      return False
+    spent = self.training_time()
+    if spent < self._next_timed_eval:
+      return False
+    self._next_timed_eval = (math.floor(spent / every) + 1) * every
+    return True
+
+  def _start_clock(self) -> None:
+    if self._clock is None:
+      self._clock = time.perf_counter()
+
+  def _stop_clock(self, wait: bool = True) -> None:
+    """Waits for the dispatched steps (their metrics), then stops the training clock."""
+    if self._clock is not None:
+      if wait:
+        self._drain()
+      self.train_seconds += time.perf_counter() - self._clock
+      self._clock = None
 
   def train_epoch(self, stop: faults.StopSignals | None = None) -> None:
     """Trains from the current step to the end of its epoch (or of the step budget).
 
     Reports train metrics every ``log_every`` steps and at checkpoints, evaluates on
-    validation every ``eval_every`` steps and at the epoch's end (where the plateau
-    schedule acts), and checkpoints every ``checkpoint_every`` steps and at the end. With
+    validation every ``eval_every`` steps (and ``eval_every_seconds`` of training time) and
+    at the epoch's end (where the plateau
+    schedule acts), and checkpoints every ``checkpoint_every`` steps and at the end. It
+    also ends (reporting and checkpointing) once ``--time_budget`` seconds of training
+    time (:meth:`training_time`) are spent. With
     ``stop`` (:class:`~lm_jax.train.faults.StopSignals`), a SIGTERM/SIGINT saves a
     checkpoint after the current step and raises ``TrainingInterrupted``.
     """
@@ -240,6 +284,14 @@ class Trainer:
       opt = config.optimization
       self._set_learning_rate(schedules.zaremba_learning_rate(
           opt.lr, epoch + 1, decay_start=opt.lr_decay_start, factor=opt.lr_decay_factor))
+    self._start_clock()
+    try:
+      self._train_to_epoch_end(stop, epoch, index)
+    finally:
+      self._stop_clock(wait=False)  # a normal return has waited already (checkpoint)
+
+  def _train_to_epoch_end(self, stop, epoch: int, index: int) -> None:
+    config, dp, spe = self.config, self.dp, self.steps_per_epoch
     while True:
       batch = batching.get_batch(self.corpus.train, batching.BatchPosition(epoch, index),
                                  batch_size=config.data.batch_size, bptt=config.data.bptt,
@@ -252,11 +304,15 @@ class Trainer:
       self.pending.append((self.step + 1, metrics))
       self.step, index = self.step + 1, index + 1
       epoch_done = index == spe
+      out_of_time = self.budget_spent()
       due_checkpoint = (self.step % config.run.checkpoint_every == 0 or epoch_done
-                        or self.step == self.total_steps)
+                        or self.step == self.total_steps or out_of_time)
       if self.step % config.run.log_every == 0 or due_checkpoint:
         self.report_train(epoch + 1)
-      if epoch_done or (config.run.eval_every and self.step % config.run.eval_every == 0):
+      timed_eval = self._timed_eval_due()
+      if (epoch_done or timed_eval
+          or (config.run.eval_every and self.step % config.run.eval_every == 0)):
+        self._stop_clock()
         valid = self.evaluate("valid", epoch + 1)
         if epoch_done and config.optimization.lr_schedule == "plateau":
           self.plateau, factor = schedules.plateau_update(
@@ -265,7 +321,9 @@ class Trainer:
           self._set_learning_rate(float(training.get_learning_rate(self.state)) * factor)
         self.plot()
       if due_checkpoint:
+        self._stop_clock()
         self.checkpoint()
+      self._start_clock()
       signum = None if stop is None else faults.any_process(stop.signum)
       if signum is not None:
         if not due_checkpoint:
@@ -273,7 +331,10 @@ class Trainer:
         self.manager.wait_until_finished()
         raise TrainingInterrupted(signum, self.step,
                                   os.path.join(str(self.manager.directory), str(self.step)))
-      if epoch_done or self.step >= self.total_steps:
+      if out_of_time:
+        run_logging.logger.info("time budget of %.0f s of training spent at step %d",
+                                config.run.time_budget, self.step)
+      if epoch_done or self.step >= self.total_steps or out_of_time:
         return
 
   def _set_learning_rate(self, lr: float) -> None:
@@ -313,10 +374,14 @@ class Trainer:
               "bits_per_token": summary["bits_per_token"], "tokens_per_sec": rate,
               "lr": window.lr,
               "grad_norm": window.grad_norm / window.steps if window.steps else math.nan,
-              "skipped_steps": int(window.skipped), "wall_time": time.time() - self.t_start}
+              "skipped_steps": int(window.skipped), "wall_time": time.time() - self.t_start,
+              "train_time": self.training_time()}
     self.writer.write(record)
     skipped = (f" | skipped {int(window.skipped)} (total {self.skipped_total})"
                if self.config.run.skip_nonfinite else "")
+    if self.config.run.time_budget:
+      skipped += f" | trained {record['train_time']:.0f} of {self.config.run.time_budget:.0f} s"
+
     run_logging.logger.info(
         "step %d/%d epoch %d | loss %.4f ppl %.2f | %.0f tok/s | lr %.4g | gnorm %.3g%s | ETA %s",
         self.step, self.total_steps, epoch, summary["loss_nats"], summary["perplexity"], rate,
@@ -333,7 +398,8 @@ class Trainer:
         self.dp, self.state.params, tokens, initial_state=self.model.initial_state,
         batch_size=self.config.data.eval_batch_size, bptt=self.config.data.bptt)
     self.writer.write({"step": self.step, "epoch": epoch, "split": split, **summary,
-                       "wall_time": time.time() - self.t_start})
+                       "wall_time": time.time() - self.t_start,
+                       "train_time": self.training_time()})
     run_logging.logger.info("step %d %s: loss %.4f nats, perplexity %.2f, %.4f bits/token",
                             self.step, split, summary["loss_nats"], summary["perplexity"],
                             summary["bits_per_token"])
@@ -355,7 +421,8 @@ class Trainer:
             "position": {"epoch": epoch, "index": index,
                          "steps_per_epoch": self.steps_per_epoch},
             "window": self.window.as_dict(), "skipped_total": self.skipped_total,
-            "evals": {split: v for (s, split), v in self.last_eval.items() if s == self.step}}
+            "evals": {split: v for (s, split), v in self.last_eval.items() if s == self.step},
+            "train_seconds": self.training_time()}
     checkpointing.save(self.manager, self.step, self.dp.get_state(self.state), meta)
 
   def finish(self) -> dict[str, Any]:
@@ -390,7 +457,8 @@ class Trainer:
     if train_records:
       results["train_tokens_per_sec_median"] = float(np.median(
           [r["tokens_per_sec"] for r in train_records[1:] or train_records]))
-    results.update(wall_time_sec=time.time() - self.t_start, flags=self.config.flags(),
+    results.update(wall_time_sec=time.time() - self.t_start, train_seconds=self.training_time(),
+                   stopped_by_time_budget=self.budget_spent(), flags=self.config.flags(),
                    num_parameters=int(sum(x.size for x in jax.tree.leaves(self.state.params))))
     if self.is_writer:
       run_logging.write_json(os.path.join(self.workdir, "results.json"), results)

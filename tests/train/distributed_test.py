@@ -36,7 +36,7 @@ def _env():
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k not in ("wall_time", "tokens_per_sec")}
+  return [{k: v for k, v in r.items() if k not in run_logging.TIMING_KEYS}
           for r in run_logging.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 

@@ -127,7 +127,7 @@ def _run(workdir, **overrides):
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k not in ("wall_time", "tokens_per_sec")}
+  return [{k: v for k, v in r.items() if k not in run_logging.TIMING_KEYS}
           for r in run_logging.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 

@@ -19,7 +19,6 @@ from lm_jax.train import trainer
 from lm_jax.train.config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TIMING_KEYS = ("wall_time", "tokens_per_sec")
 
 TINY = dict(corpus="synthetic", synthetic_vocab_size=16, synthetic_train_tokens=3000,
             cell="lstm", hidden=16, embed=8, batch_size=4, bptt=8, optimizer="adam", lr=1e-2,
@@ -33,7 +32,7 @@ def _config(workdir, **overrides):
 
 def _metrics(workdir):
   records = run_logging.read_metrics(os.path.join(workdir, "metrics.jsonl"))
-  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+  return [{k: v for k, v in r.items() if k not in run_logging.TIMING_KEYS} for r in records]
 
 
 def _final_params(workdir):
@@ -156,7 +155,8 @@ def test_nan_loss_stops_with_the_step_named(tmp_path):
 @pytest.mark.parametrize("overrides, flag", [
     (dict(cell="transformer"), "--cell"), (dict(batching="shuffled"), "--batching"),
     (dict(hidden=0), "--hidden"), (dict(steps=0, epochs=0), "--epochs"),
-    (dict(corpus="text"), "--text_path"), (dict(dropout=1.0), "--dropout")])
+    (dict(corpus="text"), "--text_path"), (dict(dropout=1.0), "--dropout"),
+    (dict(time_budget=-1.0), "--time_budget")])
 def test_bad_flags_fail_before_any_work(tmp_path, overrides, flag):
   with pytest.raises(ValueError, match=flag):
     trainer.train_and_evaluate(_config(tmp_path, **overrides))
@@ -465,3 +465,32 @@ def test_old_flat_config_json_still_loads(tmp_path):
   config, _, _, params = trainer.load_trained(str(tmp_path))
   assert config.model.hidden == TINY["hidden"] and config.run.steps == 8
   assert run["steps"] == 8 and jax.tree.leaves(params)
+
+
+def test_time_budget_stops_saves_and_a_larger_budget_resumes(tmp_path):
+  # A budget spent by the first step: training ends there, checkpointed and evaluated.
+  first = trainer.train_and_evaluate(_config(tmp_path, time_budget=1e-9))
+  assert first["steps"] == 1 and first["stopped_by_time_budget"]
+  assert 0.0 < first["train_seconds"] < first["wall_time_sec"]
+  records = run_logging.read_metrics(str(tmp_path / "metrics.jsonl"))
+  assert [(r["step"], r["split"]) for r in records] == [(1, "train"), (1, "valid"), (1, "test")]
+  assert all(0.0 < r["train_time"] <= r["wall_time"] for r in records)
+  # The budget is not part of the fingerprint: lifting it resumes from step 1 to the end,
+  # and the training clock continues from the checkpoint's.
+  second = trainer.train_and_evaluate(_config(tmp_path, time_budget=0.0))
+  assert second["steps"] == TINY["steps"] and not second["stopped_by_time_budget"]
+  assert second["train_seconds"] > first["train_seconds"]
+  train_times = [r["train_time"] for r in run_logging.read_metrics(
+      str(tmp_path / "metrics.jsonl")) if r["split"] == "train"]
+  assert train_times == sorted(train_times) and train_times[0] == records[0]["train_time"]
+
+
+def test_timed_evaluations_follow_training_time(tmp_path):
+  # An interval every step exceeds: a validation row after every step but the last (the
+  # budget's end, which finish() evaluates), each at a later training time than the last.
+  trainer.train_and_evaluate(_config(tmp_path, steps=6, eval_every_seconds=1e-9,
+                                     checkpoint_every=100))
+  records = run_logging.read_metrics(str(tmp_path / "metrics.jsonl"))
+  valid = [r for r in records if r["split"] == "valid"]
+  assert [r["step"] for r in valid] == [1, 2, 3, 4, 5, 6]
+  assert all(a["train_time"] < b["train_time"] for a, b in zip(valid, valid[1:]))
