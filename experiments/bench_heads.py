@@ -15,10 +15,18 @@ gradient of the head's output matrices:
   only, applied by an in-place scatter-add (params donated), as word2vec's SGD does. Only
   heads whose loss reads few rows have it (not ``full`` or ``dsoftmax``).
 
+``adaptive`` is the adaptive softmax with :func:`lm_jax.heads.make_head`'s cutoffs from the
+counts (the fewest words holding 80% of the mass, then clusters 4x larger),
+``adaptive_fixed`` with cutoffs at V/50, V/10, V/2 (PyTorch comparison's [2000, 10000, 50000]
+at V = 100k), both div_value 4; ``classtree`` and ``classtree_3`` the class hierarchy with
+two and three class levels.
+
 Every head at a given ``V`` is timed in the same interleaved rounds as the full softmax,
 and reported as a ratio to it. The O(V H) heads (full softmax, D-softmax) at large ``V``
 are timed on fewer tokens (``--full_max_logits``) and reported per token (their cost is
-linear in ``N``).
+linear in ``N``). The summary gives each head's growth in time per token from the first to
+the last ``V`` and the least-squares slope ``b`` of log time on log V (time ~ V^b), also in
+the plot's legend.
 
   python experiments/bench_heads.py                                   # V = 10k, 100k, 1M
   python experiments/bench_heads.py --vocab_sizes=10000,100000 --repeats=3
@@ -85,6 +93,11 @@ def _head_variants(name):
             + [("class_autodiff", {"binning": _CLASS_BINNINGS.value[0], "backward": "autodiff"})])
   if name == "hsm":  # The chunked backward (default) and autodiff of the same walk.
     return [("hsm", {}), ("hsm_autodiff", {"backward": "autodiff"})]
+  if name == "adaptive":  # make_head's cutoffs (80% of the mass in the shortlist, then x4),
+    # and PyTorch-style fixed fractions of V ([2000, 10000, 50000] at V = 100k).
+    return [("adaptive", {}), ("adaptive_fixed", {"cutoffs": "fixed", "div_value": 4.0})]
+  if name == "classtree":  # two and three class levels above the words
+    return [("classtree", {"levels": 2}), ("classtree_3", {"levels": 3})]
   return [(name, {})]
 
 
@@ -93,6 +106,8 @@ def _make_head(name, vocab_size, counts, options):
     return heads.hierarchical_softmax(heads.huffman_tree(counts), backward=options["backward"])
   if name == "class" and "backward" in options:
     return heads.class_softmax(counts, binning=options["binning"], backward=options["backward"])
+  if options.get("cutoffs") == "fixed":
+    options = {**options, "cutoffs": [vocab_size // 50, vocab_size // 10, vocab_size // 2]}
   return heads.make_head(name, vocab_size=vocab_size, counts=counts, **options)
 
 
@@ -156,18 +171,32 @@ def bench_vocab_size(vocab_size):
   return rows
 
 
+def loglog_slopes(rows):
+  """``{head/mode: b}``, the least-squares slope of log(time per token) on log(V): time per
+  token grows like V^b (1 for the full softmax, 1/2 for O(sqrt V), ~0 for O(log V))."""
+  slopes = {}
+  for (name, mode) in sorted({(r["head"], r["mode"]) for r in rows}):
+    pts = sorted((r["V"], r["us_per_token"]) for r in rows if (r["head"], r["mode"]) == (name, mode))
+    if len(pts) >= 2:
+      log_v, log_us = np.log(np.array(pts, np.float64)).T
+      slopes[f"{name}/{mode}"] = float(np.polyfit(log_v, log_us, 1)[0])
+  return slopes
+
+
 def plot(rows, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 5))
   names = sorted({r["head"] for r in rows})
-  colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}  # one colour a head
+  colors = {name: plt.cm.tab20(i % 20) for i, name in enumerate(names)}  # one colour a head
+  slopes = loglog_slopes(rows)
   for (name, mode) in sorted({(r["head"], r["mode"]) for r in rows}):
     pts = sorted((r["V"], r["us_per_token"]) for r in rows if (r["head"], r["mode"]) == (name, mode))
     vs, us = zip(*pts)
+    slope = slopes.get(f"{name}/{mode}")
     ax.plot(vs, us, "-o" if mode == "dense" else "--s", color=colors[name],
-            label=f"{name} ({mode})")
+            label=f"{name} ({mode})" + ("" if slope is None else f", slope {slope:.2f}"))
   vs = np.array(sorted({r["V"] for r in rows}), np.float64)
   anchor = min(r["us_per_token"] for r in rows if r["V"] == vs[0])
   for label, shape in (("O(V)", vs / vs[0]), ("O(sqrt V)", np.sqrt(vs / vs[0])),
@@ -201,11 +230,14 @@ def main(argv):
       growth[f"{name}/{mode}"] = by_v[sizes[-1]] / by_v[sizes[0]]
   benchmarking.print_table(rows, ["V", "head", "mode", "tokens", "us_per_token",
                                   "speedup_vs_full"])
-  print(f"time per token at V={sizes[-1]} / at V={sizes[0]}:")
-  benchmarking.print_table([{"head/mode": k, "growth": g} for k, g in growth.items()],
-                           ["head/mode", "growth"])
+  slopes = loglog_slopes(rows)
+  print(f"time per token at V={sizes[-1]} / at V={sizes[0]}, and the log-log slope b "
+        "(time per token ~ V^b):")
+  benchmarking.print_table([{"head/mode": k, "growth": g, "slope": slopes.get(k, float("nan"))}
+                            for k, g in growth.items()], ["head/mode", "growth", "slope"])
   benchmarking.write_json(_JSON_OUT.value, {
       "benchmark": "bench_heads", "rows": rows, "growth_first_to_last_V": growth,
+      "loglog_slopes": slopes,
       "notes": "full softmax timed on min(N, full_max_logits / V) tokens, reported per token",
       "flags": {k: flags.FLAGS[k].value for k in (
           "vocab_sizes", "hidden", "tokens", "heads", "modes", "num_samples", "class_binnings",

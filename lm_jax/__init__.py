@@ -17,6 +17,10 @@ K     noise samples (NCE, negative sampling, sampled softmax)
 F     features (log-linear models)
 Y     candidate outputs of a log-linear model
 P     devices
+S     adaptive softmax head: shortlist words + one logit per cluster
+R     adaptive softmax cluster projection size (``H // div_value**(i+1)``)
+W     words of one adaptive softmax cluster
+Q     nodes of one level of a class hierarchy (``classtree``)
 ====  ==========================================================
 
 Logarithms are natural (nats) unless a function says ``bits`` or takes ``base``.

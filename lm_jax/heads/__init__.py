@@ -19,6 +19,7 @@ from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import sample_from_log_probs
 from lm_jax.heads.base import sparse_sgd_step
 from lm_jax.heads.class_based import class_softmax
+from lm_jax.heads.class_hierarchy import class_hierarchy_softmax
 from lm_jax.heads.class_based import word_classes
 from lm_jax.heads.differentiated import differentiated_softmax
 from lm_jax.heads.differentiated import parse_bands
@@ -37,14 +38,15 @@ from lm_jax.heads.trees import class_tree
 from lm_jax.heads.trees import huffman_tree
 from lm_jax.heads.trees import Tree
 
-HEAD_NAMES = ("full", "class", "hsm", "dsoftmax", "nce", "neg", "sampled", "adaptive")
+HEAD_NAMES = ("full", "class", "hsm", "dsoftmax", "nce", "neg", "sampled", "adaptive",
+              "classtree")
 TREE_KINDS = ("huffman", "balanced", "class")
 _NOISE_OPTIONS = ("noise", "noise_power", "num_samples", "shared_samples")
 # The keyword options make_head accepts for each head (train_lm's flags map onto these).
 HEAD_OPTIONS = {"full": (), "class": ("num_classes", "binning"), "hsm": ("tree", "num_classes"),
                 "dsoftmax": ("bands",), "nce": _NOISE_OPTIONS + ("log_z",),
                 "neg": _NOISE_OPTIONS, "sampled": _NOISE_OPTIONS,
-                "adaptive": ("cutoffs", "div_value")}
+                "adaptive": ("cutoffs", "div_value"), "classtree": ("levels",)}
 
 
 def _make_tree(kind: str, counts: np.ndarray, num_classes: Any) -> Tree:
@@ -83,8 +85,8 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
   """The head called ``name`` (one of :data:`HEAD_NAMES`), built from training counts.
 
   Args:
-    name: ``full``, ``class``, ``hsm``, ``dsoftmax``, ``nce``, ``neg``, ``sampled`` or
-      ``adaptive``.
+    name: ``full``, ``class``, ``hsm``, ``dsoftmax``, ``nce``, ``neg``, ``sampled``,
+      ``adaptive`` or ``classtree``.
     vocab_size: ``V``.
     counts: ``[V]`` training-set count of each id (needed by every head but ``full``).
     init_scale: half-width of the uniform parameter initialisation.
@@ -96,7 +98,8 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
       ``num_samples``, ``shared_samples``; ``nce`` also ``log_z`` (``"learned"`` or a
       number, fixed); ``adaptive``: ``cutoffs`` (ints or ``"2000,10000"``; empty:
       :func:`default_cutoffs` of the counts), ``div_value``. The adaptive head maps ids to
-      frequency ranks with the counts, so any vocabulary order works.
+      frequency ranks with the counts, so any vocabulary order works; ``classtree``:
+      ``levels`` (1, 2 or 3 class levels above the words; default 2).
 
   Returns:
     An :class:`OutputHead`.
@@ -129,6 +132,8 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
     return adaptive_softmax(vocab_size, _cutoffs(get("cutoffs"), counts),
                             div_value=get("div_value", 4.0), counts=counts,
                             init_scale=init_scale)
+  if name == "classtree":
+    return class_hierarchy_softmax(counts, int(get("levels", 2)), init_scale=init_scale)
   noise_dist = make_noise(get("noise", "unigram"), vocab_size=vocab_size, counts=counts,
                           power=get("noise_power", 0.75))
   kw = dict(init_scale=init_scale, shared_samples=get("shared_samples", True))

@@ -26,7 +26,8 @@ HEAD_OPTION_FLAGS = {"num_classes": "head_classes", "binning": "head_binning",
                      "tree": "head_tree", "bands": "head_bands", "noise": "head_noise",
                      "noise_power": "head_noise_power", "num_samples": "head_samples",
                      "shared_samples": "head_shared_samples", "log_z": "head_log_z",
-                     "cutoffs": "head_cutoffs", "div_value": "head_div_value"}
+                     "cutoffs": "head_cutoffs", "div_value": "head_div_value",
+                     "levels": "head_levels"}
 # Which TrainConfig fields each output head reads, under the name its factory takes.
 HEAD_OPTION_FIELDS = {head: {option: HEAD_OPTION_FLAGS[option] for option in options}
                       for head, options in heads.HEAD_OPTIONS.items()}
@@ -96,7 +97,9 @@ class ModelConfig:
       'share the embedding matrix with the output layer (needs --embed == --hidden and '
       'a head with a [V, H] weight: full, nce, neg, sampled)')
   init_scale: float = flag(0.1, 'parameters start uniform in [-init_scale, init_scale]')
-  head: str = flag("full", 'output layer: full, class, hsm, dsoftmax, nce, neg, sampled or adaptive')
+  head: str = flag(
+      "full",
+      'output layer: full, class, hsm, dsoftmax, nce, neg, sampled, adaptive or classtree')
   head_classes: int = flag(0, 'class/hsm heads: number of classes (0: sqrt of the vocabulary size)')
   head_binning: str = flag(
       "equal",
@@ -123,6 +126,10 @@ class ModelConfig:
       "covering 80% of the training tokens, then clusters 4x larger each")
   head_div_value: float = flag(
       4.0, "adaptive head: cluster i is scored through a projection of H // div**(i+1) units")
+  head_levels: int = flag(
+      2,
+      'classtree head: levels of frequency classes above the words (1: the class softmax, '
+      '2, 3), each a softmax over ceil(V**(1/(levels+1))) children')
 
 
 @dataclasses.dataclass
@@ -261,6 +268,9 @@ class TrainConfig:
     if self.model.head_classes < 0:
       problems.append(f"--head_classes={self.model.head_classes} must be >= 0 (0: sqrt of the "
                       "vocabulary size)")
+    if self.model.head_levels not in heads.class_hierarchy.LEVELS:
+      problems.append(f"--head_levels={self.model.head_levels} is not one of "
+                      f"{heads.class_hierarchy.LEVELS}")
     if self.model.head_samples < 1:
       problems.append(f"--head_samples={self.model.head_samples} must be >= 1")
     return problems
@@ -335,7 +345,7 @@ class TrainConfig:
     if model.tie_weights and model.embed != model.hidden:
       problems.append(f"--tie_weights needs --embed == --hidden, got --embed={model.embed} "
                       f"and --hidden={model.hidden}")
-    if model.tie_weights and model.head in ("class", "hsm", "dsoftmax", "adaptive"):
+    if model.tie_weights and model.head in ("class", "hsm", "dsoftmax", "adaptive", "classtree"):
       problems.append(f"--tie_weights needs a head with a [V, H] output matrix, not "
                       f"--head={model.head}")
     if opt.lr <= 0:

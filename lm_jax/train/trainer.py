@@ -278,8 +278,8 @@ class Trainer:
     ``stop`` (:class:`~lm_jax.train.faults.StopSignals`), a SIGTERM/SIGINT saves a
     checkpoint after the current step and raises ``TrainingInterrupted``.
     """
-    config, dp, spe = self.config, self.dp, self.steps_per_epoch
-    epoch, index = divmod(self.step, spe)
+    config = self.config
+    epoch, index = divmod(self.step, self.steps_per_epoch)
     if index == 0 and config.optimization.lr_schedule == "zaremba":
       opt = config.optimization
       self._set_learning_rate(schedules.zaremba_learning_rate(
@@ -379,14 +379,16 @@ class Trainer:
     self.writer.write(record)
     skipped = (f" | skipped {int(window.skipped)} (total {self.skipped_total})"
                if self.config.run.skip_nonfinite else "")
+    eta = self.progress.eta_seconds(self.step)
     if self.config.run.time_budget:
       skipped += f" | trained {record['train_time']:.0f} of {self.config.run.time_budget:.0f} s"
+      eta = min(eta, max(self.config.run.time_budget - record["train_time"], 0.0))
 
     run_logging.logger.info(
         "step %d/%d epoch %d | loss %.4f ppl %.2f | %.0f tok/s | lr %.4g | gnorm %.3g%s | ETA %s",
         self.step, self.total_steps, epoch, summary["loss_nats"], summary["perplexity"], rate,
         window.lr, record["grad_norm"], skipped,
-        run_logging.format_eta(self.progress.eta_seconds(self.step)))
+        run_logging.format_eta(eta))
     window.reset()
 
   def evaluate(self, split: str, epoch: int) -> dict[str, float]:

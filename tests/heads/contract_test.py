@@ -38,12 +38,15 @@ HEAD_FACTORIES = {
                                          num_samples=3, noise="uniform"),
     "adaptive": lambda v: heads.make_head("adaptive", vocab_size=v, counts=COUNTS_V,
                                           cutoffs=[2, 4], div_value=2.0),
+    "classtree": lambda v: heads.make_head("classtree", vocab_size=v, counts=COUNTS_V, levels=2),
+    "classtree_3": lambda v: heads.make_head("classtree", vocab_size=v, counts=COUNTS_V,
+                                             levels=3),
 }
 SAMPLED = ("nce", "neg", "sampled")
 # The fast suite runs each per-head test on one variant of every name in heads.HEAD_NAMES;
 # the other variants (binnings, trees) run in the full suite (`-m "slow or not slow"`).
 FAST_VARIANTS = ("full_softmax", "class_mass", "hsm_huffman", "dsoftmax", "nce", "neg",
-                 "sampled", "adaptive")
+                 "sampled", "adaptive", "classtree")
 
 
 def _variants(names):
@@ -365,8 +368,9 @@ def test_bench_heads_script_smoke(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
   subprocess.run([sys.executable, os.path.join(root, "experiments", "bench_heads.py"),
-                  "--vocab_sizes=64,256", "--hidden=8", "--tokens=32", "--repeats=1",
-                  "--heads=full,class,hsm,nce", "--modes=dense,sparse", f"--json_out={out}",
+                  "--vocab_sizes=64,256", "--hidden=64", "--tokens=32", "--repeats=1",
+                  "--heads=full,class,hsm,nce,adaptive,classtree", "--modes=dense,sparse",
+                  f"--json_out={out}",
                   f"--plot_out={plot}"],
                  check=True, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
                  timeout=600)
@@ -384,7 +388,14 @@ def test_bench_heads_script_smoke(tmp_path):
     assert np.isfinite(r["us_per_token"]) and r["tokens"] == 32
     np.testing.assert_allclose(r["speedup_vs_full"], full_us[r["V"]] / r["us_per_token"],
                                rtol=1e-9)
+  for name in ("adaptive", "adaptive_fixed", "classtree", "classtree_3"):
+    assert {(v, name, "dense") for v in (64, 256)} <= keys
+  assert {(v, h, "sparse") for v in (64, 256) for h in ("classtree", "classtree_3")} <= keys
   assert set(payload["growth_first_to_last_V"]) >= {"hsm/sparse", "full/dense"}
+  # With two sizes the log-log slope is log(growth) / log(256 / 64).
+  for key, growth in payload["growth_first_to_last_V"].items():
+    np.testing.assert_allclose(payload["loglog_slopes"][key], np.log(growth) / np.log(4.0),
+                               rtol=1e-6)
   assert plot.stat().st_size > 0
 
 

@@ -231,7 +231,7 @@ def test_head_options_hold_only_what_each_head_uses():
       "nce": {"noise", "noise_power", "num_samples", "shared_samples", "log_z"},
       "neg": {"noise", "noise_power", "num_samples", "shared_samples"},
       "sampled": {"noise", "noise_power", "num_samples", "shared_samples"},
-      "adaptive": {"cutoffs", "div_value"}}
+      "adaptive": {"cutoffs", "div_value"}, "classtree": {"levels"}}
   for head, keys in expected.items():
     assert set(TrainConfig.from_flags(head=head).head_options()) == keys, head
   assert TrainConfig.from_flags(head="nce", head_samples=5).head_options()["num_samples"] == 5
@@ -302,6 +302,7 @@ def test_eval_rows_beyond_the_split_still_count_every_token(tmp_path):
     pytest.param("sampled", {"head_samples": 4}, marks=pytest.mark.slow, id="sampled"),
     pytest.param("adaptive", {"head_cutoffs": "4,10", "head_div_value": 2.0},
                  marks=pytest.mark.slow, id="adaptive"),
+    pytest.param("classtree", {"head_levels": 3}, marks=pytest.mark.slow, id="classtree"),
 ])
 def test_every_head_trains_evaluates_and_generates(tmp_path, head, options):
   """train_lm's loop with each head: the loss falls, evaluation is the exact perplexity,
