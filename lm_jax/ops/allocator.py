@@ -47,6 +47,7 @@ ENV_VAR = "LM_JAX_KEEP_FREED_MEMORY"
 _logger = logging.getLogger("lm_jax")
 _cpu_default = None  # None: not decided yet; then True/False, what apply_cpu_default did.
 _applied_at_import = False  # whether apply_at_import called keep_freed_memory.
+_arenas_when_applied = None  # malloc arenas that existed when keep_freed_memory first ran.
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -87,6 +88,9 @@ def keep_freed_memory(*, arenas: int = 1) -> bool:
   """
   if arenas < 1:
     raise ValueError(f"need arenas >= 1, got {arenas}")
+  global _arenas_when_applied
+  if _arenas_when_applied is None:
+    _arenas_when_applied = arena_count()
   return _mallopt(((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_ARENA_MAX, arenas)))
 
 
@@ -103,6 +107,32 @@ def _mallopt(settings) -> bool:
   if libc is None:
     return False
   return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def arena_count():
+  """How many glibc malloc arenas the process has (from ``malloc_info``); None off glibc.
+
+  More than one when :func:`keep_freed_memory` runs means that threads allocated before it:
+  they keep their arenas, glibc hands those to new threads too, and a block of more than 64
+  MiB in such an arena is still a fresh ``mmap``. ``MALLOC_ARENA_MAX=1`` in the environment
+  before Python starts covers that case as well.
+  """
+  libc = _glibc()
+  if libc is None:
+    return None
+  import tempfile  # pylint: disable=g-import-not-at-top
+  libc.fdopen.restype = ctypes.c_void_p
+  libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+  libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+  libc.fclose.argtypes = [ctypes.c_void_p]
+  with tempfile.TemporaryFile() as f:
+    stream = libc.fdopen(os.dup(f.fileno()), b"w")
+    if not stream:
+      return None
+    libc.malloc_info(0, stream)
+    libc.fclose(stream)
+    f.seek(0)
+    return f.read().decode("ascii", "replace").count("<heap nr=")
 
 
 def _opted_out() -> bool:
@@ -168,6 +198,10 @@ def apply_cpu_default() -> bool:
             "from now on (late: threads that already allocated keep their own arenas; "
             "import lm_jax before the first JAX work)")
     _cpu_default = _applied_at_import or keep_freed_memory()
+    if _cpu_default and (_arenas_when_applied or 1) > 1:
+      when += (f"; {_arenas_when_applied} malloc arenas existed by then (threads had allocated "
+               "before), blocks over 64 MiB in the extra ones stay fresh mmaps: set "
+               "MALLOC_ARENA_MAX=1 before starting Python to cover them")
     _logger.info("lm_jax: XLA:CPU backend, glibc malloc keeps freed memory for reuse %s "
                  "(applied: %s; opt out with %s=0)", when, _cpu_default, ENV_VAR)
   return _cpu_default

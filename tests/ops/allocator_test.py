@@ -7,6 +7,39 @@ import pytest
 from lm_jax.ops import allocator
 
 
+_THREAD_ARENA_SCRIPT = """
+import threading
+from lm_jax.ops import allocator
+before = allocator.arena_count()
+thread = threading.Thread(target=lambda: bytearray(1 << 20))  # a new thread's first malloc
+thread.start(); thread.join()
+print(before, allocator.arena_count())
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_info exists in glibc only")
+def test_arena_count_sees_a_new_threads_arena_under_glibc_defaults():
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, **{allocator.ENV_VAR: "0"})
+  out = subprocess.run([sys.executable, "-c", _THREAD_ARENA_SCRIPT], capture_output=True,
+                       text=True, env=env, timeout=120, check=True).stdout.split()
+  assert out == ["1", "2"], out
+
+
+def test_extra_arenas_at_apply_time_are_reported(monkeypatch, caplog):
+  monkeypatch.setattr(allocator, "_cpu_default", None)
+  monkeypatch.setattr(allocator, "_applied_at_import", True)
+  monkeypatch.setattr(allocator, "_arenas_when_applied", 3)
+  monkeypatch.setattr(allocator.jax, "default_backend", lambda: "cpu")
+  monkeypatch.delenv(allocator.ENV_VAR, raising=False)
+  with caplog.at_level("INFO", logger="lm_jax"):
+    assert allocator.apply_cpu_default() is True
+  assert "3 malloc arenas existed" in caplog.text and "MALLOC_ARENA_MAX=1" in caplog.text
+
+
 def test_bad_arguments_are_named():
   with pytest.raises(ValueError, match="arenas"):
     allocator.keep_freed_memory(arenas=0)
@@ -34,6 +67,7 @@ from lm_jax import heads
 from lm_jax.ops import allocator
 import lm_jax
 print("after import:", allocator._applied_at_import, allocator._cpu_default)
+print("malloc arenas at import:", allocator.arena_count())
 vocab_size, hidden = 100_000, 256  # a [V, H] gradient of 100 MB: > 64 MiB, one mmap each call
 counts = [vocab_size - i for i in range(vocab_size)]
 head = heads.make_head("sampled", vocab_size=vocab_size, counts=counts, num_samples=8)
@@ -41,11 +75,13 @@ params = head.init(jax.random.PRNGKey(0), hidden)  # backend and XLA threads sta
 hidden_NxH, targets_N = jnp.ones((16, hidden)), jnp.arange(16)
 grad = jax.jit(jax.grad(lambda p: head.loss(p, hidden_NxH, targets_N).sum()))
 faults = []
-for _ in range(4):
+for _ in range(6):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   jax.block_until_ready(grad(params))
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 print("after a head call:", allocator._cpu_default, jax.default_backend())
+print("malloc arenas after the calls:", allocator.arena_count())
+print("page faults per call:", faults)
 print("page faults per call after the first two:", min(faults[2:]))
 """
 
