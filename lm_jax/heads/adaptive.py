@@ -202,10 +202,21 @@ def _cluster_backward(tokens_per_item, residuals, g_N):
 _cluster_nll.defvjp(_cluster_forward, _cluster_backward)
 
 
+def _cluster_nll_autodiff(proj_RxH, weight_WxR, hidden_NxH, relative_N, in_cluster_N,
+                          tokens_per_item):
+  """:func:`_cluster_nll` without the hand-written backward: JAX differentiates the scan in
+  either mode (``jax.jvp`` works), at the cost of one stacked ``[K, W]`` array per item."""
+  return _cluster_forward(proj_RxH, weight_WxR, hidden_NxH, relative_N, in_cluster_N,
+                          tokens_per_item)[0]
+
+
+BACKWARDS = ("scan", "autodiff")
+
+
 def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: float = 4.0,
                      head_bias: bool = False, counts: Optional[Any] = None,
                      tokens_per_item: int = 32, init_scale: Optional[float] = None,
-                     dtype=jnp.float32) -> OutputHead:
+                     backward: str = "scan", dtype=jnp.float32) -> OutputHead:
   r"""The adaptive softmax over ``V`` words (module docstring), as an ``OutputHead``.
 
   Params ``{"head_weight_SxH", ["head_bias_S"], "tail": [{"proj_RxH", "weight_WxR"}, ...]}``
@@ -227,6 +238,10 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
     tokens_per_item: ``K``, tokens a cluster scores at a time.
     init_scale: params uniform in ``[-init_scale, init_scale]``; None: PyTorch's
       ``nn.Linear`` default, uniform in :math:`\pm 1/\sqrt{\text{fan-in}}`.
+    backward: ``"scan"`` (default): the clusters' loss has a hand-written backward
+      (:func:`_cluster_nll`), reverse mode only (``jax.grad``, ``jax.vjp``; ``jax.jvp``
+      raises); ``"autodiff"``: JAX differentiates the same forward, so forward mode works
+      too (about 3x slower backward at V = 100k, N = 2048).
     dtype: parameter dtype.
 
   Returns:
@@ -244,6 +259,9 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
   width_C = [bounds[i + 1] - bounds[i] for i in range(num_clusters)]
   if tokens_per_item < 1:
     raise ValueError(f"tokens_per_item must be >= 1, got {tokens_per_item}")
+  if backward not in BACKWARDS:
+    raise ValueError(f"backward={backward!r} is not one of {BACKWARDS}")
+  cluster_nll = _cluster_nll if backward == "scan" else _cluster_nll_autodiff
   tables = {}
   if counts is not None:
     counts_V = np.asarray(counts)
@@ -297,7 +315,7 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
       if where is not None:
         in_cluster_N = in_cluster_N & jnp.asarray(where, bool)
       relative_N = jnp.clip(rank_N - bounds[i], 0, width_C[i] - 1)
-      loss_N = loss_N + _cluster_nll(tail["proj_RxH"], tail["weight_WxR"], hidden_NxH,
+      loss_N = loss_N + cluster_nll(tail["proj_RxH"], tail["weight_WxR"], hidden_NxH,
                                      relative_N, in_cluster_N, tokens_per_item).astype(compute)
     return loss_N if where is None else jnp.where(where, loss_N, 0.0)
 

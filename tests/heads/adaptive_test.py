@@ -101,6 +101,23 @@ def test_check_grads_and_agreement_with_autodiff_of_the_dense_formula():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
+def test_autodiff_backward_supports_jvp_and_equals_the_scan_backward():
+  head, params = _params(5)
+  autodiff = adaptive.adaptive_softmax(V, CUTOFFS, div_value=2.0, backward="autodiff")
+  hidden_NxH = jnp.asarray(np.random.default_rng(7).normal(size=(N, H)), jnp.float32)
+  targets_N = jnp.asarray([0, 2, 3, 5, 6, 10, 7, 1, 4], jnp.int32)
+  check_grads(lambda p, h: autodiff.loss(p, h, targets_N), (params, hidden_NxH), order=1,
+              modes=("fwd", "rev"), atol=1e-2, rtol=1e-2)
+  with pytest.raises(TypeError, match="custom_vjp"):  # the default is reverse mode only
+    jax.jvp(lambda h: head.loss(params, h, targets_N), (hidden_NxH,), (hidden_NxH,))
+  total = lambda h_: lambda p, h: h_.loss(p, h, targets_N).sum()
+  got = jax.grad(total(head), argnums=(0, 1))(params, hidden_NxH)
+  want = jax.grad(total(autodiff), argnums=(0, 1))(params, hidden_NxH)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+  with pytest.raises(ValueError, match="backward='bogus'"):
+    adaptive.adaptive_softmax(V, CUTOFFS, backward="bogus")
+
+
 def test_counts_map_ids_to_frequency_ranks():
   rng = np.random.default_rng(7)
   counts_V = rng.permutation(np.arange(1, V + 1) * 10)
