@@ -6,7 +6,8 @@ perplexity against training time (``train_time``: the trainer's clock, evaluatio
 checkpointing excluded, compilation included) and against training tokens seen
 (step x batch x bptt), as Chen, Grangier and Auli (ACL 2016, Figure 2) compare their
 strategies. Prints and writes the table of final numbers: steps, tokens, training time,
-training tokens/s (tokens / training time), exact validation and test perplexity, and each
+training tokens/s (tokens / training time, compilation included, and the trainer's median
+over its logging windows, without it), exact validation and test perplexity, and each
 head's ratios to the full softmax of the same corpus.
 
   python3 experiments/plot_heads.py                       # runs/heads_{ptb,wikitext2}_*
@@ -62,12 +63,15 @@ def table_rows(runs):
     row = {"corpus": run["corpus"], "head": run["head"], "steps": res["steps"],
            "tokens": tokens, "train_s": res["train_seconds"],
            "tokens_per_s": tokens / res["train_seconds"],
+           "median_tokens_per_s": res.get("train_tokens_per_sec_median", math.nan),
            "valid_ppl": res["valid_perplexity"], "test_ppl": res.get("test_perplexity", math.nan)}
     if full is not None:
       full_res = full["results"]
       full_rate = (full_res["steps"] * full["config"]["batch_size"] * full["config"]["bptt"]
                    / full_res["train_seconds"])
       row["speed_vs_full"] = row["tokens_per_s"] / full_rate
+      row["median_speed_vs_full"] = (row["median_tokens_per_s"]
+                                     / full_res.get("train_tokens_per_sec_median", math.nan))
       row["test_vs_full_pct"] = 100.0 * (row["test_ppl"] / full_res["test_perplexity"] - 1.0)
     rows.append(row)
   return rows
@@ -123,7 +127,8 @@ def main(argv):
     print(f"wrote {path}")
     all_rows += table_rows(runs)
   benchmarking.print_table(all_rows, ["corpus", "head", "steps", "tokens", "train_s",
-                                      "tokens_per_s", "valid_ppl", "test_ppl", "speed_vs_full",
+                                      "tokens_per_s", "median_tokens_per_s", "valid_ppl",
+                                      "test_ppl", "speed_vs_full", "median_speed_vs_full",
                                       "test_vs_full_pct"])
   benchmarking.write_json(_JSON_OUT.value, {"benchmark": "plot_heads", "rows": all_rows,
                                             "runs_dir": _RUNS_DIR.value})

@@ -174,6 +174,11 @@ class Trainer:
                             self.dp.mode, self.dp.num_devices, jax.process_count())
     self.state = self.dp.put_state(training.create_train_state(
         self.model, optimizer, seed=run.seed, batch_size=config.data.batch_size))
+    head_params = jax.eval_shape(self.model.init, jax.random.PRNGKey(0)).get("head", {})
+    run_logging.logger.info(
+        "head %s %s: %d parameters, shapes %s", config.model.head, config.head_options() or "",
+        sum(x.size for x in jax.tree.leaves(head_params)),
+        jax.tree.map(lambda x: tuple(x.shape), head_params))
     self.total_steps = run.steps or run.epochs * self.steps_per_epoch
     self.fingerprint = model_fingerprint(config, len(corpus.vocab))
     self.manager = None  # made by restore(): orbax creates its directory

@@ -184,3 +184,28 @@ def test_matches_pytorch_when_installed():
   logp_N = head.log_prob(params, hidden_NxH, jnp.asarray(targets.numpy()))
   np.testing.assert_allclose(logp_N, output.numpy(), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(-logp_N.mean(), float(loss), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_adaptive_torch_script_smoke(tmp_path):
+  """experiments/bench_adaptive_torch.py at a small size: both sides agree, the table's
+  ratio is the ratio of its per-token times."""
+  pytest.importorskip("torch")
+  import json
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = tmp_path / "bench.json"
+  subprocess.run([sys.executable, os.path.join(root, "experiments", "bench_adaptive_torch.py"),
+                  "--vocab_size=500", "--hidden=32", "--tokens=64", "--cutoffs=20,100",
+                  "--repeats=2", f"--json_out={out}"],
+                 check=True, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
+                 timeout=600)
+  payload = json.loads(out.read_text())
+  rows = {r["impl"]: r for r in payload["rows"]}
+  assert set(rows) == {"lm_jax", "torch"}
+  np.testing.assert_allclose(payload["loss"]["lm_jax"], payload["loss"]["torch"], rtol=1e-4)
+  np.testing.assert_allclose(rows["lm_jax"]["speedup_vs_torch"],
+                             rows["torch"]["us_per_token"] / rows["lm_jax"]["us_per_token"])
+  assert rows["torch"]["speedup_vs_torch"] == 1.0
