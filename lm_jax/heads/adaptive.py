@@ -34,6 +34,7 @@ from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import sample_by_walk
 from lm_jax.heads.base import with_target_contract
+from lm_jax.ops import losses
 
 
 def check_cutoffs(vocab_size: int, cutoffs: Sequence[int]) -> list[int]:
@@ -290,12 +291,15 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
   def _compute(hidden_NxH, params):
     return jnp.result_type(jnp.float32, hidden_NxH, params["head_weight_SxH"])
 
-  def head_log_softmax(params, hidden_NxH, compute):
+  def head_logits(params, hidden_NxH, compute):
     logits_NxS = jnp.matmul(hidden_NxH.astype(compute),
                             params["head_weight_SxH"].astype(compute).T)
     if "head_bias_S" in params:
       logits_NxS = logits_NxS + params["head_bias_S"].astype(compute)
-    return jax.nn.log_softmax(logits_NxS, axis=-1)
+    return logits_NxS
+
+  def head_log_softmax(params, hidden_NxH, compute):
+    return jax.nn.log_softmax(head_logits(params, hidden_NxH, compute), axis=-1)
 
   def ranks(targets_N, tables):
     return tables["rank_of_id_V"][targets_N] if "rank_of_id_V" in tables else targets_N
@@ -308,8 +312,9 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
     rank_N = ranks(targets_N, tables)
     cluster_N = jnp.sum(rank_N[:, None] >= jnp.asarray(cutoffs)[None, :], axis=1)  # 0: head
     head_index_N = jnp.where(cluster_N == 0, rank_N, shortlist + cluster_N - 1)
-    head_logp_NxS = head_log_softmax(params, hidden_NxH, compute)
-    loss_N = -jnp.take_along_axis(head_logp_NxS, head_index_N[:, None], axis=-1)[:, 0]
+    # lm_jax's CE kernel: its backward keeps only the [N] log-normalisers besides the logits.
+    loss_N = losses.softmax_cross_entropy_with_integer_labels(
+        head_logits(params, hidden_NxH, compute), head_index_N)
     for i, tail in enumerate(params["tail"]):
       in_cluster_N = cluster_N == i + 1
       if where is not None:
