@@ -118,6 +118,35 @@ def test_autodiff_backward_supports_jvp_and_equals_the_scan_backward():
     adaptive.adaptive_softmax(V, CUTOFFS, backward="bogus")
 
 
+@pytest.mark.parametrize("weighting", ["sum", "masked_mean", "per_token", "one_token"])
+def test_both_backward_branches_equal_the_float64_gradient(weighting):
+  """The backward scales the forward's unit gradients when the cotangent is one number on a
+  cluster's tokens (sum, masked mean) and rescans otherwise (per-token weights); both are
+  the gradient of the explicit float64 formula."""
+  with jax.enable_x64(True):
+    _, params = _params(8)
+    head = adaptive.adaptive_softmax(V, CUTOFFS, div_value=2.0, tokens_per_item=2)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    hidden_NxH = jnp.asarray(np.random.default_rng(9).normal(size=(N, H)), jnp.float64)
+    targets_N = jnp.asarray([0, 2, 3, 5, 6, 10, 7, 1, 4], jnp.int32)
+    where_N = jnp.ones(N, bool)
+    weights_N = jnp.ones(N, jnp.float64)
+    if weighting == "masked_mean":
+      where_N = jnp.asarray([1, 1, 0, 1, 1, 0, 1, 1, 1], bool)
+      weights_N = where_N / where_N.sum()
+    elif weighting == "per_token":
+      weights_N = jnp.asarray(np.random.default_rng(10).uniform(0.1, 2.0, N))
+    elif weighting == "one_token":
+      weights_N = jnp.zeros(N, jnp.float64).at[4].set(1.0)
+    got = jax.grad(lambda p, h: jnp.sum(weights_N * head.loss(p, h, targets_N, where=where_N)),
+                   argnums=(0, 1))(params, hidden_NxH)
+    dense = lambda p, h: -head.log_probs(p, h)[jnp.arange(N), targets_N]
+    want = jax.grad(lambda p, h: jnp.sum(jnp.where(where_N, weights_N * dense(p, h), 0.0)),
+                    argnums=(0, 1))(params, hidden_NxH)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), got,
+                 want)
+
+
 def test_counts_map_ids_to_frequency_ranks():
   rng = np.random.default_rng(7)
   counts_V = rng.permutation(np.arange(1, V + 1) * 10)
