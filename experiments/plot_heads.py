@@ -81,6 +81,7 @@ def plot(runs, corpus, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   fig, (ax_time, ax_tokens) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
   for i, run in enumerate(runs):
     if not run["curve"]:
@@ -100,11 +101,13 @@ def plot(runs, corpus, path):
   ax_time.set_ylabel("validation perplexity")
   for ax in (ax_time, ax_tokens):
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(True, which="both", alpha=0.3)
   ax_tokens.legend(fontsize=8)
   fig.suptitle(f"{corpus}: {config['cell']} {config['hidden']} hidden, batch "
                f"{config['batch_size']} x {config['bptt']}, {config['optimizer']} lr "
-               f"{config['lr']}, same budget of {budget / 60:.0f} min training per head")
+               f"{config['lr']}, same budget of {budget:g} s of training per head")
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
