@@ -192,12 +192,17 @@ def _cluster_forward_with_unit_grads(proj_RxH, weight_WxR, hidden_NxH, relative_
       sum_K = jnp.sum(exp_KxW, axis=-1)
       lse_K = max_K + jnp.log(sum_K)
       target_logit_K = jnp.take_along_axis(logits_KxW, target_K[:, None], axis=-1)[:, 0]
-      # (p - y) for a cotangent of 1, zero on the item's padding rows.
+      # (p - y) for a cotangent of 1, zero on the item's padding rows, without forming p:
+      # p = exp / sum, so the 1 / sum scales the [K, R] and [K, W] x [W, R] products instead,
+      # and y's part is K rows of U added or subtracted.
       scale_K = jnp.where(valid_K, 1.0 / sum_K, 0.0)
-      d_logits_KxW = (exp_KxW * scale_K[:, None]).at[jnp.arange(width), target_K].add(
-          -valid_K.astype(compute))
-      return (d_weight_WxR + d_logits_KxW.T @ z_KxR,
-              (lse_K, lse_K - target_logit_K, d_logits_KxW @ weight_WxR.astype(compute)))
+      weight_c_WxR = weight_WxR.astype(compute)
+      y_z_KxR = jnp.where(valid_K[:, None], z_KxR, 0.0)
+      d_weight_WxR = (d_weight_WxR + exp_KxW.T @ (z_KxR * scale_K[:, None])).at[target_K].add(
+          -y_z_KxR)
+      v_KxR = ((exp_KxW @ weight_c_WxR) * scale_K[:, None]
+               - jnp.where(valid_K[:, None], weight_c_WxR[target_K], 0.0))
+      return d_weight_WxR, (lse_K, lse_K - target_logit_K, v_KxR)
 
     def skip(d_weight_WxR):
       return d_weight_WxR, (jnp.zeros((width,), compute), jnp.zeros((width,), compute),
