@@ -32,6 +32,7 @@ import numpy as np
 
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import _check_hidden
+from lm_jax.heads.base import frequency_rank_tables
 from lm_jax.heads.base import sample_by_walk
 from lm_jax.heads.base import with_target_contract
 from lm_jax.ops import losses
@@ -115,6 +116,15 @@ def _cluster_items(in_cluster_N, tokens_per_item):
   return order, jnp.sum(in_cluster_N.astype(jnp.int32)), width, num_items
 
 
+def _items_to_tokens(order, count, values_M, num_tokens):
+  """Per-slot values of a cluster's items, flattened to ``[M, ...]`` (``M = num_items *
+  width``), added back at their tokens' positions: ``[N, ...]``, padding slots adding 0."""
+  valid_M = jnp.arange(order.shape[0]) < count
+  valid = valid_M.reshape(valid_M.shape + (1,) * (values_M.ndim - 1))
+  return jnp.zeros((num_tokens,) + values_M.shape[1:], values_M.dtype).at[order].add(
+      jnp.where(valid, values_M, 0.0))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _cluster_nll(proj_RxH, weight_WxR, hidden_NxH, relative_N, in_cluster_N, tokens_per_item):
   r"""``-log softmax(U P h)[relative]`` for the tokens in the cluster, 0 elsewhere (in float32,
@@ -166,9 +176,7 @@ def _cluster_forward(proj_RxH, weight_WxR, hidden_NxH, relative_N, in_cluster_N,
     return None, jax.lax.cond(j * width < count, score, zeros, j)
 
   _, (lse_LxK, nll_LxK) = jax.lax.scan(item, None, jnp.arange(num_items))
-  valid = jnp.arange(num_items * width) < count
-  nll_N = jnp.zeros(num_tokens, compute).at[order].add(
-      jnp.where(valid, nll_LxK.reshape(-1), 0.0))
+  nll_N = _items_to_tokens(order, count, nll_LxK.reshape(-1), num_tokens)
   return nll_N, (proj_RxH, weight_WxR, hidden_NxH, relative_N, in_cluster_N, lse_LxK)
 
 
@@ -212,9 +220,7 @@ def _cluster_forward_with_unit_grads(proj_RxH, weight_WxR, hidden_NxH, relative_
 
   d_weight_WxR, (lse_LxK, nll_LxK, v_LxKxR) = jax.lax.scan(
       item, jnp.zeros((num_words, rank), compute), jnp.arange(num_items))
-  valid = jnp.arange(num_items * width) < count
-  nll_N = jnp.zeros(num_tokens, compute).at[order].add(
-      jnp.where(valid, nll_LxK.reshape(-1), 0.0))
+  nll_N = _items_to_tokens(order, count, nll_LxK.reshape(-1), num_tokens)
   return nll_N, (proj_RxH, weight_WxR, hidden_NxH, relative_N, in_cluster_N, lse_LxK,
                  d_weight_WxR, v_LxKxR)
 
@@ -234,8 +240,8 @@ def _cluster_backward(tokens_per_item, residuals, g_N):
     d_z_MxR = jnp.where(valid[:, None], g_all[:, None] * v_LxKxR.reshape(-1, v_LxKxR.shape[-1]),
                         0.0)
     hidden_MxH = hidden_NxH[order].astype(d_z_MxR.dtype)
-    d_hidden_NxH = jnp.zeros(hidden_NxH.shape, d_z_MxR.dtype).at[order].add(
-        d_z_MxR @ proj_RxH.astype(d_z_MxR.dtype))
+    d_hidden_NxH = _items_to_tokens(order, count, d_z_MxR @ proj_RxH.astype(d_z_MxR.dtype),
+                                    hidden_NxH.shape[0])
     return (d_z_MxR.T @ hidden_MxH, jnp.where(count > 0, g_first, 0.0) * d_weight_1_WxR,
             d_hidden_NxH)
 
@@ -281,9 +287,8 @@ def _cluster_backward_rescan(tokens_per_item, residuals, g_N):
   zeros = (jnp.zeros((rank, hidden_size), compute), jnp.zeros((num_words, rank), compute))
   (d_proj_RxH, d_weight_WxR), d_hidden_LxKxH = jax.lax.scan(
       item, zeros, (jnp.arange(num_items), lse_LxK))
-  valid = (jnp.arange(num_items * width) < count)[:, None]
-  d_hidden_NxH = jnp.zeros(hidden_NxH.shape, compute).at[order].add(
-      jnp.where(valid, d_hidden_LxKxH.reshape(-1, hidden_size), 0.0))
+  d_hidden_NxH = _items_to_tokens(order, count, d_hidden_LxKxH.reshape(-1, hidden_size),
+                                  hidden_NxH.shape[0])
   return d_proj_RxH, d_weight_WxR, d_hidden_NxH
 
 
@@ -355,10 +360,7 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
     counts_V = np.asarray(counts)
     if counts_V.shape != (vocab_size,):
       raise ValueError(f"counts has shape {counts_V.shape}, expected [V] = ({vocab_size},)")
-    id_of_rank = np.argsort(-counts_V, kind="stable").astype(np.int32)
-    rank_of_id = np.empty(vocab_size, np.int32)
-    rank_of_id[id_of_rank] = np.arange(vocab_size, dtype=np.int32)
-    tables = {"rank_of_id_V": jnp.asarray(rank_of_id), "id_of_rank_V": jnp.asarray(id_of_rank)}
+    tables = frequency_rank_tables(counts_V)
 
   def init(key, hidden_size):
     sizes = projection_sizes(hidden_size, num_clusters, div_value)

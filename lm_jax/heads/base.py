@@ -30,6 +30,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm_jax.ops import allocator
 from lm_jax.ops import fused
@@ -247,6 +248,20 @@ def with_target_contract(head: OutputHead, vocab_size: int) -> OutputHead:
 
     sparse = RowSparse(gather, sparse_loss)
   return OutputHead(head.init, loss, log_prob, log_probs, sample, sparse, own_tables)
+
+
+def frequency_rank_tables(counts_V) -> dict[str, jax.Array]:
+  """``{"rank_of_id_V", "id_of_rank_V"}``: each id's rank in decreasing training count (ties
+  by id) and its inverse, int32, for heads laid out in frequency order.
+
+  >>> {k: v.tolist() for k, v in frequency_rank_tables([1, 5, 5, 0]).items()}
+  {'rank_of_id_V': [2, 0, 1, 3], 'id_of_rank_V': [1, 2, 0, 3]}
+  """
+  counts_V = np.asarray(counts_V)
+  id_of_rank = np.argsort(-counts_V, kind="stable").astype(np.int32)
+  rank_of_id = np.empty(counts_V.shape[0], np.int32)
+  rank_of_id[id_of_rank] = np.arange(counts_V.shape[0], dtype=np.int32)
+  return {"rank_of_id_V": jnp.asarray(rank_of_id), "id_of_rank_V": jnp.asarray(id_of_rank)}
 
 
 def _check_hidden(hidden_NxH, targets_N=None):

@@ -32,12 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.heads.base import _check_hidden
+from lm_jax.heads.base import frequency_rank_tables
 from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import sample_by_walk
 from lm_jax.heads.base import with_target_contract
 from lm_jax.heads.class_based import check_counts
+from lm_jax.ops import losses
 
 LEVELS = (1, 2, 3)
 
@@ -117,10 +119,7 @@ def class_hierarchy_softmax(counts: Any, levels: int = 2, *, branching: Optional
   sizes = level_sizes(vocab_size, levels, branching)
   # Rank r's node at depth d + 1 is r // span[d]; span[L] = 1 (the word itself).
   spans = [branching ** (levels - d) for d in range(levels + 1)]
-  id_of_rank = np.argsort(-counts, kind="stable").astype(np.int32)
-  rank_of_id = np.empty(vocab_size, np.int32)
-  rank_of_id[id_of_rank] = np.arange(vocab_size, dtype=np.int32)
-  tables = {"rank_of_id_V": jnp.asarray(rank_of_id), "id_of_rank_V": jnp.asarray(id_of_rank)}
+  tables = frequency_rank_tables(counts)
 
   def init(key, hidden_size):
     keys = jax.random.split(key, 2 * len(sizes))
@@ -132,15 +131,16 @@ def class_hierarchy_softmax(counts: Any, levels: int = 2, *, branching: Optional
   def compute_dtype(hidden_NxH, params):
     return jnp.result_type(jnp.float32, hidden_NxH, params["levels"][0]["weight_QxH"])
 
-  def sibling_logits(level, d, parent_N, hidden_NxH, compute):
-    """Logits ``[N, B]`` of the children of each token's node ``parent_N`` at depth ``d``
-    (``-inf`` past the level's last row) and their rows."""
+  def children(parent_N, d):
+    """Rows ``[N, B]`` of level ``d`` holding the children of nodes ``parent_N`` (clipped to
+    the level) and which of them exist (the last node of a level may have fewer)."""
     rows_NxB = parent_N[:, None] * branching + jnp.arange(branching)
-    valid_NxB = rows_NxB < sizes[d]
-    rows_NxB = jnp.minimum(rows_NxB, sizes[d] - 1)
-    weight_NxBxH = level["weight_QxH"][rows_NxB].astype(compute)
-    logits_NxB = (jnp.einsum("nbh,nh->nb", weight_NxBxH, hidden_NxH)
-                  + level["bias_Q"][rows_NxB].astype(compute))
+    return jnp.minimum(rows_NxB, sizes[d] - 1), rows_NxB < sizes[d]
+
+  def sibling_logits(weight_NxBxH, bias_NxB, valid_NxB, hidden_NxH, compute):
+    """Logits ``[N, B]`` of gathered sibling rows, ``-inf`` where a child does not exist."""
+    logits_NxB = (jnp.einsum("nbh,nh->nb", weight_NxBxH.astype(compute), hidden_NxH)
+                  + bias_NxB.astype(compute))
     return jnp.where(valid_NxB, logits_NxB, -jnp.inf)
 
   def root_logits(level, hidden_NxH, compute):
@@ -156,9 +156,9 @@ def class_hierarchy_softmax(counts: Any, levels: int = 2, *, branching: Optional
     columns, valid = [rank_N // spans[0]], [None]
     for d in range(1, len(sizes)):
       node_N = rank_N // spans[d]
-      rows_NB = ((node_N // branching)[:, None] * branching + jnp.arange(branching)).reshape(-1)
-      valid.append((rows_NB < sizes[d]).reshape(-1, branching))
-      rows_NB = jnp.minimum(rows_NB, sizes[d] - 1)
+      rows_NxB, valid_NxB = children(node_N // branching, d)
+      valid.append(valid_NxB)
+      rows_NB = rows_NxB.reshape(-1)
       level = params["levels"][d]
       rows["levels"].append({"weight_QxH": level["weight_QxH"][rows_NB],
                              "bias_Q": level["bias_Q"][rows_NB]})
@@ -175,14 +175,10 @@ def class_hierarchy_softmax(counts: Any, levels: int = 2, *, branching: Optional
       if d == 0:
         logits_NxB = root_logits(level, hidden_NxH, compute)
       else:
-        weight_NxBxH = level["weight_QxH"].astype(compute).reshape(-1, branching,
-                                                                  hidden_NxH.shape[1])
-        logits_NxB = (jnp.einsum("nbh,nh->nb", weight_NxBxH, hidden_NxH)
-                      + level["bias_Q"].astype(compute).reshape(-1, branching))
-        logits_NxB = jnp.where(valid[d], logits_NxB, -jnp.inf)
-      max_N = jax.lax.stop_gradient(jnp.max(logits_NxB, axis=-1))
-      lse_N = max_N + jnp.log(jnp.sum(jnp.exp(logits_NxB - max_N[:, None]), axis=-1))
-      loss_N = loss_N + lse_N - jnp.take_along_axis(logits_NxB, columns[d][:, None], -1)[:, 0]
+        logits_NxB = sibling_logits(
+            level["weight_QxH"].reshape(-1, branching, hidden_NxH.shape[1]),
+            level["bias_Q"].reshape(-1, branching), valid[d], hidden_NxH, compute)
+      loss_N = loss_N + losses.softmax_cross_entropy_with_integer_labels(logits_NxB, columns[d])
     return loss_N if where is None else jnp.where(where, loss_N, 0.0)
 
   sparse = RowSparse(gather, sparse_loss)
@@ -214,8 +210,12 @@ def class_hierarchy_softmax(counts: Any, levels: int = 2, *, branching: Optional
     keys = jax.random.split(key, len(sizes))
     node_N = jnp.zeros(hidden_NxH.shape[0], jnp.int32)
     for d, level in enumerate(params["levels"]):
-      logits_NxB = (root_logits(level, hidden_NxH, compute) if d == 0
-                    else sibling_logits(level, d, node_N, hidden_NxH, compute))
+      if d == 0:
+        logits_NxB = root_logits(level, hidden_NxH, compute)
+      else:
+        rows_NxB, valid_NxB = children(node_N, d)
+        logits_NxB = sibling_logits(level["weight_QxH"][rows_NxB], level["bias_Q"][rows_NxB],
+                                    valid_NxB, hidden_NxH, compute)
       node_N = node_N * branching + jax.random.categorical(keys[d], logits_NxB).astype(jnp.int32)
     return tables["id_of_rank_V"][node_N]
 

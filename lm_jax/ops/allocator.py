@@ -120,19 +120,23 @@ def arena_count():
   libc = _glibc()
   if libc is None:
     return None
-  import tempfile  # pylint: disable=g-import-not-at-top
-  libc.fdopen.restype = ctypes.c_void_p
-  libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+  # malloc_info writes XML to a FILE*; an in-memory stream keeps import free of file I/O.
+  libc.open_memstream.restype = ctypes.c_void_p
+  libc.open_memstream.argtypes = [ctypes.POINTER(ctypes.c_void_p),
+                                  ctypes.POINTER(ctypes.c_size_t)]
   libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
   libc.fclose.argtypes = [ctypes.c_void_p]
-  with tempfile.TemporaryFile() as f:
-    stream = libc.fdopen(os.dup(f.fileno()), b"w")
-    if not stream:
-      return None
-    libc.malloc_info(0, stream)
-    libc.fclose(stream)
-    f.seek(0)
-    return f.read().decode("ascii", "replace").count("<heap nr=")
+  libc.free.argtypes = [ctypes.c_void_p]
+  buffer, size = ctypes.c_void_p(), ctypes.c_size_t()
+  stream = libc.open_memstream(ctypes.byref(buffer), ctypes.byref(size))
+  if not stream:
+    return None
+  libc.malloc_info(0, stream)
+  libc.fclose(stream)  # flushes: buffer and size are now set
+  try:
+    return ctypes.string_at(buffer, size.value).decode("ascii", "replace").count("<heap nr=")
+  finally:
+    libc.free(buffer)
 
 
 def _opted_out() -> bool:
