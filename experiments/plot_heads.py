@@ -32,13 +32,18 @@ HEAD_ORDER = ("full", "class", "classtree", "hsm", "adaptive", "dsoftmax", "nce"
               "sampled")
 
 
+def _nan_for_null(record):
+  """train_lm.py writes a non-finite number (a diverged run's perplexity) as null."""
+  return {k: math.nan if v is None else v for k, v in record.items()}
+
+
 def read_run(path):
   """``{head, corpus, config, curve: [(train_time, tokens, valid_ppl)], results}`` or None."""
   try:
     with open(os.path.join(path, "config.json")) as f:
       config = json.load(f)
     with open(os.path.join(path, "metrics.jsonl")) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+      records = [_nan_for_null(json.loads(line)) for line in f if line.strip()]
   except FileNotFoundError:
     return None
   tokens_per_step = config["batch_size"] * config["bptt"]
@@ -47,7 +52,7 @@ def read_run(path):
   results = None
   if os.path.exists(os.path.join(path, "results.json")):
     with open(os.path.join(path, "results.json")) as f:
-      results = json.load(f)
+      results = _nan_for_null(json.load(f))
   return {"head": config["head"], "corpus": config["corpus"], "config": config,
           "curve": curve, "results": results, "path": path}
 

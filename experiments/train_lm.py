@@ -11,6 +11,8 @@ validation cross-entropy beside the language's true entropy rate. Examples:
 
 Rerunning the same command with the same --workdir resumes from the latest checkpoint.
 SIGTERM or Ctrl-C finishes the current step, saves a checkpoint and exits with 143 / 130.
+A NaN/Inf loss or gradient (a diverging run) stops it with exit code 1, naming the step and
+the last good checkpoint (--skip_nonfinite skips such updates instead).
 
 Several devices: the batch rows are split over all of them (--parallel=auto). Several
 processes (hosts): start the same command in each with --coordinator_address=HOST:PORT
@@ -25,7 +27,7 @@ from absl import logging
 
 from lm_jax.train import run_logging
 from lm_jax.train.config import TrainConfig
-from lm_jax.train.trainer import TrainingInterrupted, train_and_evaluate
+from lm_jax.train.trainer import NonFiniteLossError, TrainingInterrupted, train_and_evaluate
 
 # One flag per TrainConfig field, with the default and help text declared there.
 for _group, _field in TrainConfig.flag_fields():
@@ -48,6 +50,9 @@ def main(argv):
   except TrainingInterrupted as e:
     run_logging.logger.error("%s", e)
     sys.exit(e.exit_code)
+  except NonFiniteLossError as e:  # diverged: the last good checkpoint and metrics are kept
+    run_logging.logger.error("%s", e)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

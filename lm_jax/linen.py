@@ -33,29 +33,37 @@ import jax.numpy as jnp
 from lm_jax import heads as heads_lib
 from lm_jax._layer_util import cast_floating
 from lm_jax._layer_util import flatten_hidden
+from lm_jax._layer_util import init_leaf
+from lm_jax._layer_util import leaf_initializer
 from lm_jax._layer_util import leaf_name
+from lm_jax._layer_util import resolve_param_init
 from lm_jax.models import rnn
+
+Initializer = Callable[..., jax.Array]
 
 
 def _declare(module: nn.Module, init_fn: Callable[[jax.Array], Any], param_dtype,
-             param_init=None):
+             kernel_init=None, bias_init=None):
   """Declares one ``"params"`` entry per leaf of ``init_fn(key)``'s pytree; returns the pytree.
 
   Each leaf is initialised from its own key (the ``"params"`` stream folded with the leaf's
-  name): ``init_fn`` is traced abstractly for the structure and evaluated per leaf.
+  name): ``init_fn`` is traced abstractly for the structure and evaluated per leaf, unless
+  ``kernel_init`` / ``bias_init`` draws it (:func:`lm_jax._layer_util.init_leaf`).
   """
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   values = []
   for index, (path, spec) in enumerate(paths):
+    name = leaf_name(path)
     dtype = param_dtype if jnp.issubdtype(spec.dtype, jnp.floating) else spec.dtype
+    initializer = leaf_initializer(len(spec.shape), kernel_init, bias_init)
 
-    def leaf_init(key, index=index, spec=spec, dtype=dtype):
-      if param_init is not None:
-        return param_init(key, spec.shape, dtype)
+    def leaf_init(key, index=index, spec=spec, dtype=dtype, name=name, initializer=initializer):
+      if initializer is not None:
+        return init_leaf(initializer, key, name, spec.shape, dtype)
       return jnp.asarray(jax.tree.leaves(init_fn(key))[index], dtype)
 
-    values.append(module.param(leaf_name(path), leaf_init))
+    values.append(module.param(name, leaf_init))
   return jax.tree.unflatten(treedef, values)
 
 
@@ -71,19 +79,26 @@ class OutputLayer(nn.Module):
     in_features: ``H``.
     dtype: computation dtype (None: the params' and inputs' own).
     param_dtype: storage dtype of the trainable params.
-    param_init: optional initializer ``param_init(key, shape, dtype)`` for every trainable
-      leaf (default: the head's own ``init``).
+    kernel_init: optional initializer for every weight matrix, drawn with its true fan-in
+      (``weight_VxH`` as an ``[H, V]`` kernel); None: the head's own ``init``.
+    bias_init: optional initializer for every vector leaf; None: the head's own ``init``.
+      As in :class:`lm_jax.nnx.OutputLayer` (scalars keep the head's init).
+    param_init: deprecated; stands for both ``kernel_init`` and ``bias_init``.
   """
   head: heads_lib.OutputHead
   in_features: int
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  param_init: Optional[Callable[..., jax.Array]] = None
+  kernel_init: Optional[Initializer] = None
+  bias_init: Optional[Initializer] = None
+  param_init: Optional[Initializer] = None
 
   def setup(self):
     head = self.head
+    kernel_init, bias_init = resolve_param_init(self.param_init, self.kernel_init,
+                                                self.bias_init)
     self.params_tree = _declare(self, lambda k: head.init(k, self.in_features),
-                                self.param_dtype, self.param_init)
+                                self.param_dtype, kernel_init, bias_init)
     tables = dict(head.tables or {})
     flat, treedef = jax.tree_util.tree_flatten_with_path(tables)
     self.tables_tree = jax.tree.unflatten(treedef, [
@@ -127,7 +142,8 @@ class RNNLayer(nn.Module):
   (outputs_BxTxH, carry)``; params ``W_xh_ExG``, ``W_hh_HxG``, ``b_G`` (one entry each).
 
   Attributes: ``cell_name``, ``in_features`` (E), ``hidden_features`` (H), ``unroll``,
-  ``dtype``, ``param_dtype``, ``init_scale`` as in :class:`lm_jax.nnx.RNNLayer`.
+  ``dtype``, ``param_dtype``, ``init_scale``, ``kernel_init``, ``bias_init`` as in
+  :class:`lm_jax.nnx.RNNLayer`.
   """
   cell_name: str
   in_features: int
@@ -136,13 +152,15 @@ class RNNLayer(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   init_scale: float = 0.1
+  kernel_init: Optional[Initializer] = None
+  bias_init: Optional[Initializer] = None
 
   def setup(self):
     cell = rnn.get_cell(self.cell_name)
     self.params_tree = _declare(
         self, lambda k: cell.init(k, self.in_features, self.hidden_features,
                                   init_scale=self.init_scale, dtype=self.param_dtype),
-        self.param_dtype)
+        self.param_dtype, self.kernel_init, self.bias_init)
 
   def initial_carry(self, batch_size: int):
     return rnn.get_cell(self.cell_name).initial_carry(batch_size, self.hidden_features,

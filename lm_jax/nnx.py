@@ -37,7 +37,9 @@ import jax.numpy as jnp
 from lm_jax import heads as heads_lib
 from lm_jax._layer_util import cast_floating
 from lm_jax._layer_util import flatten_hidden
+from lm_jax._layer_util import initialize_leaves
 from lm_jax._layer_util import leaf_name
+from lm_jax._layer_util import resolve_param_init
 from lm_jax._layer_util import shape_axes
 from lm_jax.models import rnn
 
@@ -88,23 +90,27 @@ class OutputLayer(nnx.Module):
     in_features: ``H``.
     dtype: computation dtype (None: the params' and inputs' own).
     param_dtype: storage dtype of the trainable params.
-    param_init: optional initializer ``param_init(key, shape, dtype)`` (e.g. from
-      ``jax.nn.initializers``) for every trainable leaf (default: the head's own ``init``,
-      uniform(-init_scale, init_scale)).
+    kernel_init: optional initializer ``kernel_init(key, shape, dtype)`` (e.g.
+      ``jax.nn.initializers.lecun_normal()``) for every weight matrix of the head, called
+      with the matrix's true fan-in as Flax's ``Dense`` does: ``weight_VxH`` is drawn as an
+      ``[H, V]`` kernel (fan-in ``H``) and stored transposed; see
+      :func:`lm_jax._layer_util.fan_in_axis`. None: the head's own ``init``.
+    bias_init: optional initializer for every vector leaf (``bias_V``, ``class_bias_C``,
+      ...). None: the head's own ``init`` (the sampled heads' includes an offset that
+      starts them at the uniform distribution; a ``bias_init`` replaces it). Scalars
+      (NCE's ``log_z``) always keep the head's init.
+    param_init: deprecated; stands for both ``kernel_init`` and ``bias_init``.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
   """
 
   def __init__(self, head: heads_lib.OutputHead, in_features: int, *, dtype=None,
-               param_dtype=jnp.float32, param_init: Optional[Initializer] = None,
-               rngs: nnx.Rngs):
+               param_dtype=jnp.float32, kernel_init: Optional[Initializer] = None,
+               bias_init: Optional[Initializer] = None,
+               param_init: Optional[Initializer] = None, rngs: nnx.Rngs):
+    kernel_init, bias_init = resolve_param_init(param_init, kernel_init, bias_init)
     key = rngs.params()
-    if param_init is None:
-      params = head.init(key, in_features)
-    else:  # only the structure of the head's init is needed
-      leaves, treedef = jax.tree.flatten(jax.eval_shape(lambda k: head.init(k, in_features), key))
-      keys = jax.random.split(key, len(leaves))
-      params = jax.tree.unflatten(treedef, [param_init(k, x.shape, param_dtype)
-                                            for k, x in zip(keys, leaves)])
+    params = initialize_leaves(head.init(key, in_features), key, kernel_init, bias_init,
+                               param_dtype)
     self.in_features = in_features
     self.dtype = dtype
     self.head = nnx.static(head._replace(tables=None))
@@ -167,15 +173,22 @@ class RNNLayer(nnx.Module):
     dtype: computation dtype (None: the params' and inputs' own).
     param_dtype: storage dtype.
     init_scale: params start uniform(-init_scale, init_scale) (Zaremba et al. 2014).
+    kernel_init: optional initializer for ``W_xh_ExG`` (fan-in ``E``) and ``W_hh_HxG``
+      (fan-in ``H``), each drawn whole as an ``[in, G]`` kernel; None: uniform as above.
+    bias_init: optional initializer for ``b_G`` (and GRU's ``b_hn_H``; it replaces LSTM's
+      ``forget_bias``); None: uniform as above.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
   """
 
   def __init__(self, cell_name: str, in_features: int, hidden_features: int, *,
                unroll: int = 1, dtype=None, param_dtype=jnp.float32, init_scale: float = 0.1,
-               rngs: nnx.Rngs):
+               kernel_init: Optional[Initializer] = None,
+               bias_init: Optional[Initializer] = None, rngs: nnx.Rngs):
     cell = rnn.get_cell(cell_name)
-    params = cell.init(rngs.params(), in_features, hidden_features, init_scale=init_scale,
-                       dtype=param_dtype)
+    key = rngs.params()
+    params = initialize_leaves(
+        cell.init(key, in_features, hidden_features, init_scale=init_scale, dtype=param_dtype),
+        key, kernel_init, bias_init, param_dtype)
     self.cell = nnx.static(cell)
     self.cell_name = cell_name
     self.in_features, self.hidden_features = in_features, hidden_features

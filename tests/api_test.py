@@ -12,13 +12,13 @@ import lm_jax
 SIGNATURES = {
     "entropy": "(probs, axis=-1, *, base=2.0)",
     "cross_entropy": "(probs, q_probs, axis=-1, *, base=2.0)",
-    "kl_divergence": "(probs, q_probs, axis=-1, *, base=2.0)",
+    "relative_entropy": "(probs, q_probs, axis=-1, *, base=2.0)",
     "perplexity": "(token_log_probs, where=None)",
     "bits_per_token": "(token_log_probs, where=None)",
     "softmax": "(logits, axis=-1, *, temperature=1.0, where=None)",
     "log_softmax": "(logits, axis=-1, *, temperature=1.0, where=None)",
     "softmax_cross_entropy_with_integer_labels": "(logits, labels, axis=-1, where=None)",
-    "softmax_cross_entropy": "(logits, label_probs, axis=-1, where=None)",
+    "softmax_cross_entropy": "(logits, labels, axis=-1, where=None)",
     "sigmoid_binary_cross_entropy": "(logits, labels)",
     "nll": "(log_probs, labels, axis=-1, where=None)",
     "linear_softmax_cross_entropy":

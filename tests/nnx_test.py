@@ -1,4 +1,5 @@
-"""Tests for lm_jax.nnx: the NNX layers equal the functional heads and cells they wrap."""
+"""Tests for lm_jax.nnx: the NNX layers against float64 NumPy references, and equal to the
+functional heads and cells they wrap."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,19 +7,21 @@ import optax
 import pytest
 from flax import nnx
 
-from flax_layer_cases import B, E, H, HEADS, T, V, data, head_names
+from flax_layer_cases import (B, E, H, HEAD_NAMES, HEADS, T, V, WHERE_N, assert_initialized,
+                              assert_matches_reference, data, fan_in_filler, reference_log_probs,
+                              reference_rnn)
+from lm_jax import heads
 from lm_jax import nnx as lm_nnx
 from lm_jax._layer_util import leaf_name
 from lm_jax.models import rnn
-
-HEAD_NAMES = head_names(['full', 'class', 'hsm', 'dsoftmax', 'nce', 'sampled'])
 
 
 def _functional_params(layer):
   return layer.head_params()
 
 
-@pytest.mark.parametrize("name", HEAD_NAMES)
+# The float64 references above cover every head's values; these check the plumbing.
+@pytest.mark.parametrize("name", ["full", "class", "hsm", "dsoftmax", "nce", "sampled"])
 def test_output_layer_equals_the_functional_head_in_value_and_gradient(name):
   head = HEADS[name]()
   layer = lm_nnx.OutputLayer(head, H, rngs=nnx.Rngs(0))
@@ -149,13 +152,72 @@ def test_leading_dims_bad_ids_and_bad_shapes():
     layer(jnp.ones((2, H + 1)), jnp.zeros(2, jnp.int32))
 
 
-def test_custom_initializer_applies_to_every_trainable_leaf():
-  layer = lm_nnx.OutputLayer(HEADS["full"](), H, param_init=jax.nn.initializers.zeros,
-                             rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_output_layer_matches_a_float64_numpy_reference(name):
+  head = HEADS[name]()
+  layer = lm_nnx.OutputLayer(head, H, rngs=nnx.Rngs(0))
+  hidden_NxH, targets_N = data()
+  expected_NxV = reference_log_probs(name, layer.head_params(), hidden_NxH, head.tables)
+  with jax.default_matmul_precision("highest"):
+    assert_matches_reference(name, expected_NxV, layer.log_probs(hidden_NxH),
+                             layer.log_prob(hidden_NxH, targets_N),
+                             layer(hidden_NxH, targets_N, where=WHERE_N), targets_N)
+
+
+def test_lecun_normal_kernel_init_has_std_one_over_sqrt_fan_in():
+  vocab, hidden = 2048, 16  # 32768 draws: the sample std is within 0.4% of the true one (1 sd)
+  layer = lm_nnx.OutputLayer(heads.full_softmax(vocab), hidden, rngs=nnx.Rngs(0),
+                             kernel_init=jax.nn.initializers.lecun_normal())
+  std = float(np.std(layer.params["weight_VxH"][...]))
+  assert abs(std - hidden ** -0.5) < 0.05 * hidden ** -0.5, std  # fan-in V: 0.022, not 0.25
+
+
+@pytest.mark.parametrize("name", HEAD_NAMES)
+def test_kernel_and_bias_init_reach_every_leaf_with_its_fan_in(name):
+  head = HEADS[name]()
+  layer = lm_nnx.OutputLayer(head, H, kernel_init=fan_in_filler, rngs=nnx.Rngs(0),
+                             bias_init=jax.nn.initializers.constant(0.3))
+  default = lm_nnx.OutputLayer(head, H, rngs=nnx.Rngs(0))
+  assert_initialized({k: v[...] for k, v in layer.params.items()},
+                     {k: v[...] for k, v in default.params.items()})
+  assert np.all(np.isfinite(layer.log_probs(data()[0])))
+  # Either initializer alone leaves the other leaves to the head's own init.
+  kernels_only = lm_nnx.OutputLayer(head, H, kernel_init=fan_in_filler, rngs=nnx.Rngs(0))
+  for leaf, value in kernels_only.params.items():
+    if value.ndim != 2:
+      np.testing.assert_array_equal(value[...], default.params[leaf][...], err_msg=leaf)
+
+
+def test_param_init_is_deprecated_and_still_initialises_every_leaf():
+  with pytest.warns(DeprecationWarning, match="kernel_init"):
+    layer = lm_nnx.OutputLayer(HEADS["full"](), H, param_init=jax.nn.initializers.zeros,
+                               rngs=nnx.Rngs(0))
   assert all(float(jnp.abs(v[...]).sum()) == 0.0 for v in layer.params.values())
 
 
-@pytest.mark.parametrize("cell", ["elman", pytest.param("gru", marks=pytest.mark.slow), "lstm"])
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
+def test_rnn_layer_matches_a_float64_numpy_loop(cell):
+  layer = lm_nnx.RNNLayer(cell, E, H, init_scale=0.5, rngs=nnx.Rngs(0))
+  inputs_BxTxE = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, E)), jnp.float32)
+  mask_BxT = jnp.arange(T)[None, :] < jnp.array([[T], [3]])
+  with jax.default_matmul_precision("highest"):
+    out, carry = layer(inputs_BxTxE, mask_BxT=mask_BxT)
+  ref_out, ref_carry = reference_rnn(cell, {k: v[...] for k, v in layer.params.items()},
+                                     inputs_BxTxE, mask_BxT)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), carry,
+               ref_carry)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_rnn_layer_kernel_and_bias_init(cell):
+  layer = lm_nnx.RNNLayer(cell, E, H, kernel_init=fan_in_filler, rngs=nnx.Rngs(0),
+                          bias_init=jax.nn.initializers.constant(0.3))
+  assert_initialized({k: v[...] for k, v in layer.params.items()},
+                     {k: None for k in layer.params})
+
+
+@pytest.mark.parametrize("cell", ["elman", "gru", "lstm"])
 def test_rnn_layer_equals_scan_layer_in_value_and_gradient(cell):
   layer = lm_nnx.RNNLayer(cell, E, H, rngs=nnx.Rngs(0))
   inputs_BxTxE = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, E)), jnp.float32)

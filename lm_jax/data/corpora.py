@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import hashlib
+import json
 import os
 from typing import Any, Mapping
 
@@ -73,6 +75,23 @@ class Corpus:
       ids = ids.astype(np.int32)
       ids.setflags(write=False)
       object.__setattr__(self, split, ids)
+
+
+def content_sha256(corpus: Corpus) -> str:
+  """SHA-256 of what a model is trained and evaluated on: the vocabulary's tokens and every
+  split's ids (little-endian int32, each split named and sized), not file names or paths.
+
+  Equal for the same data loaded from anywhere; different for any changed token. About a
+  second per 100M tokens, so computed once per load (resume checks compare it).
+  """
+  digest = hashlib.sha256()
+  digest.update(json.dumps(list(corpus.vocab.tokens), ensure_ascii=False).encode("utf-8"))
+  for split in ("train", "valid", "test"):
+    ids = getattr(corpus, split)
+    if ids is not None:
+      digest.update(f"\0{split}:{len(ids)}\0".encode("ascii"))
+      digest.update(np.ascontiguousarray(ids, dtype="<i4").tobytes())
+  return digest.hexdigest()
 
 
 def default_data_dir() -> str:

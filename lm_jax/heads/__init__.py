@@ -14,7 +14,9 @@ from lm_jax.heads.adaptive import adaptive_softmax
 from lm_jax.heads.adaptive import default_cutoffs
 from lm_jax.heads.adaptive import params_from_torch
 from lm_jax.heads.base import full_softmax
+from lm_jax.heads.base import INVALID_SAMPLE
 from lm_jax.heads.base import OutputHead
+from lm_jax.heads.base import params_hidden_size
 from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import sample_from_log_probs
 from lm_jax.heads.base import sparse_sgd_step
@@ -68,9 +70,10 @@ def _log_z(value: Any) -> Any:
     raise ValueError(f"log_z must be 'learned' or a number, got {value!r}") from None
 
 
-def _cutoffs(value: Any, counts: np.ndarray) -> list[int]:
+def _cutoffs(value: Any) -> list[int]:
+  """The cutoffs the user gave, or ``[]`` for the default ones."""
   if value is None or (isinstance(value, str) and not value.strip()):
-    return default_cutoffs(counts)
+    return []
   if isinstance(value, str):
     try:
       return [int(v) for v in value.split(",")]
@@ -97,7 +100,8 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
       ``noise`` (``unigram``, ``log_uniform``, ``uniform``), ``noise_power``,
       ``num_samples``, ``shared_samples``; ``nce`` also ``log_z`` (``"learned"`` or a
       number, fixed); ``adaptive``: ``cutoffs`` (ints or ``"2000,10000"``; empty:
-      :func:`default_cutoffs` of the counts), ``div_value``. The adaptive head maps ids to
+      :func:`default_cutoffs` of the counts, keeping at ``init`` the clusters whose
+      projection has at least 8 rows), ``div_value``. The adaptive head maps ids to
       frequency ranks with the counts, so any vocabulary order works; ``classtree``:
       ``levels`` (1, 2 or 3 class levels above the words; default 2).
 
@@ -129,9 +133,12 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
     return differentiated_softmax(counts, parse_bands(bands) if isinstance(bands, str) else bands,
                                   init_scale=init_scale)
   if name == "adaptive":
-    return adaptive_softmax(vocab_size, _cutoffs(get("cutoffs"), counts),
+    cutoffs = _cutoffs(get("cutoffs"))
+    # Default cutoffs adapt to H at init (each kept cluster's projection >= 8 rows), so they
+    # are valid for every H >= 16 at div_value 4; cutoffs the user gives are taken as given.
+    return adaptive_softmax(vocab_size, cutoffs or default_cutoffs(counts),
                             div_value=get("div_value", 4.0), counts=counts,
-                            init_scale=init_scale)
+                            init_scale=init_scale, min_projection=None if cutoffs else 8)
   if name == "classtree":
     return class_hierarchy_softmax(counts, int(get("levels", 2)), init_scale=init_scale)
   noise_dist = make_noise(get("noise", "unigram"), vocab_size=vocab_size, counts=counts,

@@ -50,7 +50,11 @@ def check_cutoffs(vocab_size: int, cutoffs: Sequence[int]) -> list[int]:
 
 def default_cutoffs(counts: Any, *, head_mass: float = 0.8, growth: int = 4) -> list[int]:
   """Cutoffs from training counts: the shortlist is the fewest most frequent words that
-  cover ``head_mass`` of the tokens; each further cluster is ``growth`` times larger."""
+  cover ``head_mass`` of the tokens; each further cluster is ``growth`` times larger.
+
+  The list can have more clusters than a small ``H`` can project to (``H // d**(i+1)``
+  reaches 0); ``make_head("adaptive")`` therefore builds its default-cutoff head with
+  ``min_projection``, which keeps at ``init`` only the clusters a given ``H`` can serve."""
   counts_V = np.sort(np.asarray(counts, np.float64))[::-1]
   vocab_size = counts_V.size
   if vocab_size < 3:
@@ -61,6 +65,18 @@ def default_cutoffs(counts: Any, *, head_mass: float = 0.8, growth: int = 4) -> 
   while cutoffs[-1] * growth < vocab_size - 1:
     cutoffs.append(cutoffs[-1] * growth)
   return cutoffs
+
+
+def clusters_for_width(hidden_size: int, num_clusters: int, div_value: float,
+                       min_projection: int) -> int:
+  """How many of ``num_clusters`` leading clusters keep a projection of at least
+  ``min_projection`` rows at hidden size ``H`` (at least 1: the first cluster).
+
+  >>> clusters_for_width(256, 5, 4.0, 8), clusters_for_width(16, 5, 4.0, 8)
+  (2, 1)
+  """
+  sizes = [int(hidden_size // (div_value ** (i + 1))) for i in range(num_clusters)]
+  return max(1, sum(1 for size in sizes if size >= min_projection))
 
 
 def projection_sizes(hidden_size: int, num_clusters: int, div_value: float) -> list[int]:
@@ -109,7 +125,7 @@ def _cluster_items(in_cluster_N, tokens_per_item):
   """``(order, count, width, num_items)``: the cluster's tokens first (a stable sort), padded
   to ``num_items`` items of ``width`` tokens; ``count`` of them are the cluster's."""
   num_tokens = in_cluster_N.shape[0]
-  width = min(tokens_per_item, num_tokens)
+  width = max(min(tokens_per_item, num_tokens), 1)  # an empty batch: no items
   num_items = -(-num_tokens // width)
   order_N = jnp.argsort(~in_cluster_N, stable=True).astype(jnp.int32)
   order = jnp.concatenate([order_N, jnp.zeros(num_items * width - num_tokens, jnp.int32)])
@@ -309,7 +325,8 @@ BACKWARDS = ("scan", "autodiff")
 def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: float = 4.0,
                      head_bias: bool = False, counts: Optional[Any] = None,
                      tokens_per_item: int = 32, init_scale: Optional[float] = None,
-                     backward: str = "scan", dtype=jnp.float32) -> OutputHead:
+                     backward: str = "scan", min_projection: Optional[int] = None,
+                     dtype=jnp.float32) -> OutputHead:
   r"""The adaptive softmax over ``V`` words (module docstring), as an ``OutputHead``.
 
   Params ``{"head_weight_SxH", ["head_bias_S"], "tail": [{"proj_RxH", "weight_WxR"}, ...]}``
@@ -335,6 +352,11 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
       (:func:`_cluster_nll`), reverse mode only (``jax.grad``, ``jax.vjp``; ``jax.jvp``
       raises); ``"autodiff"``: JAX differentiates the same forward, so forward mode works
       too (about 3x slower backward at V = 100k, N = 2048).
+    min_projection: None (default): every cutoff is a cluster, and ``init`` raises if a
+      projection would have no rows (PyTorch's rule). An int: ``init(key, H)`` keeps only
+      the leading clusters whose projection keeps at least this many rows (at least one
+      cluster, :func:`clusters_for_width`); the last kept cluster takes the rest of the
+      vocabulary. The functions read the number of clusters from ``params["tail"]``.
     dtype: parameter dtype.
 
   Returns:
@@ -347,9 +369,13 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
   [[0.3333 0.3333 0.1667 0.1667]]
   """
   cutoffs = check_cutoffs(vocab_size, cutoffs)
-  bounds = cutoffs + [vocab_size]
-  shortlist, num_clusters = cutoffs[0], len(cutoffs)
-  width_C = [bounds[i + 1] - bounds[i] for i in range(num_clusters)]
+  shortlist = cutoffs[0]
+
+  def layout(num_clusters):
+    """``(bounds, width_C)`` of the first ``num_clusters`` clusters, the last one running
+    to ``V``."""
+    bounds = cutoffs[:num_clusters] + [vocab_size]
+    return bounds, [bounds[i + 1] - bounds[i] for i in range(num_clusters)]
   if tokens_per_item < 1:
     raise ValueError(f"tokens_per_item must be >= 1, got {tokens_per_item}")
   if backward not in BACKWARDS:
@@ -363,7 +389,11 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
     tables = frequency_rank_tables(counts_V)
 
   def init(key, hidden_size):
+    num_clusters = len(cutoffs)
+    if min_projection is not None:
+      num_clusters = clusters_for_width(hidden_size, num_clusters, div_value, min_projection)
     sizes = projection_sizes(hidden_size, num_clusters, div_value)
+    _, width_C = layout(num_clusters)
     keys = iter(jax.random.split(key, 2 + 2 * num_clusters))
 
     def uniform(shape, fan_in):
@@ -399,7 +429,8 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
     compute = _compute(hidden_NxH, params)
     hidden_NxH = hidden_NxH.astype(compute)
     rank_N = ranks(targets_N, tables)
-    cluster_N = jnp.sum(rank_N[:, None] >= jnp.asarray(cutoffs)[None, :], axis=1)  # 0: head
+    bounds, width_C = layout(len(params["tail"]))
+    cluster_N = jnp.sum(rank_N[:, None] >= jnp.asarray(bounds[:-1])[None, :], axis=1)  # 0: head
     head_index_N = jnp.where(cluster_N == 0, rank_N, shortlist + cluster_N - 1)
     # lm_jax's CE kernel: its backward keeps only the [N] log-normalisers besides the logits.
     loss_N = losses.softmax_cross_entropy_with_integer_labels(
@@ -436,7 +467,8 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
   def walk(params, hidden_NxH, key, tables):
     compute = _compute(hidden_NxH, params)
     hidden_NxH = hidden_NxH.astype(compute)
-    key_head, *key_tail = jax.random.split(key, 1 + num_clusters)
+    bounds, _ = layout(len(params["tail"]))
+    key_head, *key_tail = jax.random.split(key, 1 + len(params["tail"]))
     choice_N = jax.random.categorical(key_head, head_log_softmax(params, hidden_NxH, compute))
     rank_N = choice_N
     for i, tail in enumerate(params["tail"]):

@@ -10,12 +10,17 @@ hierarchical, NCE) without changing anything else. The contract every head keeps
 * ``log_prob`` and ``log_probs`` are the exact normalised model log-probabilities,
   used for evaluation and perplexity.
 * ``sample`` draws from ``exp(log_probs / temperature)`` renormalised; ``temperature=0``
-  is greedy argmax.
+  is greedy argmax. A row whose hidden state is not finite raises ``ValueError`` eagerly and
+  gives :data:`INVALID_SAMPLE` (``-1``) under ``jit``, never a valid-looking id.
 * **Targets** (:func:`check_targets`, one helper for every head): a token where ``where``
   is False is ignored whatever its id (``-1`` padding works, eager and under ``jit``: loss
-  0, zero gradient); a counted target outside ``[0, V)`` raises ``ValueError`` naming the
-  id, its index and ``V`` when the targets are concrete, and gives NaN in ``loss``,
-  ``log_prob`` and the ``sparse`` loss under ``jit``; never a finite number.
+  0, zero gradient) and whatever its hidden state (NaN or Inf there gives loss 0 and exactly
+  zero, finite gradients: :func:`guard_hidden` masks the input); a counted target outside
+  ``[0, V)`` raises ``ValueError`` naming the id, its index and ``V`` when the targets are
+  concrete, and under ``jit`` gives NaN in ``loss``, ``log_prob`` and the ``sparse`` loss
+  and non-finite gradients for the parameters its row touches, so that NaN guards see it.
+* **Hidden states** are ``[N, H]`` floating point; a width other than the params' ``H``
+  raises ``ValueError`` naming both widths (:func:`params_hidden_size`).
 * **Dtypes**: bfloat16 params and hidden states are accepted; softmaxes and log-sigmoids
   run in float32 and losses and log-probabilities come back in float32.
 * **Tables**: what the head needs besides its trainable ``params`` (tree paths, class maps,
@@ -139,7 +144,7 @@ def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.Arr
   if head.sparse is None:
     raise ValueError("this head has no sparse row form (OutputHead.sparse is None); "
                      "use a dense optimizer update")
-  rows, index, aux = head.sparse.gather(params, targets_N, key, tables=tables)
+  rows, index, aux = head.sparse.gather(params, targets_N, key, tables=tables, where=where)
   hidden_NxH = jnp.asarray(hidden_NxH)
   weight_N = (jnp.ones(hidden_NxH.shape[:1], jnp.float32) if where is None
               else jnp.asarray(where, jnp.float32))
@@ -195,6 +200,39 @@ def poison(values_N: jax.Array, bad_N: jax.Array) -> jax.Array:
   return jnp.where(bad_N, jnp.nan, values_N)
 
 
+def guard_hidden(hidden_NxH: jax.Array, where: Optional[jax.typing.ArrayLike],
+                 bad_N: jax.Array) -> jax.Array:
+  r"""The hidden states a head computes with: rows where ``where`` is False set to 0, rows of
+  counted out-of-range targets (``bad_N``) set to NaN.
+
+  Masking the *input*, not only the output, is what keeps padding from poisoning: a NaN or
+  Inf in an ignored row (a fully masked attention row, say) would otherwise reach every
+  parameter's gradient through :math:`0 \cdot \infty`, even though its loss is masked to 0.
+  ``jnp.where`` passes a zero cotangent to the unselected input, so the ignored rows' gradient
+  is exactly 0. The NaN rows do the opposite on purpose: the loss *and* the gradients of the
+  parameters the row touches are NaN, so that a guard such as ``optax.apply_if_finite`` sees
+  a bad target under ``jit`` (eagerly :func:`check_targets` raises first).
+  """
+  if where is not None:
+    hidden_NxH = jnp.where(jnp.asarray(where, bool)[:, None], hidden_NxH, 0)
+  return jnp.where(bad_N[:, None], jnp.asarray(jnp.nan, hidden_NxH.dtype), hidden_NxH)
+
+
+# What ``sample`` returns, under ``jit``, for a row whose hidden state is not finite.
+INVALID_SAMPLE = -1
+
+
+def check_sampled_rows(tokens_N: jax.Array, hidden_NxH: jax.Array) -> jax.Array:
+  """``tokens_N`` with :data:`INVALID_SAMPLE` (-1) where the row's hidden state has a NaN or
+  Inf; eagerly (concrete hidden states) such a row raises ``ValueError`` naming it instead."""
+  finite_N = jnp.all(jnp.isfinite(hidden_NxH), axis=-1)
+  if not isinstance(finite_N, jax.core.Tracer) and not bool(jnp.all(finite_N)):
+    i = int(jnp.argmin(finite_N))
+    raise ValueError(f"hidden_NxH row {i} is not finite (NaN or Inf): no token can be sampled "
+                     f"from it (under jit such rows give {INVALID_SAMPLE})")
+  return jnp.where(finite_N, tokens_N, INVALID_SAMPLE).astype(jnp.int32)
+
+
 def with_target_contract(head: OutputHead, vocab_size: int) -> OutputHead:
   r"""``head`` as users call it: :func:`check_targets` applied to ``loss``, ``log_prob`` and
   ``sparse``, losses and log-probabilities in float32 (float64 for float64 inputs), and
@@ -214,36 +252,46 @@ def with_target_contract(head: OutputHead, vocab_size: int) -> OutputHead:
     return own_tables if tables is None else tables
 
   def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables=None):
-    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N, params)
+    if hidden_NxH.shape[0] == 0:  # an empty batch: nothing to score (and no items to scan)
+      return jnp.zeros((0,), _loss_dtype(hidden_NxH))
     safe_N, bad_N = check_targets(targets_N, vocab_size, where)
+    hidden_NxH = guard_hidden(hidden_NxH, where, bad_N)
     loss_N = head.loss(params, hidden_NxH, safe_N, key=key, where=where, tables=resolve(tables))
     return poison(loss_N.astype(_loss_dtype(loss_N)), bad_N)
 
   def log_prob(params, hidden_NxH, targets_N, *, tables=None):
-    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N, params)
+    if hidden_NxH.shape[0] == 0:
+      return jnp.zeros((0,), _loss_dtype(hidden_NxH))
     safe_N, bad_N = check_targets(targets_N, vocab_size)
     logp_N = head.log_prob(params, hidden_NxH, safe_N, tables=resolve(tables))
     return poison(logp_N.astype(_loss_dtype(logp_N)), bad_N)
 
   def log_probs(params, hidden_NxH, *, tables=None):
+    hidden_NxH, _ = _check_hidden(hidden_NxH, None, params)
     return head.log_probs(params, hidden_NxH, tables=resolve(tables))
 
   def sample(params, hidden_NxH, key, *, temperature=1.0, tables=None):
-    return head.sample(params, hidden_NxH, key, temperature=temperature, tables=resolve(tables))
+    hidden_NxH, _ = _check_hidden(hidden_NxH, None, params)
+    tokens_N = head.sample(params, hidden_NxH, key, temperature=temperature,
+                           tables=resolve(tables))
+    return check_sampled_rows(tokens_N, hidden_NxH)
 
   sparse = head.sparse
   if sparse is not None:
     inner = sparse
 
-    def gather(params, targets_N, key=None, *, tables=None):
-      safe_N, bad_N = check_targets(targets_N, vocab_size)
+    def gather(params, targets_N, key=None, *, tables=None, where=None):
+      safe_N, bad_N = check_targets(targets_N, vocab_size, where)
       rows, index, aux = inner.gather(params, safe_N, key, tables=resolve(tables))
       return rows, index, (aux, bad_N)
 
     def sparse_loss(rows, hidden_NxH, aux_and_bad, *, where=None):
       aux, bad_N = aux_and_bad
-      loss_N = inner.loss(rows, hidden_NxH, aux, where=where)
       counted_bad_N = bad_N if where is None else bad_N & jnp.asarray(where, bool)
+      hidden_NxH = guard_hidden(jnp.asarray(hidden_NxH), where, counted_bad_N)
+      loss_N = inner.loss(rows, hidden_NxH, aux, where=where)
       return poison(loss_N.astype(_loss_dtype(loss_N)), counted_bad_N)
 
     sparse = RowSparse(gather, sparse_loss)
@@ -264,10 +312,33 @@ def frequency_rank_tables(counts_V) -> dict[str, jax.Array]:
   return {"rank_of_id_V": jnp.asarray(rank_of_id), "id_of_rank_V": jnp.asarray(id_of_rank)}
 
 
-def _check_hidden(hidden_NxH, targets_N=None):
+def params_hidden_size(params: Params) -> Optional[int]:
+  """The hidden width ``H`` a head's params were made for, read from the shape letters of
+  their leaf names (the last axis of every ``*xH`` leaf; the sum of the differentiated
+  softmax's ``band_weights`` widths), or None when no leaf says."""
+  if not isinstance(params, dict):
+    return None
+  if "band_weights" in params:
+    return sum(int(w.shape[-1]) for w in params["band_weights"])
+  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+  for path, leaf in leaves:
+    name = getattr(path[-1], "key", None) if path else None
+    if isinstance(name, str) and name.endswith("xH") and hasattr(leaf, "shape"):
+      return int(leaf.shape[-1])
+  return None
+
+
+def _check_hidden(hidden_NxH, targets_N=None, params=None):
   hidden_NxH = jnp.asarray(hidden_NxH)
   if hidden_NxH.ndim != 2:
     raise ValueError(f"hidden_NxH must have rank 2 [N, H], got shape {hidden_NxH.shape}")
+  if not jnp.issubdtype(hidden_NxH.dtype, jnp.floating):
+    raise ValueError(f"hidden_NxH must be floating point, got dtype {hidden_NxH.dtype} "
+                     "(cast integer inputs explicitly)")
+  width = None if params is None else params_hidden_size(params)
+  if width is not None and hidden_NxH.shape[1] != width:
+    raise ValueError(f"hidden_NxH has width H={hidden_NxH.shape[1]}, but the head's params were "
+                     f"made for H={width} (shape {hidden_NxH.shape})")
   if targets_N is not None:
     targets_N = jnp.asarray(targets_N)
     if targets_N.shape != hidden_NxH.shape[:1]:

@@ -192,7 +192,6 @@ def class_hierarchy_softmax(counts: Any, levels: int = 2, *, branching: Optional
     compute = compute_dtype(hidden_NxH, params)
     hidden_NxH = hidden_NxH.astype(compute)
     num_tokens = hidden_NxH.shape[0]
-    rank_V = np.arange(vocab_size)
     logp_NxV = jnp.zeros((num_tokens, vocab_size), compute)
     for d, level in enumerate(params["levels"]):
       logits_NxQ = root_logits(level, hidden_NxH, compute)
@@ -200,8 +199,13 @@ def class_hierarchy_softmax(counts: Any, levels: int = 2, *, branching: Optional
       pad = parents * branching - sizes[d]
       logits_NxPxB = jnp.pad(logits_NxQ, ((0, 0), (0, pad)), constant_values=-jnp.inf
                              ).reshape(num_tokens, parents, branching)
-      logp_NxQ = jax.nn.log_softmax(logits_NxPxB, axis=-1).reshape(num_tokens, -1)
-      logp_NxV = logp_NxV + logp_NxQ[:, rank_V // spans[d]]
+      logp_NxQ = jax.nn.log_softmax(logits_NxPxB, axis=-1).reshape(num_tokens,
+                                                                        parents * branching)
+      # Node q covers ranks [q span, (q + 1) span): repeat each column span times (a
+      # broadcast, not a V-sized index constant), then cut to V.
+      logp_NxV = logp_NxV + jnp.broadcast_to(
+          logp_NxQ[:, :, None], (num_tokens, logp_NxQ.shape[1], spans[d])
+      ).reshape(num_tokens, parents * branching * spans[d])[:, :vocab_size]
     return logp_NxV[:, tables["rank_of_id_V"]]
 
   def walk(params, hidden_NxH, key, tables):

@@ -14,8 +14,8 @@ from lm_jax.ops.fused import linear_softmax_cross_entropy
 from lm_jax.ops.info_theory import bits_per_token
 from lm_jax.ops.info_theory import cross_entropy
 from lm_jax.ops.info_theory import entropy
-from lm_jax.ops.info_theory import kl_divergence
 from lm_jax.ops.info_theory import perplexity
+from lm_jax.ops.info_theory import relative_entropy
 from lm_jax.ops.losses import nll
 from lm_jax.ops.losses import sigmoid_binary_cross_entropy
 from lm_jax.ops.losses import softmax_cross_entropy

@@ -268,6 +268,10 @@ def _gradient_pass(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, g_N, 
 
   def body(acc, x):
     h_CxH, y_C, g_C, g_lse_C, used_C, lse_C = x
+    # Padding cannot poison: an unused token's hidden row (masked, or a bad label, whose NaN
+    # comes from _poisoned) may hold NaN or inf; it is zeroed before any matmul, so G^T h
+    # and sum G get exactly 0 from it, not 0 * NaN.
+    h_CxH = jnp.where(used_C[:, None], h_CxH, jnp.zeros((), h_CxH.dtype))
     z_KxCxT, zsum_C = None, jnp.zeros(h_CxH.shape[:1], dtype)
     if lse_C is None:
       lse_C, zsum_C, z_KxCxT = _online_logsumexp(h_CxH, weight_VxH, bias_V, tv, keep, opts)
@@ -404,10 +408,16 @@ def linear_softmax_cross_entropy(
   ``2NHV`` either way. Reverse mode only (``jax.custom_vjp``). Computed in float32 for
   bfloat16/float16 inputs (the matmuls accumulate in float32); the loss is float32.
 
-  Out-of-range labels (``< 0`` or ``>= V``) in counted tokens raise ``ValueError`` when
-  the labels are concrete and give a NaN loss (and NaN gradients) under ``jit``, as the
-  unfused kernel does; tokens where ``where`` is False may hold any label (``-1`` padding
-  is PyTorch's ``ignore_index``).
+  Padding cannot poison: tokens where ``where`` is False may hold any label (``-1``
+  padding is PyTorch's ``ignore_index``) and any hidden state (NaN, ``inf``); their loss
+  is 0 and they add exactly 0 to the gradients of ``hidden_NxH`` (their rows are 0),
+  ``weight_VxH`` and ``bias_V``, for every reduction and option: their hidden rows are
+  replaced by 0 before the backward's matmuls. (With ``return_lse`` their ``lse`` is still
+  computed from their rows as given, and a nonzero cotangent on it differentiates it.) A bad
+  target poisons: out-of-range labels (``< 0`` or ``>= V``) in counted tokens raise
+  ``ValueError`` when the labels are concrete and, under ``jit``, give a NaN loss and NaN
+  gradients (that token's ``dhidden`` row, all of ``dweight`` and ``dbias``), as the
+  unfused kernel does, so ``optax.apply_if_finite``-style guards see them.
 
   Args:
     hidden_NxH: ``[N, H]`` floating, the inputs of the output layer.
@@ -415,7 +425,7 @@ def linear_softmax_cross_entropy(
     labels_N: ``[N]`` integer targets in ``[0, V)``.
     bias_V: optional ``[V]`` floating bias.
     where: optional ``[N]`` boolean mask; masked tokens get loss 0 and
-      contribute no gradient (their labels may be anything).
+      contribute no gradient (their labels and hidden rows may be anything).
     reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over the counted tokens).
     label_smoothing: :math:`\varepsilon \in [0, 1]`.
     z_loss: :math:`\lambda \ge 0`, the weight of :math:`\mathrm{lse}^2` added to each loss.

@@ -1,10 +1,18 @@
-r"""Entropy, cross-entropy, KL divergence, perplexity and bits per token.
+r"""Entropy, cross-entropy, relative entropy (KL divergence), perplexity and bits per token.
 
-Lecture 8, equations 8.1 to 8.5. The distribution functions take probabilities
-(not logits) along ``axis`` and a logarithm ``base`` (2 for bits, the
-lecture's default; ``math.e`` for nats); ``0 log 0 = 0`` with finite gradients
-there. Perplexity and bits per token take natural-log token log-probabilities
-(what a language model's ``log_softmax`` gives) and reduce over every axis.
+Lecture 8, equations 8.1 to 8.5. The distribution functions (``entropy``,
+``cross_entropy``, ``relative_entropy``: Cover and Thomas's names) take
+probabilities (not logits) along ``axis`` and a logarithm ``base`` (2 for bits,
+the lecture's default; ``math.e`` for nats); ``0 log 0 = 0`` with finite
+gradients there. Perplexity and bits per token take natural-log token
+log-probabilities (what a language model's ``log_softmax`` gives) and reduce
+over every axis.
+
+The KL divergence is called ``relative_entropy`` here, not ``kl_divergence``:
+optax's ``kl_divergence(log_predictions, targets)`` takes log-probabilities of
+the model and target probabilities, in nats, and lm_jax borrows optax's names
+only with optax's meaning (``lm_jax.ops.losses``). ``relative_entropy(p, q,
+base=math.e)`` equals ``optax.kl_divergence(jnp.log(q), p)``.
 """
 import functools
 import math
@@ -112,15 +120,18 @@ def cross_entropy(probs: jax.typing.ArrayLike, q_probs: jax.typing.ArrayLike,
   return _divergence("cross_entropy", _axis(axis), _log_base(base), probs, q_probs)
 
 
-def kl_divergence(probs: jax.typing.ArrayLike, q_probs: jax.typing.ArrayLike,
-                  axis: Axis = -1, *, base: float = 2.0) -> jax.Array:
-  r"""Kullback-Leibler divergence :math:`D(p \| q) = H(p, q) - H(p) \ge 0`.
+def relative_entropy(probs: jax.typing.ArrayLike, q_probs: jax.typing.ArrayLike,
+                     axis: Axis = -1, *, base: float = 2.0) -> jax.Array:
+  r"""Relative entropy (Kullback-Leibler divergence) :math:`D(p \| q) = H(p, q) - H(p) \ge 0`.
 
   .. math::
     D(p \| q) = \sum_i p_i \log_b \frac{p_i}{q_i},
 
   computed directly (not as a difference of two large numbers), with
   ``0 log(0 / q) = 0`` and ``+inf`` where ``p_i > 0 = q_i``. Zero iff ``p = q``.
+  Takes probabilities ``p`` (first) and ``q``; with ``base=math.e`` it equals
+  ``optax.kl_divergence(log(q), p)``, whose arguments are the model's
+  log-probabilities and the targets.
 
   Args:
     probs: ``probs_NxV``, the distribution ``p``.
@@ -134,7 +145,7 @@ def kl_divergence(probs: jax.typing.ArrayLike, q_probs: jax.typing.ArrayLike,
   References:
     Lecture 8, equations 8.2 and 8.3; Cover & Thomas, 2.3.
 
-  >>> print(kl_divergence(jnp.array([0.5, 0.5]), jnp.array([0.25, 0.75])))
+  >>> print(relative_entropy(jnp.array([0.5, 0.5]), jnp.array([0.25, 0.75])))
   0.20751876
   """
   return _divergence("kl", _axis(axis), _log_base(base), probs, q_probs)

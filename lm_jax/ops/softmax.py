@@ -4,7 +4,9 @@ All three shift by a ``stop_gradient`` maximum before exponentiating (lecture:
 "overparameterization is useful for numerical stability"), compute in float32
 for bfloat16/float16 inputs and return the input dtype (float32 for integer
 input). ``where`` masks out entries: they get probability 0 (log-probability
-``-inf``) and are excluded from the normaliser, as in ``jax.nn``. A row with
+``-inf``) and are excluded from the normaliser, as in ``jax.nn``; they are
+replaced before any arithmetic, so NaN or ``inf`` there gets zero gradient (with
+respect to the logits and the temperature) and changes nothing else. A row with
 no mass at all (fully masked, or all ``-inf``) gives all-zero probabilities,
 log-probabilities ``-inf`` and a logsumexp of ``-inf``, never NaN, and its
 gradients are finite (zero). A ``+inf`` logit gives NaN (``inf / inf``), as in
@@ -46,6 +48,8 @@ def _normalise_jit(kind, axis, logits, temperature, where):
   x = jnp.asarray(logits)
   out_dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
   x = x.astype(jnp.promote_types(out_dtype, jnp.float32))
+  if where is not None:  # masked entries never enter the arithmetic (NaN there is harmless)
+    x = jnp.where(where, x, 0.0)
   x = x / jnp.asarray(temperature, x.dtype)
   shifted, x_max, safe_sum, has_mass = _shifted(x, axis, where)
   if kind == "softmax":

@@ -33,6 +33,16 @@ HEAD_OPTION_FIELDS = {head: {option: HEAD_OPTION_FLAGS[option] for option in opt
                       for head, options in heads.HEAD_OPTIONS.items()}
 # Fingerprint entries of checkpoints written before these keys existed.
 FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}, "tie_weights": False}
+# The flags a resume must keep (model_fingerprint), besides head and data options.
+FINGERPRINT_FLAGS = (
+    "corpus", "batch_size", "bptt", "batching", "eval_batch_size",
+    "cell", "layers", "hidden", "embed", "dropout", "variational_dropout", "tie_weights",
+    "init_scale", "head",
+    "optimizer", "lr", "lr_schedule", "lr_decay_start", "lr_decay_factor", "clip",
+    "weight_decay", "grad_reduction", "seed")
+# The data flags each corpus's loader reads (Trainer's load_corpus), fingerprinted with it.
+DATA_OPTION_FIELDS = {"text": ("level", "lowercase", "letters_only", "text_max_tokens"),
+                      "synthetic": ("synthetic_vocab_size", "synthetic_train_tokens")}
 
 
 def flag(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
@@ -356,13 +366,30 @@ class TrainConfig:
       raise ValueError("bad flags:\n  " + "\n  ".join(problems))
 
 
-def model_fingerprint(config: TrainConfig, vocab_size: int) -> dict:
-  """What a checkpoint must agree on with the current run to be restorable: everything that
-  changes the state tree (model shape, optimizer and clipping, whose states are leaves of
-  the optimizer state) or the data order (``bptt``, ``seed``, ``batching``, batch size), and
-  the optimizer's hyperparameters."""
+def model_fingerprint(config: TrainConfig, vocab_size: int, *,
+                      data_sha256: str | None = None) -> dict:
+  """What a checkpoint must agree on with the current run to be restorable: every flag that
+  changes training or the data, as one flat dict (a checkpoint's ``config``).
+
+  That is the state tree (model shape, head, optimizer and clipping, whose states are leaves
+  of the optimizer state), the updates (learning rate, its schedule and decay, gradient
+  reduction, weight decay, dropout, initialisation), the data order (``bptt``, ``seed``,
+  ``batching``, batch sizes) and the data: the corpus, the flags its loader reads
+  (:data:`DATA_OPTION_FIELDS`) and, as ``data_sha256``, the content hash of its vocabulary
+  and token ids (``corpora.content_sha256``), so a resume on other data of the same length
+  stops; without it (``load_trained`` has no corpus) the data is not compared. Not in it:
+  where things are (``workdir``, ``data_dir``, ``text_path``: the hash identifies the data
+  wherever it lies), how long to train, what to report and when, and devices and processes
+  (``tests/train/config_test.py`` lists every flag with its reason).
+
+  A checkpoint written before a key existed cannot say what its value was: such keys are
+  not reported as a mismatch but named in a warning (``checkpointing.config_differences``;
+  ``FINGERPRINT_DEFAULTS`` holds the few keys whose old value is known).
+  """
   flags = config.flags()
-  keys = ("cell", "layers", "hidden", "embed", "batch_size", "optimizer", "corpus", "head",
-          "tie_weights", "clip", "bptt", "seed", "batching", "lr", "weight_decay")
-  return {"vocab_size": vocab_size, "head_options": config.head_options(),
-          **{k: flags[k] for k in keys}}
+  fingerprint = {"vocab_size": vocab_size, "head_options": config.head_options(),
+                 **{k: flags[k] for k in FINGERPRINT_FLAGS},
+                 **{k: flags[k] for k in DATA_OPTION_FIELDS.get(config.data.corpus, ())}}
+  if data_sha256 is not None:
+    fingerprint["data_sha256"] = data_sha256
+  return fingerprint

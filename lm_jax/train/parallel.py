@@ -114,34 +114,41 @@ def _place(x, sharding):
 
 
 def make_data_parallel(mode: str, train_step: Callable, eval_step: Callable, *,
-                       devices: list | None = None) -> DataParallel:
+                       devices: list | None = None, tables: Any = None) -> DataParallel:
   """Wraps per-device steps (``axis_name`` keyword) to run as ``mode`` says.
 
   Args:
     mode: ``"none"``, ``"shard_map"`` or ``"pmap"`` (see :func:`resolve_mode`).
-    train_step: ``(state, batch, *, axis_name) -> (state, metrics)``, e.g.
+    train_step: ``(state, batch, tables, *, axis_name) -> (state, metrics)``, e.g.
       ``functools.partial(training.train_step, model=..., optimizer=...)``.
-    eval_step: ``(params, rnn_state, batch, *, axis_name) -> (rnn_state, metrics)``.
+    eval_step: ``(params, rnn_state, batch, tables, *, axis_name) -> (rnn_state, metrics)``.
     devices: the devices; default all devices (``shard_map``) or all local devices
       (``pmap``), one device for ``none``.
+    tables: the head's tables (``model.head.tables``), placed on the devices once and
+      passed to every step as an argument (replicated), so that the compiled steps hold
+      no ``[V]``-sized constants; None: the steps get None.
 
   Returns:
-    A :class:`DataParallel`.
+    A :class:`DataParallel`, whose steps take ``(state, batch)`` and
+    ``(params, rnn_state, batch)``: the tables are bound.
   """
   if mode == "none":
+    train, evaluate, tables = (jax.jit(train_step, donate_argnums=0), jax.jit(eval_step),
+                               jax.device_put(tables))
     return DataParallel(
         mode="none", num_devices=1, row_range=lambda b: (0, b), put_state=lambda s: s,
         get_state=lambda s: s, put_rows=lambda r: r,
         put_batch=lambda batch, b: training.batch_to_arrays(batch),
-        train_step=jax.jit(train_step, donate_argnums=0), eval_step=jax.jit(eval_step))
+        train_step=lambda state, batch: train(state, batch, tables),
+        eval_step=lambda params, rnn_state, batch: evaluate(params, rnn_state, batch, tables))
   if mode == "shard_map":
-    return _shard_map(train_step, eval_step, devices or jax.devices())
+    return _shard_map(train_step, eval_step, devices or jax.devices(), tables)
   if mode == "pmap":
-    return _pmap(train_step, eval_step, devices or jax.local_devices())
+    return _pmap(train_step, eval_step, devices or jax.local_devices(), tables)
   raise ValueError(f"mode={mode!r} is not one of {MODES}")
 
 
-def _shard_map(train_step, eval_step, devices) -> DataParallel:
+def _shard_map(train_step, eval_step, devices, tables) -> DataParallel:
   mesh = Mesh(np.array(devices), (AXIS,))
   replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
   num = len(devices)
@@ -175,19 +182,23 @@ def _shard_map(train_step, eval_step, devices) -> DataParallel:
   # replicated params (the transpose of their implicit pvary) and train_step psums again.
   state_specs = _state_specs(P(AXIS))
   train = jax.jit(jax.shard_map(functools.partial(train_step, axis_name=AXIS), mesh=mesh,
-                                in_specs=(state_specs, _BATCH_SPECS),
+                                in_specs=(state_specs, _BATCH_SPECS, P()),
                                 out_specs=(state_specs, P()), check_vma=False),
                   donate_argnums=0)
   evaluate = jax.jit(jax.shard_map(functools.partial(eval_step, axis_name=AXIS), mesh=mesh,
-                                   in_specs=(P(), P(AXIS), _BATCH_SPECS),
+                                   in_specs=(P(), P(AXIS), _BATCH_SPECS, P()),
                                    out_specs=(P(AXIS), P()), check_vma=False))
+  tables = jax.tree.map(lambda x: _place(x, replicated), tables)
   return DataParallel(mode="shard_map", num_devices=num, row_range=row_range,
                       put_state=put_state, get_state=lambda s: s,
                       put_rows=lambda tree: jax.tree.map(lambda x: _place(x, rows), tree),
-                      put_batch=put_batch, train_step=train, eval_step=evaluate)
+                      put_batch=put_batch,
+                      train_step=lambda state, batch: train(state, batch, tables),
+                      eval_step=lambda params, rnn_state, batch: evaluate(params, rnn_state,
+                                                                          batch, tables))
 
 
-def _pmap(train_step, eval_step, devices) -> DataParallel:
+def _pmap(train_step, eval_step, devices, tables) -> DataParallel:
   if jax.process_count() > 1:
     raise ValueError("pmap here runs in one process only; use shard_map across processes")
   num = len(devices)
@@ -208,15 +219,18 @@ def _pmap(train_step, eval_step, devices) -> DataParallel:
   state_axes = training.TrainState(step=None, params=None, opt_state=None, rng=None, rnn_state=0)
   batch_axes = {"inputs_BxT": 0, "targets_BxT": 0, "mask_BxT": 0, "reset": None}
   train = jax.pmap(functools.partial(train_step, axis_name=AXIS), axis_name=AXIS,
-                   in_axes=(state_axes, batch_axes), out_axes=(state_axes, None), devices=devices)
+                   in_axes=(state_axes, batch_axes, None), out_axes=(state_axes, None),
+                   devices=devices)
   evaluate = jax.pmap(functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS,
-                      in_axes=(None, 0, batch_axes), out_axes=(0, None), devices=devices)
+                      in_axes=(None, 0, batch_axes, None), out_axes=(0, None), devices=devices)
+  tables = jax.tree.map(jnp.asarray, tables)
   return DataParallel(
       mode="pmap", num_devices=num, row_range=lambda b: (0, b),
       put_state=lambda s: s.replace(rnn_state=jax.tree.map(split, s.rnn_state)),
       get_state=lambda s: s.replace(rnn_state=jax.tree.map(merge, s.rnn_state)),
       put_rows=lambda tree: jax.tree.map(split, tree), put_batch=put_batch,
-      train_step=train, eval_step=evaluate)
+      train_step=lambda state, batch: train(state, batch, tables),
+      eval_step=lambda params, rnn_state, batch: evaluate(params, rnn_state, batch, tables))
 
 
 def pad_rows(batch: batching.Batch, multiple: int, pad_id: int = 1) -> batching.Batch:

@@ -1,4 +1,11 @@
-"""What a training run leaves behind for a person: metrics.jsonl, console progress, plots."""
+"""What a training run leaves behind for a person: metrics.jsonl, console progress, plots.
+
+JSON files (``metrics.jsonl``, ``results.json``, ``config.json``) are strict JSON (RFC 8259),
+readable by any parser (jq, JavaScript, pandas): a non-finite number (the perplexity of a
+diverged run, whose ``loss_nats`` overflows ``e^loss``; the NaN loss of a window whose
+every step was skipped) is written as ``null``. :func:`read_metrics` reads ``null`` back as
+NaN, so every metric stays a float.
+"""
 
 from __future__ import annotations
 
@@ -30,10 +37,31 @@ def configure_console(level: int = logging.INFO) -> None:
   logger.propagate = False
 
 
+def strict_json(value: Any) -> Any:
+  """``value`` with every non-finite float (in dicts, lists and tuples) replaced by None."""
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json(v) for v in value]
+  return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+  """Strict JSON text of ``value`` (non-finite floats as ``null``)."""
+  return json.dumps(strict_json(value), allow_nan=False, **kwargs)
+
+
+def format_perplexity(perplexity: float) -> str:
+  """Two decimals while readable; from 1e6 on (a diverging run) ``%.4g``: ``3.2e+230``, ``inf``."""
+  return f"{perplexity:.2f}" if abs(perplexity) < 1e6 else f"{perplexity:.4g}"
+
+
 def write_json(path: str, payload: Any) -> None:
-  """Writes JSON atomically (a temporary file, then a rename)."""
+  """Writes strict JSON atomically (a temporary file, then a rename)."""
   with open(path + ".tmp", "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write(dumps(payload, indent=2, sort_keys=True))
   os.replace(path + ".tmp", path)
 
 
@@ -73,7 +101,7 @@ class MetricsWriter:
               or (r.get("step", 0) == resume_step and keep(r))]
     with open(path + ".tmp", "w") as f:
       for record in kept:
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps(record) + "\n")
     os.replace(path + ".tmp", path)
     self.kept = kept
 
@@ -81,7 +109,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(dumps(record) + "\n")
       f.flush()
 
 
@@ -119,14 +147,16 @@ class TrainWindow:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
-  """All complete records of a metrics.jsonl file (a torn last line is dropped)."""
+  """All complete records of a metrics.jsonl file (a torn last line is dropped); a ``null``
+  metric (non-finite when written) reads as NaN."""
   records = []
   with open(path) as f:
     for line in f:
       try:
-        records.append(json.loads(line))
+        record = json.loads(line)
       except json.JSONDecodeError:
         break
+      records.append({k: math.nan if v is None else v for k, v in record.items()})
   return records
 
 
@@ -186,7 +216,8 @@ def plot_learning_curve(records: Iterable[dict[str, Any]], path: str, *,
   ax.set_xlabel("step")
   ax.set_ylabel("bits per token")
   if by_split:
-    sec = ax.secondary_yaxis("right", functions=(lambda b: 2.0 ** b,
+    # 2^bits capped at 2^1000: a diverged run's thousands of bits would give infinite limits.
+    sec = ax.secondary_yaxis("right", functions=(lambda b: _safe_exp2(b),
                                                   lambda p: _safe_log2(p)))
     sec.set_ylabel("perplexity")
   ax.set_title(title)
@@ -195,6 +226,11 @@ def plot_learning_curve(records: Iterable[dict[str, Any]], path: str, *,
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def _safe_exp2(b):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  return np.exp2(np.minimum(b, 1000.0))
 
 
 def _safe_log2(p):

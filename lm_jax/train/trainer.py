@@ -169,7 +169,8 @@ class Trainer:
         functools.partial(training.train_step, model=self.model, optimizer=optimizer,
                           grad_reduction=config.optimization.grad_reduction,
                           skip_nonfinite=run.skip_nonfinite),
-        functools.partial(training.eval_step, model=self.model))
+        functools.partial(training.eval_step, model=self.model),
+        tables=self.model.head.tables)  # arguments of the steps, never V-sized constants
     run_logging.logger.info("data parallel: %s over %d device(s) in %d process(es)",
                             self.dp.mode, self.dp.num_devices, jax.process_count())
     self.state = self.dp.put_state(training.create_train_state(
@@ -180,7 +181,8 @@ class Trainer:
         sum(x.size for x in jax.tree.leaves(head_params)),
         jax.tree.map(lambda x: tuple(x.shape), head_params))
     self.total_steps = run.steps or run.epochs * self.steps_per_epoch
-    self.fingerprint = model_fingerprint(config, len(corpus.vocab))
+    self.fingerprint = model_fingerprint(config, len(corpus.vocab),
+                                         data_sha256=corpora.content_sha256(corpus))
     self.manager = None  # made by restore(): orbax creates its directory
     self.metrics_path = os.path.join(self.workdir, "metrics.jsonl")
     self.rows = self.dp.row_range(config.data.batch_size)
@@ -390,8 +392,9 @@ class Trainer:
       eta = min(eta, max(self.config.run.time_budget - record["train_time"], 0.0))
 
     run_logging.logger.info(
-        "step %d/%d epoch %d | loss %.4f ppl %.2f | %.0f tok/s | lr %.4g | gnorm %.3g%s | ETA %s",
-        self.step, self.total_steps, epoch, summary["loss_nats"], summary["perplexity"], rate,
+        "step %d/%d epoch %d | loss %.4f ppl %s | %.0f tok/s | lr %.4g | gnorm %.3g%s | ETA %s",
+        self.step, self.total_steps, epoch, summary["loss_nats"],
+        run_logging.format_perplexity(summary["perplexity"]), rate,
         window.lr, record["grad_norm"], skipped,
         run_logging.format_eta(eta))
     window.reset()
@@ -407,8 +410,9 @@ class Trainer:
     self.writer.write({"step": self.step, "epoch": epoch, "split": split, **summary,
                        "wall_time": time.time() - self.t_start,
                        "train_time": self.training_time()})
-    run_logging.logger.info("step %d %s: loss %.4f nats, perplexity %.2f, %.4f bits/token",
-                            self.step, split, summary["loss_nats"], summary["perplexity"],
+    run_logging.logger.info("step %d %s: loss %.4f nats, perplexity %s, %.4f bits/token",
+                            self.step, split, summary["loss_nats"],
+                            run_logging.format_perplexity(summary["perplexity"]),
                             summary["bits_per_token"])
     return summary
 
@@ -494,7 +498,8 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
 
 
 def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.LanguageModel, Any]:
-  """Config, vocabulary, model and the newest checkpoint's parameters of a workdir."""
+  """Config, vocabulary, model and the newest decodable checkpoint's parameters of a workdir
+  (read-only: a damaged checkpoint is skipped, never moved)."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a train_lm.py workdir?")
@@ -514,8 +519,8 @@ def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.Language
       model, build_optimizer(config), seed=config.run.seed,
       batch_size=config.data.batch_size))
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), async_save=False)
-  restored = checkpointing.restore_latest(manager, abstract,
-                                          model_fingerprint(config, len(vocab)))
+  restored = checkpointing.restore_latest(manager, abstract,  # never moves a checkpoint
+                                          model_fingerprint(config, len(vocab)), read_only=True)
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
   return config, vocab, model, restored[1].params

@@ -16,6 +16,7 @@ computes exactly what one device computes on the concatenated batch.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -82,7 +83,7 @@ def _psum(x, axis_name):
   return x if axis_name is None else lax.psum(x, axis_name)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *,
+def train_step(state: TrainState, batch: dict[str, jax.Array], tables: PyTree = None, *,
                model: lm_lib.LanguageModel, optimizer: optax.GradientTransformation,
                grad_reduction: str = "token_mean", axis_name: str | None = None,
                skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -103,6 +104,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     state: this device's train state (``rnn_state`` holds its rows).
     batch: ``inputs_BxT``, ``targets_BxT`` (int32), ``mask_BxT`` (bool) and ``reset``
       (bool scalar: zero the carried state first, for random batches and new epochs).
+    tables: the head's tables (``model.head.tables``), passed to every head call. Give
+      them as an argument of the jitted step, so the ``[V]``-sized arrays reach the
+      compiled program as arguments; None (the head's own, closed over) embeds them as
+      constants, whose size grows with ``V``.
     model: the language model.
     optimizer: an optax transformation made by :func:`make_optimizer`.
     grad_reduction: ``"token_mean"`` or ``"sum_over_time"``.
@@ -136,7 +141,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   def loss_fn(params):
     loss_BxT, new_rnn_state = model.loss(params, batch["inputs_BxT"], batch["targets_BxT"],
                                          rnn_state, mask_BxT=mask_BxT, dropout_key=dropout_key,
-                                         row_ids_B=row_ids_B)
+                                         row_ids_B=row_ids_B, tables=tables)
     loss_sum = jnp.sum(loss_BxT)
     return loss_sum / denominator, (loss_sum, new_rnn_state)
 
@@ -157,13 +162,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   return new_state, metrics
 
 
-def eval_step(params: PyTree, rnn_state: PyTree, batch: dict[str, jax.Array], *,
-              model: lm_lib.LanguageModel, axis_name: str | None = None
-              ) -> tuple[PyTree, dict[str, jax.Array]]:
-  """Exact NLL sums (``model.nll``) of one evaluation batch, state carried (reset if asked)."""
+def eval_step(params: PyTree, rnn_state: PyTree, batch: dict[str, jax.Array],
+              tables: PyTree = None, *, model: lm_lib.LanguageModel,
+              axis_name: str | None = None) -> tuple[PyTree, dict[str, jax.Array]]:
+  """Exact NLL sums (``model.nll``) of one evaluation batch, state carried (reset if asked);
+  ``tables``: the head's, as in :func:`train_step`."""
   rnn_state = _reset_where(batch["reset"], rnn_state)
   loss_BxT, new_rnn_state = model.nll(params, batch["inputs_BxT"], batch["targets_BxT"],
-                                       rnn_state, mask_BxT=batch["mask_BxT"])
+                                       rnn_state, mask_BxT=batch["mask_BxT"], tables=tables)
   metrics = {"loss_sum": _psum(jnp.sum(loss_BxT), axis_name),
              "token_count": _psum(batch["mask_BxT"].sum().astype(jnp.float32), axis_name)}
   return new_rnn_state, metrics
@@ -184,14 +190,16 @@ def evaluate(params: PyTree, batches, *, model: lm_lib.LanguageModel, batch_size
     batches: iterable of ``Batch`` covering the split (``batching.eval_batches``).
     model: the language model.
     batch_size: rows per batch (for the initial state).
-    eval_fn: a jitted ``eval_step`` with ``model`` bound; built here if None.
+    eval_fn: ``(params, rnn_state, batch) -> (rnn_state, metrics)``, a jitted ``eval_step``
+      with ``model`` and the head's tables bound; built here if None.
 
   Returns:
     ``loss_nats`` (mean per token), ``perplexity`` = e^loss, ``bits_per_token`` =
     loss / ln 2, and ``tokens``.
   """
   if eval_fn is None:
-    eval_fn = jax.jit(lambda p, s, b: eval_step(p, s, b, model=model))
+    eval_fn = functools.partial(jax.jit(functools.partial(eval_step, model=model)),
+                                tables=jax.device_put(model.head.tables))
   return evaluate_batches(lambda p, s, b: eval_fn(p, s, batch_to_arrays(b)), params,
                           model.initial_state(batch_size), batches)
 
@@ -212,10 +220,20 @@ def evaluate_batches(step_fn: Callable, params: PyTree, rnn_state: PyTree,
                         sum(float(m["token_count"]) for m in pending))
 
 
+def _perplexity(loss_nats: float) -> float:
+  """``e^loss_nats``; ``inf`` past the float range (a diverging run's loss above ~709.78
+  nats) instead of ``OverflowError``, and NaN for a NaN loss."""
+  try:
+    return math.exp(loss_nats)
+  except OverflowError:
+    return math.inf
+
+
 def summarize_loss(loss_sum: float, token_count: float) -> dict[str, float]:
-  """Mean nats per token, perplexity (e^nats) and bits per token from sums."""
+  """Mean nats per token, perplexity (e^nats, :func:`_perplexity`) and bits per token from
+  sums; a huge or non-finite loss gives an infinite or NaN perplexity, never an error."""
   if token_count <= 0:
     raise ValueError("cannot summarise a loss over zero tokens")
-  loss = loss_sum / token_count
-  return {"loss_nats": loss, "perplexity": math.exp(loss),
+  loss = float(loss_sum) / float(token_count)
+  return {"loss_nats": loss, "perplexity": _perplexity(loss),
           "bits_per_token": loss / math.log(2.0), "tokens": int(token_count)}

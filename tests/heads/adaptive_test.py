@@ -178,6 +178,32 @@ def test_make_head_and_default_cutoffs():
     heads.make_head("adaptive", vocab_size=V, counts=counts_V, cutoffs="3;6")
 
 
+@pytest.mark.parametrize("hidden_size", [16, 17, 64, 256, 1024])
+def test_default_cutoffs_are_valid_for_every_hidden_size_from_16(hidden_size):
+  """At V = 100k the default list has 5 clusters (projections [64, 16, 4, 1, 0] at H = 256,
+  which PyTorch's rule refuses); make_head keeps the leading clusters with >= 8 rows (at
+  least one), the last kept cluster running to V, and the head is a normalised model."""
+  vocab_size = 100_000
+  counts_V = np.random.default_rng(0).permutation(1e6 / np.arange(1, vocab_size + 1) ** 1.2)
+  assert len(heads.default_cutoffs(counts_V)) == 5
+  head = heads.make_head("adaptive", vocab_size=vocab_size, counts=counts_V)
+  shapes = jax.eval_shape(lambda k: head.init(k, hidden_size), jax.random.PRNGKey(0))
+  rows = [tail["proj_RxH"].shape[0] for tail in shapes["tail"]]
+  wide = [hidden_size // 4 ** (i + 1) for i in range(5) if hidden_size // 4 ** (i + 1) >= 8]
+  assert rows == (wide or [hidden_size // 4]), rows
+  assert sum(tail["weight_WxR"].shape[0] for tail in shapes["tail"]) + (
+      shapes["head_weight_SxH"].shape[0] - len(rows)) == vocab_size
+  if hidden_size == 16:  # one cheap exact check: the vocabulary's probabilities sum to 1
+    params = head.init(jax.random.PRNGKey(0), hidden_size)
+    hidden_NxH = jax.random.normal(jax.random.PRNGKey(1), (2, hidden_size))
+    np.testing.assert_allclose(jnp.exp(head.log_probs(params, hidden_NxH)).sum(-1), 1.0,
+                               rtol=1e-4)
+    targets_N = jnp.array([int(np.argmin(counts_V)), int(np.argmax(counts_V))])
+    np.testing.assert_allclose(head.loss(params, hidden_NxH, targets_N),
+                               -head.log_probs(params, hidden_NxH)[jnp.arange(2), targets_N],
+                               rtol=1e-4)
+
+
 def test_params_from_torch_layout_is_the_documented_one():
   """A state_dict with PyTorch's keys and shapes (NumPy here) maps to the same distribution."""
   rng = np.random.default_rng(9)
@@ -215,7 +241,6 @@ def test_matches_pytorch_when_installed():
   np.testing.assert_allclose(-logp_N.mean(), float(loss), rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_bench_adaptive_torch_script_smoke(tmp_path):
   """experiments/bench_adaptive_torch.py at a small size: both sides agree, the table's
   ratio is the ratio of its per-token times."""

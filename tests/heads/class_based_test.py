@@ -109,8 +109,8 @@ def test_class_major_rows_keep_classes_contiguous():
 
 
 @pytest.mark.parametrize("binning,tokens_per_item", [
-    ("mass", None), pytest.param("sqrt", None, marks=pytest.mark.slow), ("sqrt", 1),
-    pytest.param("mass", 64, marks=pytest.mark.slow)])
+    ("mass", None), pytest.param("sqrt", None), ("sqrt", 1),
+    pytest.param("mass", 64)])
 def test_equals_two_factor_product_and_is_normalised(binning, tokens_per_item):
   head, params, hidden_NxH, targets_N = _setup(binning=binning, tokens_per_item=tokens_per_item)
   class_of_V = class_based.word_classes(COUNTS, 4, binning=binning)[0]

@@ -17,18 +17,38 @@ def _params(head, hidden_size, seed=0, dtype=np.float64):
   return jax.tree.map(lambda s: jnp.asarray(rng.uniform(-1.0, 1.0, s.shape), dtype), shapes)
 
 
+def _explicit_tree(counts, levels, branching):
+  """The hierarchy as explicit nodes, built independently of the head's index arithmetic:
+  the words in decreasing count (ties by id) are cut top-down into consecutive chunks of
+  ``branching ** (levels - d)`` words at depth ``d + 1`` (so each node has at most
+  ``branching`` children), ``levels`` class levels; ``depth_nodes[d]`` lists the nodes
+  at depth ``d + 1`` left to right (the order of level ``d``'s rows), each node the tuple of
+  its words, and ``parent[d][i]`` is node ``i``'s parent index at depth ``d``."""
+  ranked = tuple(sorted(range(len(counts)), key=lambda i: (-counts[i], i)))
+  frontier, depth_nodes, parent = [ranked], [], []
+  for d in range(levels + 1):
+    size = branching ** (levels - d)  # words under a node at depth d + 1 (the last: fewer)
+    children, owners = [], []
+    for p, node in enumerate(frontier):
+      chunks = [node[i:i + size] for i in range(0, len(node), size)]
+      children.extend(chunks)
+      owners.extend([p] * len(chunks))
+    depth_nodes.append(children)
+    parent.append(owners)
+    frontier = children
+  return depth_nodes, parent
+
+
 def _explicit_log_prob(params, counts, levels, branching, hidden_H, word):
-  """float64 log p(word) by the definition: the word's rank, its ancestors at every depth,
-  and at each level a softmax over the children of the parent node, written as loops."""
-  vocab_size = len(counts)
-  rank = sorted(range(vocab_size), key=lambda i: (-counts[i], i)).index(word)
+  """float64 log p(word): along the word's path in :func:`_explicit_tree`, at every depth a
+  softmax over the node's siblings (the children of the same parent), written as loops."""
+  depth_nodes, parent = _explicit_tree(counts, levels, branching)
   total = 0.0
   for d, level in enumerate(params["levels"]):
     weight, bias = np.asarray(level["weight_QxH"], np.float64), np.asarray(level["bias_Q"])
-    span = branching ** (levels - d)
-    node, parent = rank // span, rank // (span * branching)
-    siblings = [q for q in range(parent * branching, parent * branching + branching)
-                if q < weight.shape[0]]
+    assert weight.shape[0] == len(depth_nodes[d])  # one row per node at this depth
+    node = next(i for i, words in enumerate(depth_nodes[d]) if word in words)
+    siblings = [i for i, p in enumerate(parent[d]) if p == parent[d][node]]
     scores = {q: float(weight[q] @ hidden_H + bias[q]) for q in siblings}
     top = max(scores.values())
     total += scores[node] - (top + np.log(sum(np.exp(s - top) for s in scores.values())))

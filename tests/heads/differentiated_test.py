@@ -157,7 +157,7 @@ def test_bad_bands_and_inputs_raise():
   with pytest.raises(ValueError, match="counts must be a non-empty .V. vector of non-negative"):
     make([3, -1])
   head, params, hidden_NxH, targets_N = _setup()
-  with pytest.raises(ValueError, match=r"band dims \(3, 2, 1\) sum to 6, but hidden_NxH has shape \(5, 4\)"):
+  with pytest.raises(ValueError, match=r"hidden_NxH has width H=4, but the head's params were made for H=6 \(shape \(5, 4\)\)"):
     head.log_probs(params, hidden_NxH[:, :4])
   with pytest.raises(ValueError, match="target 8 at index 0 is out of range for vocabulary size V=8"):
     head.loss(params, hidden_NxH, targets_N.at[0].set(8))

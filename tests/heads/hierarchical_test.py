@@ -133,9 +133,7 @@ def test_check_grads_of_loss():
                 order=1, modes=("fwd", "rev"))
 
 
-@pytest.mark.parametrize("chunk_size", [pytest.param(1, marks=pytest.mark.slow), 4,
-                                        pytest.param(6, marks=pytest.mark.slow), None,
-                                        pytest.param(50, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("chunk_size", [1, 4, 6, None, 50])
 def test_path_nll_equals_autodiff_of_the_plain_walk(chunk_size):
   # Values and all three gradients agree with autodiff of the unchunked walk (float64), also
   # when the chunk does not divide N (4: padded tokens) and with a cotangent that is not 1.
@@ -161,8 +159,7 @@ def test_path_nll_equals_autodiff_of_the_plain_walk(chunk_size):
     check_grads(chunked, args, order=1, modes=("rev",))
 
 
-@pytest.mark.parametrize("kind", [k if k == "huffman" else pytest.param(k, marks=pytest.mark.slow)
-                                  for k in sorted(TREES)])
+@pytest.mark.parametrize("kind", sorted(TREES))
 def test_chunked_and_autodiff_backwards_agree(kind):
   tree, _, params, hidden_NxH, targets_N = _setup(kind, seed=5)
   where_N = jnp.array([True, False, True, True, True, True])

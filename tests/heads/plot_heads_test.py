@@ -28,7 +28,6 @@ def _fake_run(runs_dir, corpus, head, seconds, valid, test, steps):
       "test_perplexity": test}))
 
 
-@pytest.mark.slow
 def test_plot_heads_draws_each_corpus_and_tabulates_ratios_to_full(tmp_path):
   runs = tmp_path / "runs"
   _fake_run(runs, "ptb", "full", [10.0, 20.0], [300.0, 200.0], 190.0, [10, 20])

@@ -134,8 +134,8 @@ def test_masking_gives_zero_loss_and_zero_gradient(name):
 
 
 @pytest.mark.parametrize("name, shared", [
-    ("nce_learned", True), pytest.param("neg", False, marks=pytest.mark.slow),
-    pytest.param("sampled", True, marks=pytest.mark.slow), ("sampled", False)])
+    ("nce_learned", True), pytest.param("neg", False),
+    pytest.param("sampled", True), ("sampled", False)])
 def test_check_grads(name, shared):
   with jax.enable_x64(True):
     head = FACTORIES[name](noise.log_uniform_noise(V), K, shared_samples=shared)

@@ -242,7 +242,6 @@ def test_bad_inputs_raise_clear_errors():
     ll.scores(w, {"context_NxK": feats.context_NxK})
 
 
-@pytest.mark.slow
 def test_diagonal_preconditioner_and_the_constraints_for_context_features():
   ctx = ll.ContextFeatures(jnp.array([[0, 1], [0, 2], [0, 1], [0, -1]]), 4, 3)
   counts = jnp.array([1.0, 2.0, 0.0, 5.0])
@@ -263,7 +262,6 @@ def test_diagonal_preconditioner_and_the_constraints_for_context_features():
     ll.fit(feats, labels, preconditioner=jnp.ones(2))
 
 
-@pytest.mark.slow
 def test_experiment_script_smoke(tmp_path):
   import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   rng = np.random.default_rng(0)

@@ -56,7 +56,7 @@ MASK_BxT = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 1, 0, 1, 1]], bool)
 
 
 @pytest.mark.parametrize("name", CELLS)
-@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.parametrize("masked", [pytest.param(False), True])
 def test_scan_equals_python_loop_and_unhoisted(name, masked):
   cell, params, x_BxTxE, carry = _setup(name)
   mask_BxT = MASK_BxT if masked else None
@@ -186,8 +186,8 @@ def test_masked_steps_are_skipped(mask_T, name, seed):
   _assert_trees_close(final, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,modes", [pytest.param("rnn_tanh", ("rev",), marks=pytest.mark.slow),
-                                        pytest.param("gru", ("rev",), marks=pytest.mark.slow),
+@pytest.mark.parametrize("name,modes", [pytest.param("rnn_tanh", ("rev",)),
+                                        pytest.param("gru", ("rev",)),
                                         ("lstm", ("fwd", "rev"))])
 def test_check_grads(name, modes):
   with jax.enable_x64(True):
@@ -287,7 +287,6 @@ def test_get_cell_and_bad_inputs_raise():
     rnn.scan_layer_unhoisted(cell, params, x_BxTxE, carry, jnp.ones((B, 4), bool))
 
 
-@pytest.mark.slow
 def test_bench_rnn_script_smoke(tmp_path):
   """End-to-end run of experiments/bench_rnn.py on tiny sizes."""
   import json

@@ -114,7 +114,6 @@ def test_float64_reference_and_check_grads(vocab_chunk_size):
       check_grads(objective, (hidden, weight, bias), order=1, modes=["rev"])
 
 
-@pytest.mark.slow
 def test_second_order_gradients():
   # Differentiating the backward pass goes through the custom_vjp's fwd and bwd functions.
   with jax.enable_x64(True):
@@ -320,7 +319,7 @@ _OPTION_CASES = [dict(reduction="sum"), dict(reduction="mean"), dict(label_smoot
 
 
 @pytest.mark.parametrize("options", _OPTION_CASES)
-@pytest.mark.parametrize("masked", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.parametrize("masked", [pytest.param(False), True])
 def test_options_match_the_materialised_reference_in_value_and_gradient(options, masked):
   with jax.enable_x64(True):
     hidden, weight, bias, labels = _problem(11, 3, 13, seed=21, dtype=np.float64)
@@ -417,3 +416,69 @@ def test_bad_options_raise(kwargs, match):
   hidden, weight, _, labels = _problem(4, 3, 5)
   with pytest.raises(ValueError, match=match):
     linear_xent(hidden, weight, labels, **kwargs)
+
+
+# Padding cannot poison; a bad target poisons. Every reduction and option, with and without bias.
+
+_POISON_OPTIONS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-2), dict(logit_soft_cap=2.0),
+                   dict(label_smoothing=0.2, z_loss=1e-3, logit_soft_cap=3.0, return_lse=True)]
+
+
+def _poison_objective(where, reduction, options, with_bias):
+  """A scalar of the loss (and, with return_lse, of the counted tokens' lse) for jax.grad."""
+  def objective(h, w, b, labels):
+    out = linear_xent(h, w, labels, bias_V=b if with_bias else None, where=where,
+                      reduction=reduction, chunk_size=4, vocab_chunk_size=5, **options)
+    loss, lse = out if options.get("return_lse") else (out, None)
+    total = jnp.sum(loss * (jnp.linspace(0.5, 2.0, loss.size) if loss.ndim else 1.0))
+    if lse is not None:  # the lse of counted tokens, used (a z-loss of one's own)
+      total = total + 0.1 * jnp.sum(jnp.where(where, lse, 0.0))
+    return total
+  return objective
+
+
+@pytest.mark.parametrize("options", _POISON_OPTIONS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("with_bias,bad", [(True, np.nan), (False, np.inf)])
+def test_padding_cannot_poison_the_fused_loss(options, reduction, with_bias, bad):
+  hidden, weight, bias, labels = _problem(9, 3, 11, seed=31)
+  where = jnp.arange(9) % 3 != 1
+  labels = jnp.where(where, labels, -1)
+  poisoned = jnp.where(where[:, None], hidden, bad)
+  clean = jnp.where(where[:, None], hidden, 0.0)
+  loss = linear_xent(poisoned, weight, labels, bias_V=bias, where=where, reduction=reduction,
+                     **options)
+  loss = loss[0] if options.get("return_lse") else loss
+  assert np.all(np.isfinite(loss))
+  if reduction == "none":
+    np.testing.assert_array_equal(loss[~where], 0.0)
+  value_and_grad = jax.jit(jax.value_and_grad(
+      _poison_objective(where, reduction, options, with_bias), argnums=(0, 1, 2)))
+  value, grads = value_and_grad(poisoned, weight, bias, labels)
+  want_value, want_grads = value_and_grad(clean, weight, bias, labels)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  for grad, want in zip(grads, want_grads):
+    assert np.all(np.isfinite(grad))
+    np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(grads[0][~where], 0.0)
+
+
+@pytest.mark.parametrize("options", _POISON_OPTIONS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_a_bad_counted_label_poisons_the_fused_loss_and_its_gradients_under_jit(
+    options, reduction):
+  hidden, weight, bias, labels = _problem(9, 3, 11, seed=32)
+  where = jnp.arange(9) != 4  # token 4 masked (any label there is padding)
+  labels = labels.at[4].set(-5)
+  objective = _poison_objective(where, reduction, options, True)
+  value_and_grad = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))
+  for bad_label in (-1, 11):  # token 2 counted, with a label out of range
+    bad_labels = labels.at[2].set(bad_label)
+    value, grads = value_and_grad(hidden, weight, bias, bad_labels)
+    assert np.isnan(value)
+    dhidden, dweight, dbias = (np.asarray(g) for g in grads)
+    assert np.all(np.isnan(dhidden[2])) and np.all(np.isfinite(np.delete(dhidden, 2, 0)))
+    assert np.all(np.isnan(dweight)) and np.all(np.isnan(dbias))
+    with pytest.raises(ValueError, match=f"label {bad_label} at index 2 "):
+      linear_xent(hidden, weight, bad_labels, bias_V=bias, where=where, reduction=reduction,
+                  **options)

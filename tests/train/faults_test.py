@@ -1,4 +1,5 @@
 """Faults: SIGTERM/Ctrl-C save and stop, resume is bit-identical; NaN stops or is skipped."""
+import json
 import os
 import signal
 import subprocess
@@ -69,7 +70,6 @@ def test_stop_signals_flag_and_second_ctrl_c():
   assert err.exit_code == 130 and "SIGINT after step 7" in str(err)
 
 
-@pytest.mark.slow  # end to end; test_stop_signals_flag_and_second_ctrl_c is the fast check
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_window_saves_and_resume_is_bit_identical(tmp_path, monkeypatch, straight,
                                                              signum):
@@ -104,6 +104,26 @@ def test_nan_names_the_step_and_the_last_good_checkpoint(tmp_path, monkeypatch):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
 
 
+def test_a_diverging_run_ends_with_the_step_named_and_its_outputs_intact(tmp_path):
+  """lr 1000 (issue 22): a loss too large for e^loss is logged (perplexity null), then the NaN
+  stops the run naming its step; the checkpoints before it and metrics.jsonl stay readable."""
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step (\d+) ") as error:
+    _run(tmp_path, cell="rnn_relu", optimizer="sgd", lr=1000.0, clip=0.0, dropout=0.0,
+         log_every=2, checkpoint_every=2)
+  failed_at = int(error.value.args[0].split("at step ")[1].split()[0])
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints"))
+  assert saved and max(saved) < failed_at
+  assert f"Last good checkpoint: {tmp_path / 'checkpoints' / str(max(saved))};" in str(error.value)
+  assert trainer.load_trained(str(tmp_path))[3] is not None  # the last good one restores
+
+  def strict(constant):
+    raise ValueError(f"metrics.jsonl is not strict JSON: {constant}")
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line, parse_constant=strict) for line in f]
+  assert records and all(r["step"] < failed_at for r in records)
+  assert any(r["perplexity"] is None and r["loss_nats"] > 709 for r in records)  # e^loss: inf
+
+
 def test_skip_nonfinite_skips_the_update_and_counts_it(tmp_path, monkeypatch, straight):
   _at_position(monkeypatch, (0, 5), _corrupt_ids)
   results = _run(tmp_path, skip_nonfinite=True)
@@ -122,7 +142,6 @@ def _script(workdir, *extra):
   return [sys.executable, os.path.join(REPO, "experiments", "train_lm.py"), *flags]
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_train_lm_exits_nonzero_on_signal_after_saving(tmp_path, signum, code):

@@ -42,11 +42,11 @@ def test_resolve_mode():
 
 
 @pytest.mark.parametrize("mode,dropout,head", [
-    pytest.param("shard_map", 0.0, None, marks=pytest.mark.slow),
+    ("shard_map", 0.0, None),
     ("pmap", 0.0, None),
     # Dropout masks are drawn per global row and a sampled head's shared draws from one key,
     # so these match one device too.
-    pytest.param("shard_map", 0.3, None, marks=pytest.mark.slow), ("shard_map", 0.3, "nce")])
+    ("shard_map", 0.3, None), ("shard_map", 0.3, "nce")])
 def test_three_carried_steps_equal_one_device(mode, dropout, head):
   """Params, carried state and metrics after 3 sequential steps equal single-device ones."""
   assert jax.device_count() >= 4
@@ -76,7 +76,7 @@ def test_three_carried_steps_equal_one_device(mode, dropout, head):
   assert int(multi.step) == 3
 
 
-@pytest.mark.parametrize("mode", ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_evaluate_sums_are_exact_across_devices(mode):
   """Padding rows to the device count adds nothing: token counts exact, losses equal."""
   model = _model()
@@ -146,7 +146,7 @@ def single_device_run(tmp_path_factory):
   return workdir, results
 
 
-@pytest.mark.parametrize("mode", ["shard_map", pytest.param("pmap", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
 def test_trainer_run_equals_single_device(tmp_path, single_device_run, mode):
   """A whole run (sequential batches, carried state, evaluation) on 4 devices equals 1 device."""
   none_dir, none_results = single_device_run
@@ -158,7 +158,6 @@ def test_trainer_run_equals_single_device(tmp_path, single_device_run, mode):
                trainer.load_trained(str(none_dir))[3])
 
 
-@pytest.mark.slow  # end to end; in the full suite (FULL=1)
 def test_resume_on_another_device_count(tmp_path, single_device_run):
   """Checkpoints hold the global layout: 4 devices for 4 steps, then 1 device, equals 1 device."""
   none_dir, _ = single_device_run

@@ -120,7 +120,6 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
   _assert_same_params(_final_params(straight), _final_params(interrupted))
 
 
-@pytest.mark.slow  # end to end; in the full suite (FULL=1)
 def test_same_seed_same_metrics(tmp_path):
   trainer.train_and_evaluate(_config(tmp_path / "a", steps=8))
   trainer.train_and_evaluate(_config(tmp_path / "b", steps=8))
@@ -133,6 +132,31 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path):
     trainer.train_and_evaluate(_config(tmp_path, steps=16, hidden=32))
   with pytest.raises(checkpointing.CheckpointMismatchError, match="vocab"):
     trainer.train_and_evaluate(_config(tmp_path, steps=16, synthetic_vocab_size=17))
+
+
+def test_resume_on_other_data_of_the_same_length_and_vocabulary_is_refused(tmp_path):
+  """Issue 22: the checkpoint holds the data's content hash, so a resume on another text file
+  (same length, same vocabulary, so the same data positions) stops naming the data."""
+  from lm_jax.data import corpora
+  text = "".join(np.random.default_rng(0).choice(list("abcd"), 1200, p=[.5, .25, .15, .1]))
+  n_train = 1200 - round(1200 * 0.1)
+  (tmp_path / "a.txt").write_text(text)
+  (tmp_path / "b.txt").write_text(text[:n_train][::-1] + text[n_train:])  # same train counts
+  assert (corpora.load_text(tmp_path / "a.txt").vocab
+          == corpora.load_text(tmp_path / "b.txt").vocab)
+  workdir = tmp_path / "w"
+  trainer.train_and_evaluate(_config(workdir, corpus="text", text_path=str(tmp_path / "a.txt"),
+                                     steps=8))
+  config_json = (workdir / "config.json").read_text()
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"(?s)different configuration.*data_sha256: checkpoint has '[0-9a-f]"):
+    trainer.Trainer(_config(workdir, corpus="text", text_path=str(tmp_path / "b.txt"),
+                            steps=16)).restore()
+  assert (workdir / "config.json").read_text() == config_json
+  # The same data moved elsewhere resumes: the path is not the data's identity.
+  (tmp_path / "moved.txt").write_text(text)
+  assert trainer.Trainer(_config(workdir, corpus="text", text_path=str(tmp_path / "moved.txt"),
+                                 steps=16)).restore() == 8
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
@@ -186,7 +210,6 @@ def _wait_for(predicate, timeout=300.0):
     time.sleep(0.01)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1500)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_kill_9_then_rerun_ends_bit_identical(tmp_path, seed):
@@ -272,6 +295,19 @@ def test_full_head_is_built_through_make_head(tmp_path, monkeypatch):
   assert args == ("full",) and kwargs["vocab_size"] == 20 and kwargs["counts"].sum() == 3000
 
 
+def test_trainer_steps_get_the_head_tables_as_arguments(monkeypatch):
+  """The trainer hands the head's tables to its jitted steps (not closed over as constants)."""
+  from lm_jax.train import parallel
+  calls = []
+  real = parallel.make_data_parallel
+  monkeypatch.setattr(parallel, "make_data_parallel",
+                      lambda *a, **k: calls.append(k) or real(*a, **k))
+  run = trainer.Trainer(_config("unused", head="hsm"))
+  (kwargs,) = calls
+  assert set(kwargs["tables"]) == set(run.model.head.tables) and kwargs["tables"]
+  jax.tree.map(np.testing.assert_array_equal, kwargs["tables"], run.model.head.tables)
+
+
 def test_one_token_language_and_oov_count_in_the_log(tmp_path, caplog):
   """A text of one repeated character learns it (perplexity near 1); unseen chars are <unk>."""
   path = tmp_path / "one.txt"
@@ -293,16 +329,16 @@ def test_eval_rows_beyond_the_split_still_count_every_token(tmp_path):
 
 @pytest.mark.parametrize("head,options", [
     pytest.param("hsm", {}, id="hsm"),
-    pytest.param("class", {"head_classes": 3}, marks=pytest.mark.slow, id="class"),
-    pytest.param("dsoftmax", {"head_bands": "4:8,-1:8"}, marks=pytest.mark.slow,
+    pytest.param("class", {"head_classes": 3}, id="class"),
+    pytest.param("dsoftmax", {"head_bands": "4:8,-1:8"},
                  id="dsoftmax"),
-    pytest.param("nce", {"head_samples": 4}, marks=pytest.mark.slow, id="nce"),
+    pytest.param("nce", {"head_samples": 4}, id="nce"),
     pytest.param("neg", {"head_samples": 4, "head_noise": "log_uniform"},
-                 marks=pytest.mark.slow, id="neg"),
-    pytest.param("sampled", {"head_samples": 4}, marks=pytest.mark.slow, id="sampled"),
+                 id="neg"),
+    pytest.param("sampled", {"head_samples": 4}, id="sampled"),
     pytest.param("adaptive", {"head_cutoffs": "4,10", "head_div_value": 2.0},
-                 marks=pytest.mark.slow, id="adaptive"),
-    pytest.param("classtree", {"head_levels": 3}, marks=pytest.mark.slow, id="classtree"),
+                 id="adaptive"),
+    pytest.param("classtree", {"head_levels": 3}, id="classtree"),
 ])
 def test_every_head_trains_evaluates_and_generates(tmp_path, head, options):
   """train_lm's loop with each head: the loss falls, evaluation is the exact perplexity,
@@ -331,7 +367,6 @@ def _listing(directory):
                 for root, _, names in os.walk(directory) for name in names)
 
 
-@pytest.mark.slow  # end to end; in the full suite (FULL=1)
 def test_restore_through_train_lm_never_moves_a_good_checkpoint(tmp_path):
   workdir = tmp_path / "w"
   run = lambda *extra: subprocess.run(_script(workdir, "--steps=16", *extra), capture_output=True,
@@ -495,3 +530,42 @@ def test_timed_evaluations_follow_training_time(tmp_path):
   valid = [r for r in records if r["split"] == "valid"]
   assert [r["step"] for r in valid] == [1, 2, 3, 4, 5, 6]
   assert all(a["train_time"] < b["train_time"] for a, b in zip(valid, valid[1:]))
+
+
+# Issue 22: only bytes that fail to decode twice move a checkpoint; load_trained moves nothing.
+
+# A failed tensorstore read can leave a future that completes after orbax closed its event loop
+# ("Event loop is closed", ignored by Python): noise from orbax, not from this code.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_read_error_on_resume_moves_nothing_and_load_trained_is_read_only(tmp_path, monkeypatch,
+                                                                        caplog):
+  import orbax.checkpoint as ocp
+  config = _config(tmp_path, steps=16)
+  first = trainer.Trainer(config)
+  first.restore()
+  for step in (8, 16):
+    first.step = step
+    first.checkpoint()
+  first.manager.close()
+  (tmp_path / "metrics.jsonl").write_text("".join(
+      json.dumps({"step": s, "split": "train", "loss_nats": 1.0}) + "\n" for s in (8, 16)))
+  files = lambda: {p: (tmp_path / p).read_bytes() for p in _listing(tmp_path)}
+  before = files()
+
+  real_restore = ocp.CheckpointManager.restore
+  def failing_restore(manager, step, args=None):
+    raise OSError(5, "Input/output error")
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+  with pytest.raises(OSError, match="Input/output error") as raised:
+    trainer.Trainer(config).restore()
+  assert "nothing was moved" in "".join(raised.value.__notes__)
+  assert files() == before  # every checkpoint, metrics.jsonl and config.json as they were
+
+  monkeypatch.setattr(ocp.CheckpointManager, "restore", real_restore)
+  data = tmp_path / "checkpoints" / "16" / "state" / "d"
+  max(data.iterdir(), key=lambda p: p.stat().st_size).write_bytes(b"\x00garbage")
+  before = _listing(tmp_path)
+  assert trainer.load_trained(str(tmp_path))[3] is not None  # step 8's parameters
+  assert _listing(tmp_path) == before
+  assert any("checkpoints/16 does not decode" in r.getMessage()
+             and "left it where it is" in r.getMessage() for r in caplog.records)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
+from lm_jax import heads
 from lm_jax.data import batching
 from lm_jax.models import language_model
 from lm_jax.train import optimizers
@@ -154,7 +155,6 @@ def test_unknown_optimizer_is_named():
     optimizers.make_optimizer("rmsprop", 1.0)
 
 
-@pytest.mark.slow  # multi-device; parallel_test.py's fast cases cover both modes' steps
 @pytest.mark.parametrize("parallel", ["shard_map", "pmap"])
 def test_parallel_step_equals_single_device(parallel):
   """A step on 4 fake CPU devices equals one device on the whole batch (params to 1e-6)."""
@@ -219,6 +219,17 @@ def test_summarize_loss_rejects_zero_tokens():
     training.summarize_loss(0.0, 0.0)
 
 
+@pytest.mark.parametrize("loss_nats, perplexity", [
+    (1e6, float("inf")), (709.0, np.exp(709.0)), (float("inf"), float("inf")),
+    (float("nan"), float("nan")), (2.0, np.exp(2.0))])
+def test_summarize_loss_of_a_diverged_run_never_raises(loss_nats, perplexity):
+  """e^loss past the float range (``--lr=1000``) is inf, not OverflowError; NaN stays NaN."""
+  summary = training.summarize_loss(loss_nats * 10, 10)
+  np.testing.assert_equal(summary["perplexity"], perplexity)
+  np.testing.assert_equal(summary["loss_nats"], loss_nats)
+  np.testing.assert_allclose(summary["bits_per_token"], loss_nats / np.log(2.0))
+
+
 def test_skip_nonfinite_keeps_the_state_but_counts_the_step():
   model = _model()
   opt = optimizers.make_optimizer("adam", 1e-2)
@@ -237,3 +248,46 @@ def test_skip_nonfinite_keeps_the_state_but_counts_the_step():
                                 skip_nonfinite=True)
   assert float(m["nonfinite"]) == 0.0
   assert not np.array_equal(good.params["embed_VxE"], state.params["embed_VxE"])
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def test_steps_take_the_head_tables_as_arguments_so_programs_stay_small_at_1m_words():
+  """hsm at V = 1M: its [V, D] tree tables (~50 MB) are arguments of the jitted train and
+  eval steps, so their StableHLO stays far below 1 MB (closed over, the tables were embedded
+  as constants). Params stay abstract: no 1M-row matrix is allocated."""
+  vocab = 1_000_000
+  head = heads.make_head("hsm", vocab_size=vocab, counts=np.ones(vocab, np.int64),
+                         tree="balanced")
+  model = language_model.make_language_model(vocab_size=vocab, embed_size=8, hidden_size=8,
+                                             num_layers=1, cell="lstm", head=head)
+  opt = optimizers.make_optimizer("adam", 1e-2)
+  state = jax.eval_shape(lambda: training.create_train_state(model, opt, seed=0, batch_size=2))
+  batch = {"inputs_BxT": jax.ShapeDtypeStruct((2, 3), jnp.int32),
+           "targets_BxT": jax.ShapeDtypeStruct((2, 3), jnp.int32),
+           "mask_BxT": jax.ShapeDtypeStruct((2, 3), jnp.bool_),
+           "reset": jax.ShapeDtypeStruct((), jnp.bool_)}
+  tables = _abstract(head.tables)
+  train = jax.jit(functools.partial(training.train_step, model=model, optimizer=opt))
+  evaluate = jax.jit(functools.partial(training.eval_step, model=model))
+  for name, lowered in (("train", train.lower(state, batch, tables)),
+                        ("eval", evaluate.lower(state.params, state.rnn_state, batch, tables))):
+    assert len(lowered.as_text()) < 1_000_000, (name, len(lowered.as_text()))
+
+
+def test_steps_with_tables_as_arguments_equal_the_closed_over_tables():
+  head = heads.make_head("hsm", vocab_size=V, counts=np.arange(V) + 1)
+  model = language_model.make_language_model(vocab_size=V, embed_size=6, hidden_size=8,
+                                             num_layers=1, cell="elman", head=head)
+  opt = optimizers.make_optimizer("sgd", 0.5)
+  state, batch = _state(model, opt), _batch()
+  train = jax.jit(functools.partial(training.train_step, model=model, optimizer=opt))
+  evaluate = jax.jit(functools.partial(training.eval_step, model=model))
+  with_tables, m_with = train(state, batch, head.tables)
+  closed_over, m_closed = train(state, batch)
+  jax.tree.map(np.testing.assert_array_equal, (with_tables, m_with), (closed_over, m_closed))
+  jax.tree.map(np.testing.assert_array_equal,
+               evaluate(state.params, state.rnn_state, batch, head.tables),
+               evaluate(state.params, state.rnn_state, batch))
