@@ -101,9 +101,9 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
       ``num_samples``, ``shared_samples``; ``nce`` also ``log_z`` (``"learned"`` or a
       number, fixed); ``adaptive``: ``cutoffs`` (ints or ``"2000,10000"``; empty:
       :func:`default_cutoffs` of the counts, keeping at ``init`` the clusters whose
-      projection has at least 8 rows), ``div_value``. The adaptive head maps ids to
-      frequency ranks with the counts, so any vocabulary order works; ``classtree``:
-      ``levels`` (1, 2 or 3 class levels above the words; default 2).
+      projection has at least 8 rows, and always the first), ``div_value``. The adaptive
+      head maps ids to frequency ranks with the counts, so any vocabulary order works;
+      ``classtree``: ``levels`` (1, 2 or 3 class levels above the words; default 2).
 
   Returns:
     An :class:`OutputHead`.
@@ -134,8 +134,9 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
                                   init_scale=init_scale)
   if name == "adaptive":
     cutoffs = _cutoffs(get("cutoffs"))
-    # Default cutoffs adapt to H at init (each kept cluster's projection >= 8 rows), so they
-    # are valid for every H >= 16 at div_value 4; cutoffs the user gives are taken as given.
+    # Default cutoffs adapt to H at init (kept: the first cluster, and the later ones whose
+    # projection has >= 8 rows), so they are valid for every H >= 16 at div_value 4;
+    # cutoffs the user gives are taken as given.
     return adaptive_softmax(vocab_size, cutoffs or default_cutoffs(counts),
                             div_value=get("div_value", 4.0), counts=counts,
                             init_scale=init_scale, min_projection=None if cutoffs else 8)

@@ -56,7 +56,10 @@ class RowSparse(NamedTuple):
   int row ids and ``None`` for a leaf the loss uses whole; ``aux`` is whatever else the
   loss needs (local target positions, path signs, sampled ids, ...).
   ``loss(rows, hidden_NxH, aux, *, where=None) -> loss_N``. ``gather`` also takes
-  ``tables=`` (the head's tables; ``None``: the head's own).
+  ``tables=`` (the head's tables; ``None``: the head's own). The gather of a head made by
+  :func:`with_target_contract` (every lm_jax head) also takes ``where=`` (ignored tokens may
+  carry any id, ``-1`` padding included), which :func:`sparse_sgd_step` passes; a custom
+  ``RowSparse`` used with it must accept that keyword.
 
   A head with this field computes ``head.loss`` as ``sparse.loss(*gather(...))``, so the
   dense and the sparse update differentiate the same function.

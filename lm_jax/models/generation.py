@@ -29,8 +29,14 @@ def generate(model: lm_lib.LanguageModel, params: Any, prompt_ids: np.ndarray, *
     raise ValueError(f"prompt_ids must be a non-empty 1-D array, got shape {prompt_ids.shape}")
   if temperature < 0:
     raise ValueError(f"temperature must be >= 0, got {temperature}")
-  return np.asarray(_generate(model, params, jnp.asarray(prompt_ids)[None, :], key,
-                              num_tokens, float(temperature)))
+  tokens = np.asarray(_generate(model, params, jnp.asarray(prompt_ids)[None, :], key,
+                                num_tokens, float(temperature)))
+  bad = np.flatnonzero(tokens < 0)  # heads.INVALID_SAMPLE: a non-finite hidden state
+  if bad.size:
+    raise ValueError(f"the model's hidden state became non-finite (NaN or Inf) at generated "
+                     f"token {int(bad[0])}: nothing can be sampled from it (are the params "
+                     "finite?)")
+  return tokens
 
 
 @jax.jit(static_argnums=(0, 4, 5))
@@ -40,7 +46,8 @@ def _generate(model, params, prompt_1xT, key, num_tokens, temperature):
   def step(carry, step_key):
     h_1xH, state = carry
     token_1 = model.head.sample(model.head_params(params), h_1xH, step_key, temperature=temperature)
-    hidden, state = model.hidden(params, token_1[:, None].astype(jnp.int32), state)
+    # -1 (a non-finite row) is fed back as id 0 and reported after the scan.
+    hidden, state = model.hidden(params, jnp.maximum(token_1, 0)[:, None].astype(jnp.int32), state)
     return (hidden[:, -1], state), token_1[0]
 
   _, tokens = lax.scan(step, (hidden_1xTxH[:, -1], state), jax.random.split(key, num_tokens))

@@ -412,8 +412,9 @@ def linear_softmax_cross_entropy(
   padding is PyTorch's ``ignore_index``) and any hidden state (NaN, ``inf``); their loss
   is 0 and they add exactly 0 to the gradients of ``hidden_NxH`` (their rows are 0),
   ``weight_VxH`` and ``bias_V``, for every reduction and option: their hidden rows are
-  replaced by 0 before the backward's matmuls. (With ``return_lse`` their ``lse`` is still
-  computed from their rows as given, and a nonzero cotangent on it differentiates it.) A bad
+  replaced by 0 before the backward's matmuls. (With ``return_lse`` their ``lse`` is that
+  of a zero hidden state, finite, whatever their row holds, and its gradient reaches only
+  ``bias_V``; their hidden-state gradient stays exactly 0.) A bad
   target poisons: out-of-range labels (``< 0`` or ``>= V``) in counted tokens raise
   ``ValueError`` when the labels are concrete and, under ``jit``, give a NaN loss and NaN
   gradients (that token's ``dhidden`` row, all of ``dweight`` and ``dbias``), as the
@@ -430,8 +431,9 @@ def linear_softmax_cross_entropy(
     label_smoothing: :math:`\varepsilon \in [0, 1]`.
     z_loss: :math:`\lambda \ge 0`, the weight of :math:`\mathrm{lse}^2` added to each loss.
     logit_soft_cap: :math:`c > 0`, or ``None`` for no capping (Gemma 2 uses 30).
-    return_lse: also return ``lse_N`` ``[N]`` (of the capped logits, for every token, masked
-      or not), differentiable; then the backward always recomputes (``8NHV``).
+    return_lse: also return ``lse_N`` ``[N]`` (of the capped logits, for every token; a
+      masked token's is that of a zero hidden state), differentiable; then the backward
+      always recomputes (``8NHV``).
     chunk_size: token rows per chunk (default ``min(N, 256)``; 512 for the one-pass
       ``"sum"``/``"mean"`` gradient).
     vocab_chunk_size: vocabulary entries per block of logits (default
@@ -496,6 +498,10 @@ def linear_softmax_cross_entropy(
     loss = jnp.zeros((0,), dtype) if reduction == "none" else jnp.asarray(
         jnp.nan if reduction == "mean" else 0.0, dtype)
     return (loss, jnp.zeros((0,), dtype)) if return_lse else loss
+  if return_lse and where is not None:
+    # The lse is an output here, so a masked token's must not depend on its row either
+    # (a caller's z-loss on it would differentiate NaN * 0): that of a zero hidden state.
+    hidden_NxH = jnp.where(valid_N[:, None], hidden_NxH, 0)
   if reduction == "none" or return_lse:
     loss_N, lse_N = _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
     loss = loss_N

@@ -149,10 +149,10 @@ def _masked_logits(logits, element_mask, row_mask, axis):
   """The logits the normaliser sums, in float32 (or wider): 0 in every row that ``row_mask``
   excludes and ``-inf`` where ``element_mask`` is False, whatever the input held there."""
   x = logits.astype(_compute_dtype(logits.dtype))
-  if row_mask is not None:
-    x = jnp.where(jnp.expand_dims(row_mask, axis), x, 0.0)
   if element_mask is not None:
     x = jnp.where(element_mask, x, -jnp.inf)
+  if row_mask is not None:  # after the element mask: a fully masked row is 0, never all -inf
+    x = jnp.where(jnp.expand_dims(row_mask, axis), x, 0.0)
   return x
 
 
@@ -208,7 +208,7 @@ def _integer_label_xent(logits, labels, axis, element_mask, row_mask):
   """
   if element_mask is not None:
     row_mask = jnp.any(element_mask, axis=axis)
-  lse = _logsumexp(logits, element_mask, None if element_mask is not None else row_mask, axis)
+  lse = _logsumexp(logits, element_mask, row_mask, axis)
   label_logit = _pick(logits, labels, axis).astype(lse.dtype)
   if row_mask is not None:  # an excluded row's logits may be NaN or Inf: never read them
     label_logit = jnp.where(row_mask, label_logit, 0.0)

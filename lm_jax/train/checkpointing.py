@@ -43,8 +43,11 @@ class CheckpointReadError(RuntimeError):
 
 # Tensorstore raises ValueError("<absl status code>: ..."); these codes say that bytes it
 # read are not what the format needs (truncated, garbage), not that reading them failed.
+# Kept narrow on purpose (a miss stops the run, which loses nothing; a false match moves a
+# good checkpoint): "parse"/"decode" wording can also come from an older reader of a newer
+# format, so only what corrupting real files produced is matched.
 _DECODE_STATUS = re.compile(r"^(DATA_LOSS|OUT_OF_RANGE):|^FAILED_PRECONDITION:.*"
-                            r"(Invalid JSON|[Dd]ecod|[Pp]ars(e|ing)|[Cc]orrupt|[Cc]hecksum)")
+                            r"(Invalid JSON|[Cc]orrupt|[Cc]hecksum)")
 # Orbax's KeyError when a listed step directory lacks one of its items (state, meta).
 _MISSING_ITEM = re.compile(r"was not found in the checkpoint|Unknown key: ")
 _OK, _DECODED_BADLY_TWICE, _FAILED = 0, 1, 2  # per-read verdicts, worst last

@@ -39,6 +39,7 @@ HEAD_FACTORIES = {
                                          num_samples=3, noise="uniform"),
     "adaptive": lambda v: heads.make_head("adaptive", vocab_size=v, counts=COUNTS_V,
                                           cutoffs=[2, 4], div_value=2.0),
+    "adaptive_default": lambda v: heads.make_head("adaptive", vocab_size=v, counts=COUNTS_V),
     "classtree": lambda v: heads.make_head("classtree", vocab_size=v, counts=COUNTS_V, levels=2),
     "classtree_3": lambda v: heads.make_head("classtree", vocab_size=v, counts=COUNTS_V,
                                              levels=3),

@@ -293,3 +293,18 @@ def test_tied_weights_share_the_embedding():
                              rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="tie_weights needs embed_size == hidden_size"):
     lm.make_language_model(vocab_size=7, embed_size=3, hidden_size=4, tie_weights=True)
+
+
+def test_generation_from_a_non_finite_model_says_so():
+  """A NaN parameter makes the hidden state non-finite: generation names the token instead
+  of feeding the head's -1 sentinel back as a wrapped-around id."""
+  from lm_jax.models import generation  # pylint: disable=g-import-not-at-top
+  model = lm.make_language_model(vocab_size=7, embed_size=3, hidden_size=4, num_layers=1,
+                                 cell="elman")
+  params = model.init(jax.random.PRNGKey(0))
+  tokens = generation.generate(model, params, np.array([1, 2]), num_tokens=4,
+                               key=jax.random.PRNGKey(1))
+  assert tokens.shape == (4,) and np.all((tokens >= 0) & (tokens < 7))
+  bad = jax.tree.map(lambda x: x * np.nan, params)
+  with pytest.raises(ValueError, match="hidden state became non-finite .* at generated token 0"):
+    generation.generate(model, bad, np.array([1, 2]), num_tokens=4, key=jax.random.PRNGKey(1))

@@ -350,11 +350,14 @@ def test_reductions_and_return_lse():
   nothing = jnp.zeros(9, bool)
   assert np.isnan(linear_xent(hidden, weight, labels, where=nothing, reduction="mean"))
   assert linear_xent(hidden, weight, labels, where=nothing, reduction="sum") == 0.0
-  # return_lse: the normaliser of every token, differentiable.
+  # return_lse: the normaliser of every token (of a zero hidden state where masked: the row
+  # may hold anything), differentiable.
   for reduction in ("none", "sum"):
     loss, lse = linear_xent(hidden, weight, labels, bias_V=bias, where=where,
                             reduction=reduction, return_lse=True, chunk_size=4)
-    np.testing.assert_allclose(lse, jax.nn.logsumexp(hidden @ weight.T + bias, -1), rtol=1e-6)
+    masked_hidden = jnp.where(where[:, None], hidden, 0.0)
+    np.testing.assert_allclose(lse, jax.nn.logsumexp(masked_hidden @ weight.T + bias, -1),
+                               rtol=1e-6)
     objective = lambda h, w, b: (jnp.sum(linear_xent(h, w, labels, bias_V=b, where=where,
                                                      reduction=reduction, return_lse=True)[0])
                                  + 0.3 * jnp.sum(jnp.arange(9.0) * linear_xent(
@@ -482,3 +485,29 @@ def test_a_bad_counted_label_poisons_the_fused_loss_and_its_gradients_under_jit(
     with pytest.raises(ValueError, match=f"label {bad_label} at index 2 "):
       linear_xent(hidden, weight, bad_labels, bias_V=bias, where=where, reduction=reduction,
                   **options)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_returned_lse_of_masked_tokens_cannot_poison_an_auxiliary_loss(reduction):
+  """A z-loss the caller writes on the returned lse (masked with jnp.where) differentiates
+  the lse of masked tokens too: theirs is that of a zero hidden state, so NaN rows give
+  finite values and exactly zero hidden gradients there."""
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32).at[1].set(jnp.nan).at[3, 0].set(jnp.inf)
+  weight = jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(9,)), jnp.float32)
+  labels = jnp.array([0, -1, 2, 3, 4, 5])
+  where = jnp.array([True, False, True, False, True, True])
+
+  def total(h, w, b):
+    loss, lse_N = fused.linear_softmax_cross_entropy(h, w, labels, bias_V=b, where=where,
+                                                     reduction=reduction, return_lse=True)
+    return jnp.sum(loss) + 1e-2 * jnp.sum(jnp.where(where, lse_N, 0.0) ** 2) + jnp.sum(lse_N)
+
+  _, lse_N = fused.linear_softmax_cross_entropy(hidden, weight, labels, bias_V=bias, where=where,
+                                                return_lse=True)
+  np.testing.assert_allclose(lse_N[1], jax.nn.logsumexp(bias), rtol=1e-6)  # a zero hidden row
+  grads = jax.grad(total, argnums=(0, 1, 2))(hidden, weight, bias)
+  for g in grads:
+    assert np.all(np.isfinite(np.asarray(g)))
+  np.testing.assert_array_equal(np.asarray(grads[0])[[1, 3]], 0.0)

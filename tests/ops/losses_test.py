@@ -626,3 +626,17 @@ def test_integer_label_residuals_are_the_arguments_and_N_sized_arrays(capsys, dt
   assert sorted(kind for kind, _ in big) == sorted(kind for kind, _ in want), residuals
   for (kind, line), (_, origin) in zip(sorted(big), sorted(want)):
     assert origin in line, residuals
+
+
+def test_hessian_with_a_fully_masked_row_is_finite_and_optax_s():
+  """An element mask that leaves a whole row out: the row's normaliser must not be all -inf
+  on any differentiation path (second order included); values match optax's."""
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), jnp.float32)
+  labels = jnp.array([0, 1, 2])
+  mask = jnp.ones((3, 4), bool).at[1].set(False).at[2, 3].set(False)
+  ours = lambda z: losses.softmax_cross_entropy_with_integer_labels(z, labels, where=mask).sum()
+  theirs = lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels, where=mask).sum()
+  hessian = jax.hessian(ours)(logits)
+  assert np.all(np.isfinite(np.asarray(hessian)))
+  np.testing.assert_allclose(hessian, jax.hessian(theirs)(logits), atol=1e-6)
+  np.testing.assert_array_equal(hessian[1], 0.0)
