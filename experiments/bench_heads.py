@@ -61,8 +61,8 @@ _FULL_MAX_LOGITS = flags.DEFINE_integer(
     "when that is fewer than --tokens")
 _KEEP_FREED = flags.DEFINE_bool(
     "keep_freed_memory", True,
-    "the library's default: on XLA:CPU glibc malloc keeps freed blocks (lm_jax.ops.allocator, "
-    "applied by the heads themselves); --nokeep_freed_memory opts out (glibc's defaults)")
+    "call lm_jax.ops.allocator.keep_freed_memory_on_cpu() first (XLA:CPU only: glibc malloc "
+    "keeps freed blocks, a process-wide setting); --nokeep_freed_memory: glibc's defaults")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_heads.json", "output JSON")
 _PLOT_OUT = flags.DEFINE_string("plot_out", "results/bench_heads.png", "log-log plot")
@@ -217,8 +217,7 @@ def plot(rows, path):
 
 def main(argv):
   del argv
-  if not _KEEP_FREED.value:
-    allocator.disable_cpu_default()
+  applied = _KEEP_FREED.value and allocator.keep_freed_memory_on_cpu()
   rows = []
   for v in (int(v) for v in _VOCAB_SIZES.value):
     rows.extend(bench_vocab_size(v))
@@ -242,9 +241,9 @@ def main(argv):
       "flags": {k: flags.FLAGS[k].value for k in (
           "vocab_sizes", "hidden", "tokens", "heads", "modes", "num_samples", "class_binnings",
           "full_max_logits", "repeats", "keep_freed_memory")},
-      "keep_freed_memory_applied": allocator.apply_cpu_default()})
-  print(f"glibc malloc keeps freed memory (applied by lm_jax on XLA:CPU): "
-        f"{allocator.apply_cpu_default()}")
+      "keep_freed_memory_applied": applied})
+  print(f"glibc malloc keeps freed memory (keep_freed_memory_on_cpu, this script's call): "
+        f"{applied}")
   plot(rows, _PLOT_OUT.value)
   print(f"wrote {_JSON_OUT.value} and {_PLOT_OUT.value}")
 

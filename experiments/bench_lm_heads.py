@@ -60,8 +60,8 @@ _BINNING = flags.DEFINE_string("head_binning", "equal", "class head binning (as 
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "optimizer (optimizers.OPTIMIZERS)")
 _KEEP_FREED = flags.DEFINE_bool(
     "keep_freed_memory", True,
-    "the library's default: on XLA:CPU glibc malloc keeps freed blocks (lm_jax.ops.allocator, "
-    "applied by the heads themselves); --nokeep_freed_memory opts out (glibc's defaults)")
+    "call lm_jax.ops.allocator.keep_freed_memory_on_cpu() first (XLA:CPU only: glibc malloc "
+    "keeps freed blocks, a process-wide setting); --nokeep_freed_memory: glibc's defaults")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_lm_heads.json", "output JSON")
 
@@ -108,8 +108,7 @@ def head_steps(corpus, variants, head_names, batch_size):
 
 def main(argv):
   del argv
-  if not _KEEP_FREED.value:
-    allocator.disable_cpu_default()
+  applied = _KEEP_FREED.value and allocator.keep_freed_memory_on_cpu()
   base = config_lib.TrainConfig.from_flags(corpus=_CORPUS.value, data_dir=_DATA_DIR.value)
   corpus = trainer.load_corpus(base)
   threads = os.environ.get("XLA_FLAGS", "")
@@ -156,7 +155,7 @@ def main(argv):
           "heads", "cell", "layers", "hidden", "batch_size", "bptt", "dropout",
           "variational_dropout", "head_binning",
           "optimizer", "repeats", "keep_freed_memory")},
-      "keep_freed_memory_applied": allocator.apply_cpu_default()})
+      "keep_freed_memory_applied": applied})
 
 
 if __name__ == "__main__":

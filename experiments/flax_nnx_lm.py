@@ -33,6 +33,7 @@ from lm_jax import heads
 from lm_jax import nnx as lm_nnx
 from lm_jax.data import batching
 from lm_jax.data import corpora
+from lm_jax.ops import allocator
 
 _CORPUS = flags.DEFINE_enum("corpus", "synthetic", ["synthetic", "ptb", "wikitext2"], "corpus")
 _HEAD = flags.DEFINE_enum("head", "full", list(heads.HEAD_NAMES), "output head (lm_jax.heads)")
@@ -50,6 +51,10 @@ _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 10, "rows for evaluation")
 _SEED = flags.DEFINE_integer("seed", 0, "seed")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 200, "steps between progress lines")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "write the results here as JSON")
+_KEEP_FREED = flags.DEFINE_bool(
+    "keep_freed_memory", True,
+    "call lm_jax.ops.allocator.keep_freed_memory_on_cpu() first (XLA:CPU only: glibc malloc "
+    "keeps freed blocks, a process-wide setting); --nokeep_freed_memory: glibc's defaults")
 _CACHED = flags.DEFINE_bool(
     "cached", True, "call the train step through nnx.cached_partial (Flax's remedy for "
     "nnx.jit's per-call graph traversal, 'Performance considerations'); --nocached: plain "
@@ -118,6 +123,8 @@ def evaluate(model, tokens) -> float:
 
 def main(argv):
   del argv
+  if _KEEP_FREED.value:
+    allocator.keep_freed_memory_on_cpu()
   kwargs = {} if _CORPUS.value != "synthetic" else {"num_train": 200_000, "num_valid": 20_000,
                                                      "num_test": 20_000}
   corpus = corpora.load_corpus(_CORPUS.value, _DATA_DIR.value, **kwargs)

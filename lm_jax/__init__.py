@@ -109,6 +109,5 @@ def __dir__():
   return sorted(set(globals()) | set(_LAZY))
 
 
-allocator.apply_at_import()  # CPU-only JAX on glibc: see lm_jax.ops.allocator (opt-out env var)
 
 __version__ = "0.1.0"

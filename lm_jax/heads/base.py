@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_jax.ops import allocator
 from lm_jax.ops import fused
 from lm_jax.ops import losses
 
@@ -239,9 +238,8 @@ def check_sampled_rows(tokens_N: jax.Array, hidden_NxH: jax.Array) -> jax.Array:
 def with_target_contract(head: OutputHead, vocab_size: int) -> OutputHead:
   r"""``head`` as users call it: :func:`check_targets` applied to ``loss``, ``log_prob`` and
   ``sparse``, losses and log-probabilities in float32 (float64 for float64 inputs), and
-  ``tables=None`` replaced by ``head.tables``. The first call in a process applies
-  :func:`lm_jax.ops.allocator.apply_cpu_default` (XLA:CPU only; opt out with
-  ``LM_JAX_KEEP_FREED_MEMORY=0``).
+  ``tables=None`` replaced by ``head.tables``. Nothing process-wide is changed (see
+  :mod:`lm_jax.ops.allocator` for the malloc setting an application may choose).
 
   ``loss(..., where=w)`` is 0 with a zero gradient where ``w`` is False, whatever the id;
   a counted out-of-range id gives ``ValueError`` eagerly and NaN under ``jit`` in ``loss``,
@@ -251,7 +249,6 @@ def with_target_contract(head: OutputHead, vocab_size: int) -> OutputHead:
   own_tables = {} if head.tables is None else head.tables
 
   def resolve(tables):
-    allocator.apply_cpu_default()  # once per process; see lm_jax.ops.allocator
     return own_tables if tables is None else tables
 
   def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables=None):

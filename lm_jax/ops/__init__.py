@@ -1,8 +1,9 @@
 """Kernels: information theory, stable softmax, losses with closed-form gradients, and the
 fused linear + cross-entropy that never builds ``[N, V]`` logits. JAX and NumPy only.
 
-``allocator`` sits here because the kernels use it: glibc malloc settings that keep
-XLA:CPU's large temporaries off fresh pages (applied once, on the CPU backend only).
+``allocator`` sits here beside them: the glibc malloc setting that keeps XLA:CPU's large
+temporaries off fresh pages, which an application may choose explicitly (no kernel applies
+it; importing lm_jax changes nothing in the process).
 """
 
 from lm_jax.ops import allocator

@@ -1,37 +1,32 @@
-r"""Host-memory allocator settings that keep XLA:CPU from page-faulting on every large buffer.
+r"""An explicit, process-wide glibc ``malloc`` setting that keeps XLA:CPU off fresh pages.
 
 XLA:CPU takes its buffers from the C library's ``malloc``. With glibc's defaults a block of
 more than 32 MiB at most (the dynamic ``M_MMAP_THRESHOLD``) is a fresh ``mmap`` that
 ``free`` unmaps again, and each of XLA's threads may get its own arena whose free top is
 trimmed back to the kernel. A jitted step that creates the same large temporaries on
-every call (the gathered rows of a class or hierarchical softmax, a ``[N, V]`` logits
-block) then pays a page fault on first touch of each of their 4 KiB pages, every call:
-on this project's 2-core VM that was about half the time of the class head at V = 100k.
+every call (the gathered rows of a class or hierarchical softmax, a ``[V, H]`` gradient)
+then pays a page fault on first touch of each of their 4 KiB pages, every call: on this
+project's 2-core VMs up to half the time of an output head at V = 100k.
 
-:func:`keep_freed_memory` tells glibc to serve every block from one heap and to keep what is
-freed for reuse, so a step's temporaries are faulted in once. The cost is that the
-process keeps its peak heap size until it exits. Elsewhere than glibc (macOS, musl) it
-does nothing and returns False.
+:func:`keep_freed_memory` tells glibc to serve every block from one heap and to keep what
+is freed for reuse, so a step's temporaries are faulted in once. **lm_jax never calls it by
+itself**: importing lm_jax and calling its kernels and heads change nothing in the process.
+An application chooses it, explicitly, once, early:
 
-The library applies it itself, so that the documented call is as fast as the reported one.
-The setting only helps if it comes before XLA's worker threads first allocate: a thread
-that already has its own glibc arena keeps it, and a block of more than 64 MiB in such an
-arena is always a fresh ``mmap`` (measured: the dense ``[V, H]`` gradient of a head at V =
-100k, 25,000 page faults and ~20 ms a call applied late, none and ~4 ms applied early). So:
+* what it changes: ``M_MMAP_MAX = 0``, ``M_TRIM_THRESHOLD = -1``, ``M_ARENA_MAX = 1`` for the
+  whole process (every library's allocations, NumPy's too), overriding any ``MALLOC_*``
+  environment settings;
+* what it costs: the process keeps its peak heap until it exits (a transient 20 GB NumPy
+  load stays resident), and all threads share one arena;
+* it cannot be undone in-process: :func:`restore_glibc_defaults` puts the three values back,
+  but threads that allocated meanwhile stay on the one arena (glibc fixes arena assignment);
+* when: before the first JAX work. A thread that already has its own arena keeps it, and a
+  block of more than 64 MiB there is still a fresh ``mmap`` (:func:`arena_count` tells).
 
-* ``import lm_jax`` calls :func:`keep_freed_memory` when the default backend will be the
-  CPU and that is known without starting a backend: ``JAX_PLATFORMS`` (or
-  ``jax_platforms``) names ``cpu`` first, or backends already run on the CPU, or no
-  accelerator plugin is installed (no ``jax_plugins`` entry point or package, no
-  ``libtpu``). This is the only thing importing lm_jax changes.
-* Otherwise :func:`apply_cpu_default` decides at the first call of an output head or of the
-  fused loss, once the backend is known (late, so it helps less); it also undoes an
-  import-time setting if the backend turns out not to be the CPU (on a GPU or TPU the step's
-  buffers live in device memory, which XLA pools itself).
-
-What was done is logged once, on the ``lm_jax`` logger, at that first call. Opt out with the
-environment variable ``LM_JAX_KEEP_FREED_MEMORY=0`` (before importing lm_jax), or call
-:func:`disable_cpu_default` (glibc's defaults come back).
+The same setting without code, before the process starts:
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=-1 MALLOC_ARENA_MAX=1 python3 ...``.
+lm_jax's experiment scripts call :func:`keep_freed_memory_on_cpu` unless given
+``--nokeep_freed_memory``. Elsewhere than glibc (macOS, musl) nothing changes.
 """
 import ctypes
 import ctypes.util
@@ -43,10 +38,7 @@ import os
 
 import jax
 
-ENV_VAR = "LM_JAX_KEEP_FREED_MEMORY"
 _logger = logging.getLogger("lm_jax")
-_cpu_default = None  # None: not decided yet; then True/False, what apply_cpu_default did.
-_applied_at_import = False  # whether apply_at_import called keep_freed_memory.
 _arenas_when_applied = None  # malloc arenas that existed when keep_freed_memory first ran.
 
 # mallopt parameter numbers from glibc's <malloc.h>.
@@ -139,10 +131,6 @@ def arena_count():
     libc.free(buffer)
 
 
-def _opted_out() -> bool:
-  return os.environ.get(ENV_VAR, "1").strip().lower() in ("0", "false", "no", "off")
-
-
 def _configured_platforms() -> str:
   return jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
 
@@ -167,55 +155,25 @@ def _backends_started() -> bool:
     return False
 
 
-def apply_at_import() -> None:
-  """Called by ``import lm_jax``: :func:`keep_freed_memory` now if the CPU is known to be the
-  default backend (see the module docstring); otherwise nothing until
-  :func:`apply_cpu_default`. Logs nothing (logging is rarely set up at import time)."""
-  global _applied_at_import
-  if _cpu_default is None and not _opted_out() and _cpu_is_known_default():
-    _applied_at_import = keep_freed_memory()
+def keep_freed_memory_on_cpu() -> bool:
+  """What an application calls first thing: :func:`keep_freed_memory` when the default JAX
+  backend is (or will be) the CPU, known without starting a backend (``JAX_PLATFORMS``
+  names ``cpu`` first, or backends already run on the CPU, or no accelerator plugin is
+  installed); on a GPU or TPU the step's buffers live in device memory, which XLA pools
+  itself, so nothing changes. Logs what it did on the ``lm_jax`` logger.
 
-
-def apply_cpu_default() -> bool:
-  """Once per process: decides the allocator setting now that the backend is known.
-
-  Keeps an import-time :func:`keep_freed_memory` (or applies it now, late) when the default
-  backend is the CPU; undoes an import-time one on any other backend. Skipped (returns
-  False) when ``LM_JAX_KEEP_FREED_MEMORY`` is ``0``/``false``/``no``, after
-  :func:`disable_cpu_default`, or off glibc. Later calls return the first decision without
-  doing anything.
+  Returns:
+    True if the setting was applied.
   """
-  global _cpu_default
-  if _cpu_default is not None:
-    return _cpu_default
-  if _opted_out():
-    _cpu_default = False
-    _logger.info("lm_jax: %s=0, glibc malloc settings left as they are", ENV_VAR)
-  elif jax.default_backend() != "cpu":
-    if _applied_at_import:
-      restore_glibc_defaults()
-      _logger.info("lm_jax: backend %s, glibc malloc settings of import time undone",
-                   jax.default_backend())
-    _cpu_default = False
-  else:
-    when = ("since import" if _applied_at_import else
-            "from now on (late: threads that already allocated keep their own arenas; "
-            "import lm_jax before the first JAX work)")
-    _cpu_default = _applied_at_import or keep_freed_memory()
-    if _cpu_default and (_arenas_when_applied or 1) > 1:
-      when += (f"; {_arenas_when_applied} malloc arenas existed by then (threads had allocated "
-               "before), blocks over 64 MiB in the extra ones stay fresh mmaps: set "
-               "MALLOC_ARENA_MAX=1 before starting Python to cover them")
-    _logger.info("lm_jax: XLA:CPU backend, glibc malloc keeps freed memory for reuse %s "
-                 "(applied: %s; opt out with %s=0)", when, _cpu_default, ENV_VAR)
-  return _cpu_default
-
-
-def disable_cpu_default() -> None:
-  """Opts this process out of :func:`apply_cpu_default` and puts back glibc's defaults if
-  ``import lm_jax`` had applied :func:`keep_freed_memory`."""
-  global _cpu_default, _applied_at_import
-  if _applied_at_import:
-    restore_glibc_defaults()
-    _applied_at_import = False
-  _cpu_default = False
+  if not _cpu_is_known_default():
+    _logger.info("lm_jax: default backend not known to be the CPU; malloc left as it is")
+    return False
+  applied = keep_freed_memory()
+  note = ""
+  if applied and (_arenas_when_applied or 1) > 1:
+    note = (f"; {_arenas_when_applied} malloc arenas existed by then (threads had allocated "
+            "before), blocks over 64 MiB in the extra ones stay fresh mmaps: set "
+            "MALLOC_ARENA_MAX=1 before starting Python to cover them")
+  _logger.info("lm_jax: glibc malloc keeps freed memory for reuse (XLA:CPU): %s%s (the "
+               "application's choice; see lm_jax.ops.allocator)", applied, note)
+  return applied

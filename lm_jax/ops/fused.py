@@ -53,7 +53,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lm_jax.ops import allocator
 
 _TOKEN_CHUNK = 256
 _VOCAB_CHUNK = 8192
@@ -463,7 +462,6 @@ def linear_softmax_cross_entropy(
   >>> print(f"{float(mean):.4f}")  # (0.4076 + 0.2395 + 2.7586) / 3
   1.1353
   """
-  allocator.apply_cpu_default()  # once per process, XLA:CPU only (lm_jax.ops.allocator)
   hidden_NxH = jnp.asarray(hidden_NxH)
   weight_VxH = jnp.asarray(weight_VxH)
   labels_N = jnp.asarray(labels_N)

@@ -199,9 +199,10 @@ class RunConfig:
       'instead of stopping the run')
   keep_freed_memory: bool = flag(
       True,
-      'on the CPU backend only, let glibc malloc keep freed blocks for reuse '
-      "(lm_jax.ops.allocator): no page faults on each step's large temporaries; the "
-      'process keeps its peak memory. Ignored on GPU/TPU')
+      'on the CPU backend only, the training application calls '
+      'lm_jax.ops.allocator.keep_freed_memory_on_cpu() at start: glibc malloc keeps freed '
+      "blocks for reuse, no page faults on each step's large temporaries; the process keeps "
+      'its peak memory and it cannot be undone. Ignored on GPU/TPU')
   parallel: str = flag(
       "auto",
       'auto (shard_map over all devices when there are several, else none), none, '

@@ -145,12 +145,12 @@ class Trainer:
     config.validate()
     self.config = config
     run = config.run
-    if not run.keep_freed_memory:
-      allocator.disable_cpu_default()
     parallel.initialize_distributed(run.coordinator_address, run.num_processes, run.process_id)
-    # After distributed init (it must come before the backend starts): XLA:CPU only.
+    # The training application's explicit choice (--nokeep_freed_memory skips it), after
+    # distributed init and before the backend starts; XLA:CPU only.
+    applied = run.keep_freed_memory and allocator.keep_freed_memory_on_cpu()
     run_logging.logger.info("glibc malloc keeps freed memory: %s (XLA:CPU only; backend %s)",
-                            allocator.apply_cpu_default(), jax.default_backend())
+                            applied, jax.default_backend())
     config.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
     self.t_start = time.time()
     self.workdir = run.workdir

@@ -382,7 +382,7 @@ def test_bench_lm_heads_script_smoke(tmp_path):
                  check=True, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
                  timeout=600)
   payload = json.loads(out.read_text())
-  assert payload["keep_freed_memory_applied"] is _GLIBC_CPU  # the library applied it itself
+  assert payload["keep_freed_memory_applied"] is _GLIBC_CPU  # the script's explicit call
   rows = payload["rows"]
   labels = ("elman", "elman+variational", "elman_direct", "elman_direct+variational")
   assert [(r["cell"], r["head"], r["batch_size"]) for r in rows] == [
@@ -413,7 +413,7 @@ def test_bench_heads_script_smoke(tmp_path):
                  check=True, env={**os.environ, "PYTHONPATH": root}, capture_output=True,
                  timeout=600)
   payload = json.loads(out.read_text())
-  assert payload["keep_freed_memory_applied"] is _GLIBC_CPU  # the library applied it itself
+  assert payload["keep_freed_memory_applied"] is _GLIBC_CPU  # the script's explicit call
   keys = {(r["V"], r["head"], r["mode"]) for r in payload["rows"]}
   assert {(v, "full", "dense") for v in (64, 256)} <= keys
   assert {(v, h, m) for v in (64, 256) for h in ("class", "hsm", "nce")
