@@ -30,9 +30,19 @@ the plot's legend.
 
   python experiments/bench_heads.py                                   # V = 10k, 100k, 1M
   python experiments/bench_heads.py --vocab_sizes=10000,100000 --repeats=3
+
+The script first calls :func:`lm_jax.ops.allocator.keep_freed_memory_on_cpu`
+(``--nokeep_freed_memory`` skips it); since that setting cannot be undone in-process, the
+columns without it (``*_no_call``) come from a second run of the script in a fresh process
+(``--nono_call_column`` skips that).
 """
 import functools
 import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 from absl import app
@@ -63,6 +73,11 @@ _KEEP_FREED = flags.DEFINE_bool(
     "keep_freed_memory", True,
     "call lm_jax.ops.allocator.keep_freed_memory_on_cpu() first (XLA:CPU only: glibc malloc "
     "keeps freed blocks, a process-wide setting); --nokeep_freed_memory: glibc's defaults")
+_NO_CALL = flags.DEFINE_bool(
+    "no_call_column", True,
+    "when the call was applied, also time every row in a second process without it (the "
+    "setting cannot be undone in-process) and report us_per_token_no_call and "
+    "speedup_vs_full_no_call beside each row")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_heads.json", "output JSON")
 _PLOT_OUT = flags.DEFINE_string("plot_out", "results/bench_heads.png", "log-log plot")
@@ -215,20 +230,49 @@ def plot(rows, path):
   plt.close(fig)
 
 
+_SHARED_FLAGS = ("vocab_sizes", "hidden", "tokens", "heads", "modes", "num_samples",
+                 "class_binnings", "full_max_logits", "repeats")
+
+
+def no_call_rows() -> list[dict]:
+  """The same rows timed by this script in a fresh process with ``--nokeep_freed_memory``."""
+  def value(name):
+    v = flags.FLAGS[name].value
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "no_call.json")
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--nokeep_freed_memory",
+                    "--nono_call_column", f"--json_out={out}",
+                    f"--plot_out={os.path.join(tmp, 'no_call.png')}",
+                    *(f"--{name}={value(name)}" for name in _SHARED_FLAGS)], check=True)
+    with open(out, encoding="utf-8") as f:
+      return json.load(f)["rows"]
+
+
 def main(argv):
   del argv
   applied = _KEEP_FREED.value and allocator.keep_freed_memory_on_cpu()
   rows = []
   for v in (int(v) for v in _VOCAB_SIZES.value):
     rows.extend(bench_vocab_size(v))
+  columns = ["V", "head", "mode", "tokens", "us_per_token", "speedup_vs_full"]
+  if applied and _NO_CALL.value:
+    other = {(r["V"], r["head"], r["mode"]): r for r in no_call_rows()}
+    for r in rows:
+      twin = other.get((r["V"], r["head"], r["mode"]), {})
+      r["us_per_token_no_call"] = twin.get("us_per_token", float("nan"))
+      r["speedup_vs_full_no_call"] = twin.get("speedup_vs_full", float("nan"))
+    columns += ["us_per_token_no_call", "speedup_vs_full_no_call"]
   growth = {}
   sizes = sorted({r["V"] for r in rows})
   for (name, mode) in sorted({(r["head"], r["mode"]) for r in rows}):
     by_v = {r["V"]: r["us_per_token"] for r in rows if (r["head"], r["mode"]) == (name, mode)}
     if sizes[0] in by_v and sizes[-1] in by_v:
       growth[f"{name}/{mode}"] = by_v[sizes[-1]] / by_v[sizes[0]]
-  benchmarking.print_table(rows, ["V", "head", "mode", "tokens", "us_per_token",
-                                  "speedup_vs_full"])
+  print("with keep_freed_memory_on_cpu() (this process) and, where shown, without it (a second "
+        "process):")
+  benchmarking.print_table(rows, columns)
   slopes = loglog_slopes(rows)
   print(f"time per token at V={sizes[-1]} / at V={sizes[0]}, and the log-log slope b "
         "(time per token ~ V^b):")
@@ -240,7 +284,7 @@ def main(argv):
       "notes": "full softmax timed on min(N, full_max_logits / V) tokens, reported per token",
       "flags": {k: flags.FLAGS[k].value for k in (
           "vocab_sizes", "hidden", "tokens", "heads", "modes", "num_samples", "class_binnings",
-          "full_max_logits", "repeats", "keep_freed_memory")},
+          "full_max_logits", "repeats", "keep_freed_memory", "no_call_column")},
       "keep_freed_memory_applied": applied})
   print(f"glibc malloc keeps freed memory (keep_freed_memory_on_cpu, this script's call): "
         f"{applied}")

@@ -426,6 +426,13 @@ def test_bench_heads_script_smoke(tmp_path):
     assert np.isfinite(r["us_per_token"]) and r["tokens"] == 32
     np.testing.assert_allclose(r["speedup_vs_full"], full_us[r["V"]] / r["us_per_token"],
                                rtol=1e-9)
+  if _GLIBC_CPU:  # the call applied: every row also timed in a second process without it
+    full_no_call = {r["V"]: r["us_per_token_no_call"] for r in payload["rows"]
+                    if r["head"] == "full"}
+    for r in payload["rows"]:
+      assert np.isfinite(r["us_per_token_no_call"])
+      np.testing.assert_allclose(r["speedup_vs_full_no_call"],
+                                 full_no_call[r["V"]] / r["us_per_token_no_call"], rtol=1e-9)
   for name in ("adaptive", "adaptive_fixed", "classtree", "classtree_3"):
     assert {(v, name, "dense") for v in (64, 256)} <= keys
   assert {(v, h, "sparse") for v in (64, 256) for h in ("classtree", "classtree_3")} <= keys
