@@ -69,10 +69,7 @@ _CLASS_BINNINGS = flags.DEFINE_list(
 _FULL_MAX_LOGITS = flags.DEFINE_integer(
     "full_max_logits", 2048 * 100_000, "the full softmax is timed on N = this / V tokens "
     "when that is fewer than --tokens")
-_KEEP_FREED = flags.DEFINE_bool(
-    "keep_freed_memory", True,
-    "call lm_jax.ops.allocator.keep_freed_memory_on_cpu() first (XLA:CPU only: glibc malloc "
-    "keeps freed blocks, a process-wide setting); --nokeep_freed_memory: glibc's defaults")
+_KEEP_FREED = benchmarking.define_keep_freed_memory_flag()
 _NO_CALL = flags.DEFINE_bool(
     "no_call_column", True,
     "when the call was applied, also time every row in a second process without it (the "

@@ -58,10 +58,7 @@ _VARIATIONAL = flags.DEFINE_list(
     "side by side")
 _BINNING = flags.DEFINE_string("head_binning", "equal", "class head binning (as train_lm.py)")
 _OPTIMIZER = flags.DEFINE_string("optimizer", "adam", "optimizer (optimizers.OPTIMIZERS)")
-_KEEP_FREED = flags.DEFINE_bool(
-    "keep_freed_memory", True,
-    "call lm_jax.ops.allocator.keep_freed_memory_on_cpu() first (XLA:CPU only: glibc malloc "
-    "keeps freed blocks, a process-wide setting); --nokeep_freed_memory: glibc's defaults")
+_KEEP_FREED = benchmarking.define_keep_freed_memory_flag()
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed rounds (medians reported)")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_lm_heads.json", "output JSON")
 

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from absl import flags
 import jax
 import jax.ad_checkpoint
 import jax.numpy as jnp
@@ -206,3 +207,12 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump({"machine": machine_facts(), **payload}, f, indent=2, sort_keys=False)
     f.write("\n")
+
+
+def define_keep_freed_memory_flag() -> flags.FlagHolder:
+  """The scripts' ``--[no]keep_freed_memory`` (default on): whether ``main`` first calls
+  :func:`lm_jax.ops.allocator.keep_freed_memory_on_cpu`."""
+  return flags.DEFINE_bool(
+      "keep_freed_memory", True,
+      "call lm_jax.ops.allocator.keep_freed_memory_on_cpu() first (XLA:CPU only: glibc malloc "
+      "keeps freed blocks, a process-wide setting); --nokeep_freed_memory: glibc's defaults")

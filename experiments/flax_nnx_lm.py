@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import benchmarking
+
 from lm_jax import heads
 from lm_jax import nnx as lm_nnx
 from lm_jax.data import batching
@@ -51,10 +53,7 @@ _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 10, "rows for evaluation")
 _SEED = flags.DEFINE_integer("seed", 0, "seed")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 200, "steps between progress lines")
 _JSON_OUT = flags.DEFINE_string("json_out", "", "write the results here as JSON")
-_KEEP_FREED = flags.DEFINE_bool(
-    "keep_freed_memory", True,
-    "call lm_jax.ops.allocator.keep_freed_memory_on_cpu() first (XLA:CPU only: glibc malloc "
-    "keeps freed blocks, a process-wide setting); --nokeep_freed_memory: glibc's defaults")
+_KEEP_FREED = benchmarking.define_keep_freed_memory_flag()
 _CACHED = flags.DEFINE_bool(
     "cached", True, "call the train step through nnx.cached_partial (Flax's remedy for "
     "nnx.jit's per-call graph traversal, 'Performance considerations'); --nocached: plain "

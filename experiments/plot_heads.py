@@ -23,6 +23,8 @@ from absl import flags
 
 import benchmarking
 
+from lm_jax.train import run_logging
+
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs", "where head_curves.sh wrote the runs")
 _CORPORA = flags.DEFINE_list("corpora", ["ptb", "wikitext2"], "corpora to draw, one figure each")
 _OUT_DIR = flags.DEFINE_string("out_dir", "docs/figures", "where the figures go")
@@ -32,18 +34,12 @@ HEAD_ORDER = ("full", "class", "classtree", "hsm", "adaptive", "dsoftmax", "nce"
               "sampled")
 
 
-def _nan_for_null(record):
-  """train_lm.py writes a non-finite number (a diverged run's perplexity) as null."""
-  return {k: math.nan if v is None else v for k, v in record.items()}
-
-
 def read_run(path):
   """``{head, corpus, config, curve: [(train_time, tokens, valid_ppl)], results}`` or None."""
   try:
     with open(os.path.join(path, "config.json")) as f:
       config = json.load(f)
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-      records = [_nan_for_null(json.loads(line)) for line in f if line.strip()]
+    records = run_logging.read_metrics(os.path.join(path, "metrics.jsonl"))
   except FileNotFoundError:
     return None
   tokens_per_step = config["batch_size"] * config["bptt"]
@@ -52,7 +48,7 @@ def read_run(path):
   results = None
   if os.path.exists(os.path.join(path, "results.json")):
     with open(os.path.join(path, "results.json")) as f:
-      results = _nan_for_null(json.load(f))
+      results = run_logging.nan_for_null(json.load(f))
   return {"head": config["head"], "corpus": config["corpus"], "config": config,
           "curve": curve, "results": results, "path": path}
 

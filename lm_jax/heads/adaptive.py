@@ -75,13 +75,17 @@ def clusters_for_width(hidden_size: int, num_clusters: int, div_value: float,
   >>> clusters_for_width(256, 5, 4.0, 8), clusters_for_width(16, 5, 4.0, 8)
   (2, 1)
   """
-  sizes = [int(hidden_size // (div_value ** (i + 1))) for i in range(num_clusters)]
+  sizes = _projection_rows(hidden_size, num_clusters, div_value)
   return max(1, sum(1 for size in sizes if size >= min_projection))
+
+
+def _projection_rows(hidden_size: int, num_clusters: int, div_value: float) -> list[int]:
+  return [int(hidden_size // (div_value ** (i + 1))) for i in range(num_clusters)]
 
 
 def projection_sizes(hidden_size: int, num_clusters: int, div_value: float) -> list[int]:
   """``R_i = int(H // div_value ** (i + 1))``, as PyTorch computes them."""
-  sizes = [int(hidden_size // (div_value ** (i + 1))) for i in range(num_clusters)]
+  sizes = _projection_rows(hidden_size, num_clusters, div_value)
   if min(sizes) < 1:
     raise ValueError(f"hidden size {hidden_size} with div_value={div_value} gives projection "
                      f"sizes {sizes}; every cluster needs at least 1 (fewer cutoffs or a "

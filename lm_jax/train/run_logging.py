@@ -156,8 +156,13 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
         record = json.loads(line)
       except json.JSONDecodeError:
         break
-      records.append({k: math.nan if v is None else v for k, v in record.items()})
+      records.append(nan_for_null(record))
   return records
+
+
+def nan_for_null(record: dict[str, Any]) -> dict[str, Any]:
+  """A strict-JSON record with each ``null`` metric (non-finite when written) read as NaN."""
+  return {k: math.nan if v is None else v for k, v in record.items()}
 
 
 class Progress:
