@@ -45,10 +45,14 @@ HEAD_NAMES = ("full", "class", "hsm", "dsoftmax", "nce", "neg", "sampled", "adap
 TREE_KINDS = ("huffman", "balanced", "class")
 _NOISE_OPTIONS = ("noise", "noise_power", "num_samples", "shared_samples")
 # The keyword options make_head accepts for each head (train_lm's flags map onto these).
-HEAD_OPTIONS = {"full": (), "class": ("num_classes", "binning"), "hsm": ("tree", "num_classes"),
-                "dsoftmax": ("bands",), "nce": _NOISE_OPTIONS + ("log_z",),
+# ``implementation`` ("auto", "cpu", "accelerator"; lm_jax.ops.platform) goes to the heads
+# that have a CPU-tuned form beside their accelerator form.
+HEAD_OPTIONS = {"full": ("implementation",),
+                "class": ("num_classes", "binning", "implementation"),
+                "hsm": ("tree", "num_classes", "implementation"),
+                "dsoftmax": ("bands", "implementation"), "nce": _NOISE_OPTIONS + ("log_z",),
                 "neg": _NOISE_OPTIONS, "sampled": _NOISE_OPTIONS,
-                "adaptive": ("cutoffs", "div_value"), "classtree": ("levels",)}
+                "adaptive": ("cutoffs", "div_value", "implementation"), "classtree": ("levels",)}
 
 
 def _make_tree(kind: str, counts: np.ndarray, num_classes: Any) -> Tree:
@@ -104,6 +108,10 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
       projection has at least 8 rows, and always the first), ``div_value``. The adaptive
       head maps ids to frequency ranks with the counts, so any vocabulary order works;
       ``classtree``: ``levels`` (1, 2 or 3 class levels above the words; default 2).
+      ``full``, ``class``, ``hsm``, ``dsoftmax`` and ``adaptive`` also take
+      ``implementation``: ``"auto"`` (default; the CPU-tuned form on a CPU, the accelerator
+      form on GPU and TPU, chosen when the program is lowered), ``"cpu"`` or
+      ``"accelerator"`` (:mod:`lm_jax.ops.platform`).
 
   Returns:
     An :class:`OutputHead`.
@@ -114,8 +122,9 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
   if unknown:
     raise ValueError(f"head {name!r} does not take option(s) {unknown}; it takes "
                      f"{list(HEAD_OPTIONS[name])}")
+  implementation = options.get("implementation", "auto")
   if name == "full":
-    return full_softmax(vocab_size, init_scale=init_scale)
+    return full_softmax(vocab_size, init_scale=init_scale, implementation=implementation)
   if counts is None:
     raise ValueError(f"head {name!r} needs the training counts of each token id (counts=[V])")
   counts = np.asarray(counts)
@@ -124,14 +133,14 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
   get = options.get
   if name == "class":
     return class_softmax(counts, get("num_classes") or None, binning=get("binning", "equal"),
-                         init_scale=init_scale)
+                         init_scale=init_scale, implementation=implementation)
   if name == "hsm":
     return hierarchical_softmax(_make_tree(get("tree", "huffman"), counts, get("num_classes")),
-                                init_scale=init_scale)
+                                init_scale=init_scale, implementation=implementation)
   if name == "dsoftmax":
     bands = get("bands") or None
     return differentiated_softmax(counts, parse_bands(bands) if isinstance(bands, str) else bands,
-                                  init_scale=init_scale)
+                                  init_scale=init_scale, implementation=implementation)
   if name == "adaptive":
     cutoffs = _cutoffs(get("cutoffs"))
     # Default cutoffs adapt to H at init (kept: the first cluster, and the later ones whose
@@ -139,7 +148,8 @@ def make_head(name: str, *, vocab_size: int, counts: Any = None, init_scale: flo
     # cutoffs the user gives are taken as given.
     return adaptive_softmax(vocab_size, cutoffs or default_cutoffs(counts),
                             div_value=get("div_value", 4.0), counts=counts,
-                            init_scale=init_scale, min_projection=None if cutoffs else 8)
+                            init_scale=init_scale, min_projection=None if cutoffs else 8,
+                            implementation=implementation)
   if name == "classtree":
     return class_hierarchy_softmax(counts, int(get("levels", 2)), init_scale=init_scale)
   noise_dist = make_noise(get("noise", "unigram"), vocab_size=vocab_size, counts=counts,

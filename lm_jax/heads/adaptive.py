@@ -35,7 +35,9 @@ from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import frequency_rank_tables
 from lm_jax.heads.base import sample_by_walk
 from lm_jax.heads.base import with_target_contract
+from lm_jax.ops import fused
 from lm_jax.ops import losses
+from lm_jax.ops import platform
 
 
 def check_cutoffs(vocab_size: int, cutoffs: Sequence[int]) -> list[int]:
@@ -323,6 +325,18 @@ def _cluster_nll_autodiff(proj_RxH, weight_WxR, hidden_NxH, relative_N, in_clust
                           tokens_per_item)[0]
 
 
+def _cluster_nll_dense(proj_RxH, weight_WxR, hidden_NxH, relative_N, in_cluster_N):
+  """:func:`_cluster_nll` as masked dense math (the accelerator form): every token projected,
+  ``z = P h`` (``[N, R]``), and the fused loss's accelerator form over the cluster's words
+  with ``where=in_cluster`` (one loop over vocabulary blocks, whatever ``N``; no ``[N, W]``
+  logits). ``O(N R (H + W))`` work for all ``N`` tokens, against the scan's tokens of the
+  cluster only: cheap while ``R`` is small, and no loop over items."""
+  compute = jnp.result_type(jnp.float32, hidden_NxH, proj_RxH)
+  z_NxR = jnp.matmul(hidden_NxH, proj_RxH.T, preferred_element_type=compute)
+  return fused.linear_softmax_cross_entropy(z_NxR, weight_WxR.astype(compute), relative_N,
+                                            where=in_cluster_N, implementation="accelerator")
+
+
 BACKWARDS = ("scan", "autodiff")
 
 
@@ -330,7 +344,7 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
                      head_bias: bool = False, counts: Optional[Any] = None,
                      tokens_per_item: int = 32, init_scale: Optional[float] = None,
                      backward: str = "scan", min_projection: Optional[int] = None,
-                     dtype=jnp.float32) -> OutputHead:
+                     dtype=jnp.float32, implementation: str = "auto") -> OutputHead:
   r"""The adaptive softmax over ``V`` words (module docstring), as an ``OutputHead``.
 
   Params ``{"head_weight_SxH", ["head_bias_S"], "tail": [{"proj_RxH", "weight_WxR"}, ...]}``
@@ -355,13 +369,17 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
     backward: ``"scan"`` (default): the clusters' loss has a hand-written backward
       (:func:`_cluster_nll`), reverse mode only (``jax.grad``, ``jax.vjp``; ``jax.jvp``
       raises); ``"autodiff"``: JAX differentiates the same forward, so forward mode works
-      too (about 3x slower backward at V = 100k, N = 2048).
+      too (about 3x slower backward at V = 100k, N = 2048). Used by the CPU form only.
     min_projection: None (default): every cutoff is a cluster, and ``init`` raises if a
       projection would have no rows (PyTorch's rule). An int: ``init(key, H)`` keeps only
       the leading clusters whose projection keeps at least this many rows (at least one
       cluster, :func:`clusters_for_width`); the last kept cluster takes the rest of the
       vocabulary. The functions read the number of clusters from ``params["tail"]``.
     dtype: parameter dtype.
+    implementation: ``"auto"`` (default): on a CPU the item scans ``backward`` names, on
+      GPU and TPU :func:`_cluster_nll_dense` (masked dense math over vocabulary blocks; the
+      item scans' trip counts grow with ``N``), chosen when the program is lowered
+      (:func:`lm_jax.ops.platform.per_platform`); ``"cpu"`` or ``"accelerator"`` forces one.
 
   Returns:
     An :class:`~lm_jax.heads.base.OutputHead`.
@@ -384,7 +402,14 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
     raise ValueError(f"tokens_per_item must be >= 1, got {tokens_per_item}")
   if backward not in BACKWARDS:
     raise ValueError(f"backward={backward!r} is not one of {BACKWARDS}")
-  cluster_nll = _cluster_nll if backward == "scan" else _cluster_nll_autodiff
+  platform.check_implementation(implementation)
+  scanned_nll = functools.partial(
+      _cluster_nll if backward == "scan" else _cluster_nll_autodiff,
+      tokens_per_item=tokens_per_item)
+
+  def cluster_nll(*args):
+    return platform.per_platform(scanned_nll, _cluster_nll_dense, *args,
+                                 implementation=implementation)
   tables = {}
   if counts is not None:
     counts_V = np.asarray(counts)
@@ -445,7 +470,7 @@ def adaptive_softmax(vocab_size: int, cutoffs: Sequence[int], *, div_value: floa
         in_cluster_N = in_cluster_N & jnp.asarray(where, bool)
       relative_N = jnp.clip(rank_N - bounds[i], 0, width_C[i] - 1)
       loss_N = loss_N + cluster_nll(tail["proj_RxH"], tail["weight_WxR"], hidden_NxH,
-                                     relative_N, in_cluster_N, tokens_per_item).astype(compute)
+                                     relative_N, in_cluster_N).astype(compute)
     return loss_N if where is None else jnp.where(where, loss_N, 0.0)
 
   def log_prob(params, hidden_NxH, targets_N, *, tables):

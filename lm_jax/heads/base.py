@@ -39,6 +39,7 @@ import numpy as np
 
 from lm_jax.ops import fused
 from lm_jax.ops import losses
+from lm_jax.ops import platform
 
 # Up to this many logits (64 MiB in float32) the full-softmax head materialises them.
 _UNFUSED_MAX_LOGITS = 2**24
@@ -397,7 +398,8 @@ def sample_by_walk(walk: Callable[..., jax.Array], log_probs: Callable[..., jax.
   return sample
 
 
-def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32) -> OutputHead:
+def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32,
+                 implementation: str = "auto") -> OutputHead:
   r"""The exact softmax over all ``V`` words.
 
   .. math::
@@ -412,6 +414,8 @@ def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32)
     vocab_size: ``V``.
     init_scale: half-width of the uniform initialisation.
     dtype: parameter dtype.
+    implementation: the fused loss's form (``"auto"``: per platform; ``"cpu"``,
+      ``"accelerator"``; see :func:`~lm_jax.ops.fused.linear_softmax_cross_entropy`).
 
   Returns:
     An :class:`OutputHead`.
@@ -427,6 +431,7 @@ def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32)
   """
   if vocab_size < 1:
     raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+  platform.check_implementation(implementation)
 
   def init(key, hidden_size):
     k_w, k_b = jax.random.split(key)
@@ -445,7 +450,8 @@ def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32)
                     + params["bias_V"].astype(dtype))
       return losses.softmax_cross_entropy_with_integer_labels(logits_NxV, targets_N, where=where)
     return fused.linear_softmax_cross_entropy(hidden_NxH, params["weight_VxH"], targets_N,
-                                              bias_V=params["bias_V"], where=where)
+                                              bias_V=params["bias_V"], where=where,
+                                              implementation=implementation)
 
   def log_prob(params, hidden_NxH, targets_N, *, tables=None):
     return -loss(params, hidden_NxH, targets_N, tables=tables)

@@ -29,6 +29,7 @@ from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import sample_by_walk
 from lm_jax.heads.base import with_target_contract
+from lm_jax.ops import platform
 
 BINNINGS = ("mass", "sqrt", "equal")
 BACKWARDS = ("scan", "autodiff")
@@ -178,7 +179,7 @@ def class_work_list(class_N: jax.typing.ArrayLike, num_classes: int,
   item_end_C = jnp.cumsum(items_C)
   first_item_C = item_end_C - items_C
   item_L = jnp.arange(num_work_items(num_tokens, num_classes, cap), dtype=jnp.int32)
-  item_class_L = jnp.minimum(jnp.searchsorted(item_end_C, item_L, side="right"),
+  item_class_L = jnp.minimum(jnp.searchsorted(item_end_C, item_L, side="right", method="compare_all"),
                              num_classes - 1).astype(jnp.int32)
   # Rank within the class of each slot's token; past the class's count (or for padding items,
   # which sit past the last class's items) the slot is empty.
@@ -265,22 +266,26 @@ def _windowed_word_nll(width: int):
     cap = column_LxK.shape[1]
     g_LxK = jnp.where(work.valid_LxK, g_N.astype(compute)[work.token_LxK], 0.0)
 
-    def add_item(carry, x):
-      d_weight_VxH, d_bias_V = carry
+    def item_grads(x):
       start, hidden_KxH, mask_M, column_K, g_K, _ = x
       w_MxH, logits_MxK = item_logits(weight_VxH, bias_V, hidden_KxH, start, mask_M, compute)
       p_MxK = jax.nn.softmax(logits_MxK, axis=0)
       d_MxK = (p_MxK - jax.nn.one_hot(column_K, width, axis=0, dtype=compute)) * g_K
-      update = lambda acc, delta: jax.lax.dynamic_update_slice_in_dim(
-          acc, jax.lax.dynamic_slice_in_dim(acc, start, width, 0) + delta, start, 0)
-      carry = (update(d_weight_VxH, jnp.matmul(d_MxK, hidden_KxH)),
-               update(d_bias_V, jnp.sum(d_MxK, axis=1)))
-      return carry, jnp.matmul(d_MxK.T, w_MxH)
+      return jnp.matmul(d_MxK, hidden_KxH), jnp.sum(d_MxK, axis=1), jnp.matmul(d_MxK.T, w_MxH)
+
+    def no_grads(x):
+      return (jnp.zeros((width, hidden_NxH.shape[1]), compute), jnp.zeros((width,), compute),
+              jnp.zeros((cap, hidden_NxH.shape[1]), compute))
 
     def body(carry, x):
-      return jax.lax.cond(x[5][0], add_item,
-                          lambda c, x: (c, jnp.zeros((cap, hidden_NxH.shape[1]), compute)),
-                          carry, x)
+      # The cond returns the item's small [M, H] window gradient and the window is updated
+      # outside it (an empty item adds zeros): under vmap a cond becomes a select of both
+      # branches' outputs, which must not be the whole [V, H] carry.
+      d_window_MxH, d_window_M, d_hidden_KxH = jax.lax.cond(x[5][0], item_grads, no_grads, x)
+      start = x[0]
+      update = lambda acc, delta: jax.lax.dynamic_update_slice_in_dim(
+          acc, jax.lax.dynamic_slice_in_dim(acc, start, width, 0) + delta, start, 0)
+      return (update(carry[0], d_window_MxH), update(carry[1], d_window_M)), d_hidden_KxH
 
     zeros = (jnp.zeros(weight_VxH.shape, compute), jnp.zeros(bias_V.shape, compute))
     (d_weight_VxH, d_bias_V), d_hidden_LxKxH = jax.lax.scan(
@@ -296,7 +301,8 @@ def _windowed_word_nll(width: int):
 
 def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "equal",
                   tokens_per_item: Optional[int] = None, init_scale: float = 0.1,
-                  dtype=jnp.float32, backward: str = "scan") -> OutputHead:
+                  dtype=jnp.float32, backward: str = "scan",
+                  implementation: str = "auto") -> OutputHead:
   r"""Two-level class-based softmax over frequency classes (see :func:`word_classes`).
 
   .. math::
@@ -338,7 +344,11 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
     backward: how ``loss`` is differentiated: ``"scan"`` (default; windows sliced in place
       item by item with a hand-written backward, :func:`_windowed_word_nll`; reverse mode
       only) or ``"autodiff"`` (autodiff of the gathered windows, ``sparse.loss``; slower,
-      but ``jax.jvp`` works). ``sparse`` is the same for both.
+      but ``jax.jvp`` works). ``sparse`` is the same for both. Used by the CPU form only.
+    implementation: ``"auto"`` (default): on a CPU the form ``backward`` names, on GPU and
+      TPU the gathered windows scored in one batched matmul (``sparse.loss``: no loop over
+      the items, whose number grows with ``N``), chosen when the program is lowered
+      (:func:`lm_jax.ops.platform.per_platform`); ``"cpu"`` or ``"accelerator"`` forces one.
 
   Returns:
     An :class:`~lm_jax.heads.base.OutputHead`.
@@ -356,6 +366,7 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
     raise ValueError(f"tokens_per_item must be >= 1, got {tokens_per_item}")
   if backward not in BACKWARDS:
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
+  platform.check_implementation(implementation)
   class_of_V, _, members_CxM, member_mask_CxM = word_classes(counts, num_classes, binning=binning)
   vocab_size = class_of_V.shape[0]
   num_classes, width = members_CxM.shape
@@ -438,7 +449,14 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
     loss_N = word_nll_N - class_logp_N
     return loss_N if where is None else jnp.where(where, loss_N, 0.0)
 
-  loss = scan_loss if backward == "scan" else loss_from_sparse(sparse)
+  gathered_loss = loss_from_sparse(sparse)
+  cpu_loss = scan_loss if backward == "scan" else gathered_loss
+
+  def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables):
+    del key
+    call = lambda f: lambda p, h, y, w, t: f(p, h, y, where=w, tables=t)
+    return platform.per_platform(call(cpu_loss), call(gathered_loss), params, hidden_NxH,
+                                 targets_N, where, tables, implementation=implementation)
 
   def log_prob(params, hidden_NxH, targets_N, *, tables):
     return -loss(params, hidden_NxH, targets_N, tables=tables)

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.heads import base
+from lm_jax.ops import fused
 from lm_jax.ops import losses
+from lm_jax.ops import platform
 
 
 def parse_bands(spec: str) -> tuple[tuple[int, int], ...]:
@@ -83,8 +85,37 @@ def _default_dims(num_bands, hidden_size):
   return tuple(dims[:num_bands])
 
 
+def _banded_nll(params, tables, hidden_NxH, ranks_N):
+  r""":math:`-\log p(y \mid h)` band by band without the ``[N, V]`` logits (the accelerator form).
+
+  Each band's log-normaliser :math:`\mathrm{lse}_b` and, for the tokens whose target it
+  holds, its loss :math:`\ell_b = \mathrm{lse}_b - s(y, h)` come from the fused loss's
+  accelerator form (one loop over vocabulary blocks, whatever ``N``); then
+  :math:`-\log p = \log \sum_b e^{\mathrm{lse}_b} - (\mathrm{lse}_{b(y)} - \ell_{b(y)})`.
+  The target logit is recovered as a difference (to float32 rounding of ``lse``), so its
+  gradient is the fused kernel's dense one-hot, not a scatter.
+  """
+  band_weights = params["band_weights"]
+  dims = [w.shape[1] for w in band_weights]
+  hidden_starts = np.cumsum([0] + dims)
+  word_starts = np.cumsum([0] + [w.shape[0] for w in band_weights])
+  bias_by_rank_V = params["bias_V"][tables["id_of_rank_V"]]
+  lse_BxN, target_logit_N = [], 0.0
+  for b, weight_WxD in enumerate(band_weights):
+    start, stop = int(word_starts[b]), int(word_starts[b + 1])
+    loss_N, lse_N = fused.linear_softmax_cross_entropy(
+        hidden_NxH[:, hidden_starts[b]:hidden_starts[b + 1]], weight_WxD,
+        jnp.clip(ranks_N - start, 0, stop - start - 1), bias_V=bias_by_rank_V[start:stop],
+        return_lse=True, implementation="accelerator")
+    lse_BxN.append(lse_N)
+    in_band_N = (ranks_N >= start) & (ranks_N < stop)
+    target_logit_N = target_logit_N + jnp.where(in_band_N, lse_N - loss_N, 0.0)
+  return jax.nn.logsumexp(jnp.stack(lse_BxN), axis=0) - target_logit_N
+
+
 def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]]] = None, *,
-                           init_scale: float = 0.1, dtype=jnp.float32) -> base.OutputHead:
+                           init_scale: float = 0.1, dtype=jnp.float32,
+                           implementation: str = "auto") -> base.OutputHead:
   r"""D-softmax over words banded by frequency (Chen et al. 2016).
 
   Params: ``{"band_weights": [W_b of shape [n_b, d_b], ...], "bias_V": [V]}``; row ``j`` of
@@ -100,6 +131,11 @@ def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]
       (decided at ``init``).
     init_scale: half-width of the uniform initialisation.
     dtype: parameter dtype.
+    implementation: how ``loss``/``log_prob`` avoid the ``[N, V]`` logits: ``"auto"``
+      (default) chooses when the program is lowered: on a CPU token chunks of at most
+      ``2**24`` logits, rematerialised in the backward (``lax.map``); on GPU and TPU
+      :func:`_banded_nll`, whose only loops run over vocabulary blocks. ``"cpu"`` or
+      ``"accelerator"`` forces one.
 
   Returns:
     An :class:`~lm_jax.heads.base.OutputHead` (``sparse=None``; ``loss`` ignores ``key``).
@@ -111,6 +147,7 @@ def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]
   >>> print(jnp.round(jnp.exp(head.log_probs(params, h_NxH)), 4))
   [[0.2119 0.5761 0.2119]]
   """
+  platform.check_implementation(implementation)
   counts = np.asarray(counts)
   if counts.ndim != 1 or counts.size == 0 or np.any(counts < 0):
     raise ValueError(f"counts must be a non-empty [V] vector of non-negative counts, got shape "
@@ -154,10 +191,14 @@ def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]
   def log_prob(params, hidden_NxH, targets_N, *, tables):
     hidden_NxH, targets_N = base._check_hidden(hidden_NxH, targets_N)
     ranks_N = tables["rank_of_id_V"][targets_N]
+    return -platform.per_platform(chunked_nll, _banded_nll, params, tables, hidden_NxH, ranks_N,
+                                  implementation=implementation)
+
+  def chunked_nll(params, tables, hidden_NxH, ranks_N):
     n, width = hidden_NxH.shape
     chunk = max(1, base._UNFUSED_MAX_LOGITS // vocab_size)
     if n <= chunk:
-      return -_chunk_nll(params, tables, hidden_NxH, ranks_N)
+      return _chunk_nll(params, tables, hidden_NxH, ranks_N)
     # Token chunks of at most 2^24 logits, each rematerialised in the backward pass, so
     # the [N, V] logits never exist at once (the CE kernel's closed-form gradient inside).
     pad = (-n) % chunk
@@ -165,7 +206,7 @@ def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]
     ranks_KxC = jnp.pad(ranks_N, (0, pad)).reshape(-1, chunk)
     chunk_nll = jax.checkpoint(functools.partial(_chunk_nll, params, tables))
     nll_KxC = jax.lax.map(lambda xs: chunk_nll(*xs), (hidden_KxCxH, ranks_KxC))
-    return -nll_KxC.reshape(-1)[:n]
+    return nll_KxC.reshape(-1)[:n]
 
   def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables):
     del key  # D-softmax is exact.

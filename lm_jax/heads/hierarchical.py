@@ -33,6 +33,7 @@ from lm_jax.heads.trees import class_tree
 from lm_jax.heads.trees import expected_depth
 from lm_jax.heads.trees import huffman_tree
 from lm_jax.heads.trees import Tree
+from lm_jax.ops import platform
 
 __all__ = ["BACKWARDS", "Tree", "balanced_tree", "class_tree", "expected_depth",
            "hierarchical_softmax", "huffman_tree", "path_nll"]
@@ -114,7 +115,7 @@ _path_nll.defvjp(_path_nll_fwd, _path_nll_bwd)
 def path_nll(weight_IxH: jax.typing.ArrayLike, bias_I: jax.typing.ArrayLike,
              hidden_NxH: jax.typing.ArrayLike, nodes_NxD: jax.typing.ArrayLike,
              signs_NxD: jax.typing.ArrayLike, mask_NxD: jax.typing.ArrayLike, *,
-             chunk_size: Optional[int] = None) -> jax.Array:
+             chunk_size: Optional[int] = None, implementation: str = "auto") -> jax.Array:
   r"""Negative log-likelihood of tree paths, :math:`-\sum_d m_d \log\sigma(s_d (h \cdot u_{n_d}
   + b_{n_d}))` per token, with a hand-written chunked backward.
 
@@ -135,7 +136,11 @@ def path_nll(weight_IxH: jax.typing.ArrayLike, bias_I: jax.typing.ArrayLike,
     nodes_NxD: ``[N, D]`` int node ids on each token's path (any valid id where masked).
     signs_NxD: ``[N, D]`` :math:`\pm 1` branch signs.
     mask_NxD: ``[N, D]`` bool, True on real path entries.
-    chunk_size: tokens per chunk ``C``; default about 4 MiB of ``[C, D, H]`` float32 rows.
+    chunk_size: tokens per chunk ``C``; default on CPU about 4 MiB of ``[C, D, H]`` float32
+      rows, on GPU and TPU every token in one chunk (one batched gather and contraction, no
+      loop whose trip count grows with ``N``).
+    implementation: ``"auto"`` (the default chunk size per platform, chosen when the
+      program is lowered), ``"cpu"`` or ``"accelerator"``; an explicit ``chunk_size`` wins.
 
   Returns:
     ``[N]`` negative log-likelihoods, in the dtype of ``weight_IxH`` and ``hidden_NxH``
@@ -150,12 +155,16 @@ def path_nll(weight_IxH: jax.typing.ArrayLike, bias_I: jax.typing.ArrayLike,
   nodes_NxD = jnp.asarray(nodes_NxD, jnp.int32)
   num_tokens, depth = nodes_NxD.shape
   hidden_size = jnp.shape(hidden_NxH)[-1]
-  if chunk_size is None:
-    chunk_size = max(1, _CHUNK_ELEMENTS // max(1, depth * hidden_size))
-  chunk_size = max(1, min(int(chunk_size), num_tokens))
-  return _path_nll(jnp.asarray(weight_IxH, dtype), jnp.asarray(bias_I, dtype),
-                   jnp.asarray(hidden_NxH, dtype), nodes_NxD, jnp.asarray(signs_NxD, dtype),
-                   jnp.asarray(mask_NxD, bool), chunk_size)
+  platform.check_implementation(implementation)
+  args = (jnp.asarray(weight_IxH, dtype), jnp.asarray(bias_I, dtype),
+          jnp.asarray(hidden_NxH, dtype), nodes_NxD, jnp.asarray(signs_NxD, dtype),
+          jnp.asarray(mask_NxD, bool))
+  chunked = lambda size: lambda *a: _path_nll(*a, max(1, min(int(size), max(num_tokens, 1))))
+  if chunk_size is not None:
+    return chunked(chunk_size)(*args)
+  return platform.per_platform(
+      chunked(max(1, _CHUNK_ELEMENTS // max(1, depth * hidden_size))), chunked(num_tokens),
+      *args, implementation=implementation)
 
 
 BACKWARDS = ("chunked", "autodiff")
@@ -163,7 +172,7 @@ BACKWARDS = ("chunked", "autodiff")
 
 def hierarchical_softmax(tree: Tree, *, backward: str = "chunked",
                          chunk_size: Optional[int] = None, init_scale: float = 0.1,
-                         dtype=jnp.float32) -> OutputHead:
+                         dtype=jnp.float32, implementation: str = "auto") -> OutputHead:
   r"""Hierarchical softmax over a binary :class:`~lm_jax.heads.trees.Tree`.
 
   .. math::
@@ -187,7 +196,10 @@ def hierarchical_softmax(tree: Tree, *, backward: str = "chunked",
     tree: from ``huffman_tree``, ``balanced_tree`` or ``class_tree``.
     backward: ``"chunked"`` (:func:`path_nll`) or ``"autodiff"``, how ``loss`` is
       differentiated.
-    chunk_size: tokens per chunk of :func:`path_nll`; default about 4 MiB of path rows.
+    chunk_size: tokens per chunk of :func:`path_nll`; default about 4 MiB of path rows on
+      CPU, one chunk on GPU and TPU.
+    implementation: ``"auto"`` (per platform), ``"cpu"`` or ``"accelerator"``: the
+      chunking of :func:`path_nll` (``backward="chunked"``).
     init_scale: half-width of the uniform initialisation.
     dtype: parameter dtype.
 
@@ -210,6 +222,7 @@ def hierarchical_softmax(tree: Tree, *, backward: str = "chunked",
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+  platform.check_implementation(implementation)
   num_inner = tree.num_inner
   vocab_size, depth = tree.nodes_VxD.shape
 
@@ -254,7 +267,8 @@ def hierarchical_softmax(tree: Tree, *, backward: str = "chunked",
                       params["node_bias_I"].astype(compute), hidden_NxH.astype(compute),
                       tables["nodes_VxD"][targets_N],
                       tables["signs_VxD"][targets_N].astype(compute),
-                      tables["mask_VxD"][targets_N], chunk_size=chunk_size)
+                      tables["mask_VxD"][targets_N], chunk_size=chunk_size,
+                      implementation=implementation)
     return loss_N if where is None else jnp.where(where, loss_N, 0.0)
 
   loss = chunked_loss if backward == "chunked" else loss_from_sparse(sparse)

@@ -22,7 +22,11 @@ only the per-token coefficients of the gradient
   ``8NHV`` in all against the unfused ``6NHV``, in a fraction of the memory.
 * ``reduction="sum"`` or ``"mean"`` under autodiff: the cotangent is one scalar, so the
   ``custom_vjp`` forward computes the loss and all three gradients at once, per token
-  chunk keeping its logits blocks (``[chunk_size, V]``, up to ``_KEPT_LOGITS = 2**26``
+  chunk keeping its logits blocks (``[chunk_size, V]``, up to ``# On GPU and TPU (platform.per_platform) every token is in one chunk and the vocabulary is
+# streamed in blocks of this many entries (a multiple of 128): ceil(V / 4096) loop trips
+# whatever N, each block [N, 4096].
+_ACCELERATOR_VOCAB_CHUNK = 4096
+_KEPT_LOGITS = 2**26``
   elements; past that they are recomputed) between the logsumexp pass and the gradient
   pass: ``6NHV``, as many FLOPs as the unfused matmuls. The backward scales the saved
   gradients by the scalar. (An earlier design did this for every reduction, saving the
@@ -53,6 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lm_jax.ops import platform
+
 
 _TOKEN_CHUNK = 256
 _VOCAB_CHUNK = 8192
@@ -61,6 +67,10 @@ _VOCAB_CHUNK = 8192
 # (WORKSPACE_NOTES.md).
 _REDUCED_TOKEN_CHUNK = 512
 _REDUCED_VOCAB_CHUNK = 4096
+# On GPU and TPU (platform.per_platform) every token is in one chunk and the vocabulary is
+# streamed in blocks of this many entries (a multiple of 128): ceil(V / 4096) loop trips
+# whatever N, each block [N, 4096].
+_ACCELERATOR_VOCAB_CHUNK = 4096
 _KEPT_LOGITS = 2**26
 _ACCUMULATE_SLICE = 2**22
 
@@ -177,6 +187,24 @@ def _coefficients(g_C, g_lse_C, lse_C, v, opts):
   return alpha_C, g_C * (1.0 - opts.label_smoothing), g_C * (opts.label_smoothing / v)
 
 
+def _logit_gradient(h_CxH, y_C, coefficients, used_C, lse_C, z_CxT, w_TxH, b_T, start, fresh_T,
+                    opts):
+  """``G`` ``[C, T]`` for one block of logits (recomputed when ``z_CxT`` is None): 0 for
+  tokens not ``used_C`` and for entries not ``fresh_T``; the label term is a dense one-hot
+  compare, not a scatter."""
+  alpha_C, beta_C, gamma_C = coefficients
+  cap = opts.logit_soft_cap
+  if z_CxT is None:
+    z_CxT = _logits(h_CxH, w_TxH, b_T, cap)
+  onehot_CxT = (start + jnp.arange(w_TxH.shape[0]))[None, :] == y_C[:, None]
+  g_CxT = alpha_C[:, None] * jnp.exp(z_CxT - lse_C[:, None]) - beta_C[:, None] * onehot_CxT
+  if opts.label_smoothing:
+    g_CxT = g_CxT - gamma_C[:, None]
+  if cap is not None:  # d(cap tanh(r / cap)) / dr = 1 - (z / cap)^2
+    g_CxT = g_CxT * (1.0 - jnp.square(z_CxT / cap))
+  return jnp.where(fresh_T[None, :] & used_C[:, None], g_CxT, 0.0)
+
+
 def _chunk_gradients(h_CxH, y_C, coefficients, used_C, lse_C, z_KxCxT, weight_VxH, bias_V, tv,
                      acc, with_dhidden, opts):
   """Adds one token chunk's ``G^T h`` and ``sum_n G_n`` to ``acc``, ``G`` the gradient w.r.t. the
@@ -187,22 +215,13 @@ def _chunk_gradients(h_CxH, y_C, coefficients, used_C, lse_C, z_KxCxT, weight_Vx
   """
   dtype = _compute_dtype(h_CxH, weight_VxH)
   h_CxH = h_CxH.astype(dtype)
-  alpha_C, beta_C, gamma_C = coefficients
-  cap = opts.logit_soft_cap
 
   def body(carry, x):
     (dweight_VxH, dbias_V), dh_CxH = carry
     j, z_CxT = x
     w_TxH, b_T, start, fresh_T = _vocab_chunk(weight_VxH, bias_V, j, tv)
-    if z_CxT is None:
-      z_CxT = _logits(h_CxH, w_TxH, b_T, cap)
-    onehot_CxT = (start + jnp.arange(tv))[None, :] == y_C[:, None]
-    g_CxT = alpha_C[:, None] * jnp.exp(z_CxT - lse_C[:, None]) - beta_C[:, None] * onehot_CxT
-    if opts.label_smoothing:
-      g_CxT = g_CxT - gamma_C[:, None]
-    if cap is not None:  # d(cap tanh(r / cap)) / dr = 1 - (z / cap)^2
-      g_CxT = g_CxT * (1.0 - jnp.square(z_CxT / cap))
-    g_CxT = jnp.where(fresh_T[None, :] & used_C[:, None], g_CxT, 0.0)
+    g_CxT = _logit_gradient(h_CxH, y_C, coefficients, used_C, lse_C, z_CxT, w_TxH, b_T, start,
+                            fresh_T, opts)
     if dweight_VxH is not None:
       dweight_VxH = _accumulate_outer(dweight_VxH, g_CxT, h_CxH, start)
       db_T = lax.dynamic_slice_in_dim(dbias_V, start, tv) + jnp.sum(g_CxT, axis=0)
@@ -215,6 +234,43 @@ def _chunk_gradients(h_CxH, y_C, coefficients, used_C, lse_C, z_KxCxT, weight_Vx
   xs = (jnp.arange(-(-weight_VxH.shape[0] // tv)), z_KxCxT)
   (acc, dh_CxH), _ = lax.scan(body, (acc, dh_CxH), xs)
   return acc, dh_CxH
+
+
+def _blockwise_gradients(h_NxH, y_N, coefficients, used_N, lse_N, weight_VxH, bias_V, tv, opts):
+  """All tokens in one chunk: a scan over vocabulary blocks that emits each block of ``dW``
+  and ``db`` as it is formed (no ``[V, H]`` carry updated in place) and carries ``dh``.
+
+  The accelerator form: the loop runs ``ceil(V / tv)`` times whatever ``N``; the matmuls take
+  the inputs' dtype and accumulate in float32 (``preferred_element_type``).
+  Returns ``(dweight_VxH, dbias_V, dhidden_NxH)`` in the compute dtype.
+  """
+  dtype = _compute_dtype(h_NxH, weight_VxH)
+  v = weight_VxH.shape[0]
+
+  def body(dh_NxH, j):
+    w_TxH, b_T, start, fresh_T = _vocab_chunk(weight_VxH, bias_V, j, tv)
+    g_NxT = _logit_gradient(h_NxH, y_N, coefficients, used_N, lse_N, None, w_TxH, b_T, start,
+                            fresh_T, opts)
+    g_in_NxT = g_NxT.astype(jnp.promote_types(h_NxH.dtype, weight_VxH.dtype))
+    dw_TxH = lax.dot_general(g_in_NxT, h_NxH, (((0,), (0,)), ((), ())),
+                             preferred_element_type=dtype)
+    dh_NxH = dh_NxH + lax.dot_general(g_in_NxT, w_TxH, (((1,), (0,)), ((), ())),
+                                      preferred_element_type=dtype)
+    return dh_NxH, (dw_TxH, jnp.sum(g_NxT, axis=0))
+
+  num_blocks = -(-v // tv)
+  dh_NxH, (dw_KxTxH, db_KxT) = lax.scan(
+      body, jnp.zeros((h_NxH.shape[0], weight_VxH.shape[1]), dtype), jnp.arange(num_blocks))
+  return _from_blocks(dw_KxTxH, v), _from_blocks(db_KxT, v), dh_NxH
+
+
+def _from_blocks(x_KxTx, v):
+  """Blocks of :func:`_vocab_chunk` (the last one clamped to end at ``V``) back to ``[V, ...]``."""
+  k, tv = x_KxTx.shape[:2]
+  if k * tv == v:
+    return x_KxTx.reshape((v,) + x_KxTx.shape[2:])
+  last = v - (k - 1) * tv  # the last block's fresh rows are its final ``last`` rows
+  return jnp.concatenate([x_KxTx[:k - 1].reshape((-1,) + x_KxTx.shape[2:]), x_KxTx[k - 1, tv - last:]])
 
 
 def _token_chunks(x, tc):
@@ -256,11 +312,22 @@ def _gradient_pass(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, g_N, 
   """Gradient sums over token chunks for per-token loss cotangents ``g_N`` (and ``g_lse_N``).
 
   ``lse_N=None`` computes the logsumexp (and the logit sums) too, keeping each token chunk's
-  logits for its gradient pass: the one-pass forward of a reduced loss.
+  logits for its gradient pass: the one-pass forward of a reduced loss. ``tc=None``: the
+  accelerator form, every token in one chunk and the gradients emitted block by block
+  (:func:`_blockwise_gradients`).
   Returns ``(dweight_VxH, dbias_V, dhidden_NxH or None, lse_N, zsum_N)``.
   """
   (n, h), v = hidden_NxH.shape, weight_VxH.shape[0]
   dtype = _compute_dtype(hidden_NxH, weight_VxH)
+  if tc is None:
+    hidden_NxH = jnp.where(used_N[:, None], hidden_NxH, jnp.zeros((), hidden_NxH.dtype))
+    zsum_N = jnp.zeros((n,), dtype)
+    if lse_N is None:
+      lse_N, zsum_N, _ = _online_logsumexp(hidden_NxH, weight_VxH, bias_V, tv, False, opts)
+    coefficients = _coefficients(g_N, g_lse_N, lse_N, v, opts)
+    dweight_VxH, dbias_V, dh_NxH = _blockwise_gradients(
+        hidden_NxH, labels_N, coefficients, used_N, lse_N, weight_VxH, bias_V, tv, opts)
+    return dweight_VxH, dbias_V, dh_NxH, lse_N, zsum_N
   keep = lse_N is None and tc * v <= _KEPT_LOGITS
   chunks = lambda x: None if x is None else _token_chunks(x, tc)
   xs = tuple(map(chunks, (hidden_NxH, labels_N, g_N, g_lse_N, used_N, lse_N)))
@@ -286,7 +353,10 @@ def _gradient_pass(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, g_N, 
 
 
 def _lse_and_sums(tc, tv, opts, hidden_NxH, weight_VxH, bias_V):
-  """``(lse_N, zsum_N)`` streamed over token and vocabulary chunks: ``2NHV`` FLOPs."""
+  """``(lse_N, zsum_N)`` streamed over token and vocabulary chunks: ``2NHV`` FLOPs
+  (``tc=None``: every token in one chunk)."""
+  if tc is None:
+    return _online_logsumexp(hidden_NxH, weight_VxH, bias_V, tv, False, opts)[:2]
   lse_KxC, zsum_KxC, _ = lax.map(
       lambda h_CxH: _online_logsumexp(h_CxH, weight_VxH, bias_V, tv, False, opts),
       _token_chunks(hidden_NxH, tc))
@@ -378,6 +448,7 @@ def linear_softmax_cross_entropy(
     return_lse: bool = False,
     chunk_size: Optional[int] = None,
     vocab_chunk_size: Optional[int] = None,
+    implementation: str = "auto",
 ) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
   r"""Softmax cross-entropy of the output layer ``hidden @ weight.T + bias``, without the ``[N, V]`` logits.
 
@@ -433,10 +504,16 @@ def linear_softmax_cross_entropy(
     return_lse: also return ``lse_N`` ``[N]`` (of the capped logits, for every token; a
       masked token's is that of a zero hidden state), differentiable; then the backward
       always recomputes (``8NHV``).
-    chunk_size: token rows per chunk (default ``min(N, 256)``; 512 for the one-pass
-      ``"sum"``/``"mean"`` gradient).
-    vocab_chunk_size: vocabulary entries per block of logits (default
-      ``min(V, 8192)``; 4096 for the one-pass gradient).
+    chunk_size: token rows per chunk (default on CPU ``min(N, 256)``, 512 for the one-pass
+      ``"sum"``/``"mean"`` gradient; on GPU and TPU every token in one chunk).
+    vocab_chunk_size: vocabulary entries per block of logits (default on CPU
+      ``min(V, 8192)``, 4096 for the one-pass gradient; on GPU and TPU 4096).
+    implementation: ``"auto"`` (default): the CPU form on a CPU and the accelerator form
+      elsewhere, chosen when the program is lowered (:mod:`lm_jax.ops.platform`); ``"cpu"``
+      or ``"accelerator"`` forces one. The accelerator form's only loop runs over the
+      ``ceil(V / vocab_chunk_size)`` vocabulary blocks whatever ``N`` (a ``while`` loop is
+      driven from the host on a GPU): one token chunk, ``dW`` emitted block by block, the
+      gradient matmuls in the inputs' dtype accumulating in float32.
 
   Returns:
     ``loss``: ``[N]`` cross-entropy in nats per token (``reduction="none"``) or a scalar,
@@ -488,8 +565,9 @@ def linear_softmax_cross_entropy(
       raise ValueError(f"where must be a boolean array of shape ({n},), got shape {valid_N.shape} "
                        f"and dtype {valid_N.dtype}")
   opts = _check_options(reduction, label_smoothing, z_loss, logit_soft_cap)
-  tc, tv = _chunk_sizes(n, v, chunk_size, vocab_chunk_size,
-                        reduced=reduction != "none" and not return_lse)
+  platform.check_implementation(implementation)
+  reduced = reduction != "none" and not return_lse
+  cpu_chunks = _chunk_sizes(n, v, chunk_size, vocab_chunk_size, reduced=reduced)
   _check_labels_in_range(labels_N, valid_N, v)
   dtype = _compute_dtype(hidden_NxH, weight_VxH)
   if n == 0:
@@ -500,11 +578,22 @@ def linear_softmax_cross_entropy(
     # The lse is an output here, so a masked token's must not depend on its row either
     # (a caller's z-loss on it would differentiate NaN * 0): that of a zero hidden state.
     hidden_NxH = jnp.where(valid_N[:, None], hidden_NxH, 0)
+  accelerator_chunks = (None if chunk_size is None else cpu_chunks[0],
+                        _balanced(v, vocab_chunk_size, _ACCELERATOR_VOCAB_CHUNK, 128))
+  run = lambda chunks: functools.partial(_dispatch, *chunks, opts, reduction, return_lse)
+  return platform.per_platform(run(cpu_chunks), run(accelerator_chunks), hidden_NxH, weight_VxH,
+                               bias_V, labels_N, valid_N, implementation=implementation)
+
+
+def _dispatch(tc, tv, opts, reduction, return_lse, hidden_NxH, weight_VxH, bias_V, labels_N,
+              valid_N):
+  """The loss (and lse) for fixed chunk sizes: per-token or one-pass reduced."""
   if reduction == "none" or return_lse:
     loss_N, lse_N = _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
     loss = loss_N
     if reduction != "none":
-      loss = jnp.sum(loss_N) / (jnp.sum(valid_N).astype(dtype) if reduction == "mean" else 1)
+      count = jnp.sum(valid_N).astype(loss_N.dtype)
+      loss = jnp.sum(loss_N) / (count if reduction == "mean" else 1)
     return (loss, lse_N) if return_lse else loss
   return _reduced(tc, tv, opts, reduction == "mean", hidden_NxH, weight_VxH, bias_V, labels_N,
                   valid_N)

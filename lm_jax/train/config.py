@@ -28,8 +28,11 @@ HEAD_OPTION_FLAGS = {"num_classes": "head_classes", "binning": "head_binning",
                      "shared_samples": "head_shared_samples", "log_z": "head_log_z",
                      "cutoffs": "head_cutoffs", "div_value": "head_div_value",
                      "levels": "head_levels"}
-# Which TrainConfig fields each output head reads, under the name its factory takes.
-HEAD_OPTION_FIELDS = {head: {option: HEAD_OPTION_FLAGS[option] for option in options}
+# Which TrainConfig fields each output head reads, under the name its factory takes. The
+# heads' ``implementation`` is not a flag: the trainer keeps "auto" (each platform's own
+# form, the same maths), so a checkpoint resumes on any backend.
+HEAD_OPTION_FIELDS = {head: {option: HEAD_OPTION_FLAGS[option] for option in options
+                             if option != "implementation"}
                       for head, options in heads.HEAD_OPTIONS.items()}
 # Fingerprint entries of checkpoints written before these keys existed.
 FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}, "tie_weights": False}

@@ -44,6 +44,25 @@ HEAD_FACTORIES = {
     "classtree_3": lambda v: heads.make_head("classtree", vocab_size=v, counts=COUNTS_V,
                                              levels=3),
 }
+# The accelerator forms (what GPU and TPU run; lm_jax.ops.platform), forced on this CPU so
+# that CI tests them too: the gathered class windows, one-chunk tree paths, the banded fused
+# D-softmax, the adaptive clusters as masked dense math (the full softmax's fused form is
+# tested in tests/ops/fused_test.py; at these sizes the head materialises its logits).
+HEAD_FACTORIES.update({
+    f"{name}_accelerator": (lambda v, make=make: make(v, "accelerator"))
+    for name, make in {
+        "class_equal": lambda v, i: heads.make_head("class", vocab_size=v, counts=COUNTS_V,
+                                                    num_classes=3, implementation=i),
+        "hsm_huffman": lambda v, i: heads.make_head("hsm", vocab_size=v, counts=COUNTS_V,
+                                                    implementation=i),
+        "dsoftmax": lambda v, i: heads.make_head("dsoftmax", vocab_size=v, counts=COUNTS_V,
+                                                 implementation=i),
+        "adaptive": lambda v, i: heads.make_head("adaptive", vocab_size=v, counts=COUNTS_V,
+                                                 cutoffs=[2, 4], div_value=2.0,
+                                                 implementation=i),
+        "adaptive_default": lambda v, i: heads.make_head("adaptive", vocab_size=v,
+                                                         counts=COUNTS_V, implementation=i),
+    }.items()})
 SAMPLED = ("nce", "neg", "sampled")
 ALL_HEADS = list(HEAD_FACTORIES)  # every variant runs in CI
 # Where lm_jax.ops.allocator's CPU default takes effect (the benchmarks report what it did).

@@ -318,9 +318,17 @@ _OPTION_CASES = [dict(reduction="sum"), dict(reduction="mean"), dict(label_smoot
                  dict(reduction="mean", label_smoothing=0.2, z_loss=1e-3, logit_soft_cap=3.0)]
 
 
+# The CPU form (token chunks of 4) and the accelerator form (one token chunk, dW emitted
+# block by block), each forced; "auto" picks the CPU form here.
+_IMPLEMENTATIONS = {"cpu": dict(implementation="cpu", chunk_size=4),
+                    "accelerator": dict(implementation="accelerator")}
+
+
+@pytest.mark.parametrize("implementation", sorted(_IMPLEMENTATIONS))
 @pytest.mark.parametrize("options", _OPTION_CASES)
 @pytest.mark.parametrize("masked", [pytest.param(False), True])
-def test_options_match_the_materialised_reference_in_value_and_gradient(options, masked):
+def test_options_match_the_materialised_reference_in_value_and_gradient(options, masked,
+                                                                        implementation):
   with jax.enable_x64(True):
     hidden, weight, bias, labels = _problem(11, 3, 13, seed=21, dtype=np.float64)
     where = (jnp.arange(11) % 4 != 1) if masked else None
@@ -328,7 +336,8 @@ def test_options_match_the_materialised_reference_in_value_and_gradient(options,
       labels = jnp.where(where, labels, -1)  # padding: ignore_index
     cotangent = 1.0 if options.get("reduction", "none") != "none" else jnp.linspace(0.5, 2.0, 11)
     fused_fn = lambda h, w, b: jnp.sum(cotangent * linear_xent(
-        h, w, labels, bias_V=b, where=where, chunk_size=4, vocab_chunk_size=5, **options))
+        h, w, labels, bias_V=b, where=where, vocab_chunk_size=5, **options,
+        **_IMPLEMENTATIONS[implementation]))
     ref_fn = lambda h, w, b: jnp.sum(cotangent * _unfused_options(
         h, w, b, jnp.maximum(labels, 0), where, **options))
     value, grads = jax.jit(jax.value_and_grad(fused_fn, argnums=(0, 1, 2)))(hidden, weight, bias)
@@ -386,13 +395,18 @@ def test_a_reduced_loss_differentiates_in_one_pass_of_three_matmuls():
   # matmul, the logits recomputed in the backward (8NHV).
   hidden, weight, bias, labels = _problem(16, 4, 300, seed=23)
   # Large _ACCUMULATE_SLICE paths use fori_loop; at these sizes each matmul appears once.
-  def dots(reduction):
+  def dots(reduction, implementation="cpu"):
     fn = lambda h, w, b: jnp.sum(linear_xent(h, w, labels, bias_V=b, reduction=reduction,
-                                             vocab_chunk_size=128))
+                                             vocab_chunk_size=128,
+                                             implementation=implementation))
     return _count_dots(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(hidden, weight,
                                                                         bias).jaxpr)
   assert dots("sum") == 3 and dots("mean") == 3
   assert dots("none") == 4
+  # The accelerator form never keeps [C, V] logits between its passes: four for every reduction.
+  assert [dots(r, "accelerator") for r in ("none", "sum", "mean")] == [4, 4, 4]
+  # "auto" stages both forms (platform_dependent picks one when lowering).
+  assert dots("sum", "auto") == 3 + 4
 
 
 def test_bfloat16_inputs_accumulate_in_float32_with_every_option():
@@ -427,11 +441,12 @@ _POISON_OPTIONS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-2), dict(lo
                    dict(label_smoothing=0.2, z_loss=1e-3, logit_soft_cap=3.0, return_lse=True)]
 
 
-def _poison_objective(where, reduction, options, with_bias):
+def _poison_objective(where, reduction, options, with_bias, implementation):
   """A scalar of the loss (and, with return_lse, of the counted tokens' lse) for jax.grad."""
   def objective(h, w, b, labels):
     out = linear_xent(h, w, labels, bias_V=b if with_bias else None, where=where,
-                      reduction=reduction, chunk_size=4, vocab_chunk_size=5, **options)
+                      reduction=reduction, vocab_chunk_size=5, **options,
+                      **_IMPLEMENTATIONS[implementation])
     loss, lse = out if options.get("return_lse") else (out, None)
     total = jnp.sum(loss * (jnp.linspace(0.5, 2.0, loss.size) if loss.ndim else 1.0))
     if lse is not None:  # the lse of counted tokens, used (a z-loss of one's own)
@@ -440,23 +455,25 @@ def _poison_objective(where, reduction, options, with_bias):
   return objective
 
 
+@pytest.mark.parametrize("implementation", sorted(_IMPLEMENTATIONS))
 @pytest.mark.parametrize("options", _POISON_OPTIONS)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 @pytest.mark.parametrize("with_bias,bad", [(True, np.nan), (False, np.inf)])
-def test_padding_cannot_poison_the_fused_loss(options, reduction, with_bias, bad):
+def test_padding_cannot_poison_the_fused_loss(options, reduction, with_bias, bad, implementation):
   hidden, weight, bias, labels = _problem(9, 3, 11, seed=31)
   where = jnp.arange(9) % 3 != 1
   labels = jnp.where(where, labels, -1)
   poisoned = jnp.where(where[:, None], hidden, bad)
   clean = jnp.where(where[:, None], hidden, 0.0)
   loss = linear_xent(poisoned, weight, labels, bias_V=bias, where=where, reduction=reduction,
-                     **options)
+                     **options, **_IMPLEMENTATIONS[implementation])
   loss = loss[0] if options.get("return_lse") else loss
   assert np.all(np.isfinite(loss))
   if reduction == "none":
     np.testing.assert_array_equal(loss[~where], 0.0)
   value_and_grad = jax.jit(jax.value_and_grad(
-      _poison_objective(where, reduction, options, with_bias), argnums=(0, 1, 2)))
+      _poison_objective(where, reduction, options, with_bias, implementation),
+      argnums=(0, 1, 2)))
   value, grads = value_and_grad(poisoned, weight, bias, labels)
   want_value, want_grads = value_and_grad(clean, weight, bias, labels)
   np.testing.assert_allclose(value, want_value, rtol=1e-6)
@@ -466,14 +483,15 @@ def test_padding_cannot_poison_the_fused_loss(options, reduction, with_bias, bad
   np.testing.assert_array_equal(grads[0][~where], 0.0)
 
 
+@pytest.mark.parametrize("implementation", sorted(_IMPLEMENTATIONS))
 @pytest.mark.parametrize("options", _POISON_OPTIONS)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_a_bad_counted_label_poisons_the_fused_loss_and_its_gradients_under_jit(
-    options, reduction):
+    options, reduction, implementation):
   hidden, weight, bias, labels = _problem(9, 3, 11, seed=32)
   where = jnp.arange(9) != 4  # token 4 masked (any label there is padding)
   labels = labels.at[4].set(-5)
-  objective = _poison_objective(where, reduction, options, True)
+  objective = _poison_objective(where, reduction, options, True, implementation)
   value_and_grad = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))
   for bad_label in (-1, 11):  # token 2 counted, with a label out of range
     bad_labels = labels.at[2].set(bad_label)
@@ -487,8 +505,9 @@ def test_a_bad_counted_label_poisons_the_fused_loss_and_its_gradients_under_jit(
                   **options)
 
 
+@pytest.mark.parametrize("implementation", ["cpu", "accelerator"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_returned_lse_of_masked_tokens_cannot_poison_an_auxiliary_loss(reduction):
+def test_returned_lse_of_masked_tokens_cannot_poison_an_auxiliary_loss(reduction, implementation):
   """A z-loss the caller writes on the returned lse (masked with jnp.where) differentiates
   the lse of masked tokens too: theirs is that of a zero hidden state, so NaN rows give
   finite values and exactly zero hidden gradients there."""
@@ -501,7 +520,8 @@ def test_returned_lse_of_masked_tokens_cannot_poison_an_auxiliary_loss(reduction
 
   def total(h, w, b):
     loss, lse_N = fused.linear_softmax_cross_entropy(h, w, labels, bias_V=b, where=where,
-                                                     reduction=reduction, return_lse=True)
+                                                     reduction=reduction, return_lse=True,
+                                                     implementation=implementation)
     return jnp.sum(loss) + 1e-2 * jnp.sum(jnp.where(where, lse_N, 0.0) ** 2) + jnp.sum(lse_N)
 
   _, lse_N = fused.linear_softmax_cross_entropy(hidden, weight, labels, bias_V=bias, where=where,
