@@ -4,7 +4,10 @@ r"""Benchmarks the loss kernels: integer-label cross-entropy and the fused outpu
     ``log_softmax`` + ``take_along_axis``: forward+backward (gradient of the
     summed loss w.r.t. the logits) at ``N`` tokens and several ``V``.
 (b) ``fused.linear_softmax_cross_entropy`` with ``reduction="sum"`` (one pass, ``6NHV``)
-    and summed per-token (``reduction="none"``, ``8NHV``) vs the unfused jitted
+    and the natural calls on its per-token losses (``reduction="none"``): ``.sum()``
+    (``fused_none``), ``.mean()`` (``fused_none_mean``) and a masked mean over 90% of the
+    tokens (``fused_masked_mean``), each ``6NHV`` when the cotangent is one number on the
+    counted tokens (the unit-cotangent gradients formed in the forward), vs the unfused jitted
     ``hidden @ weight.T + bias`` followed by optax's loss (and by (a)'s kernel):
     forward+backward w.r.t. hidden, weight and bias, against the floor
     ``6 N H V / (matmul FLOP/s)``; peak memory is XLA's temporaries + outputs. When
@@ -16,10 +19,13 @@ r"""Benchmarks the loss kernels: integer-label cross-entropy and the fused outpu
 The contenders of each row are timed interleaved (round-robin, order alternating)
 after a warm-up, so load from other jobs hits all of them; medians of wall and of
 process CPU seconds are reported (CPU seconds are steadier on a shared machine).
-Temporary memory is XLA's ``memory_analysis().temp_size_in_bytes``.
+Temporary memory is XLA's ``memory_analysis().temp_size_in_bytes``. Like the other scripts it
+first calls :func:`lm_jax.ops.allocator.keep_freed_memory_on_cpu` (``--nokeep_freed_memory``:
+glibc's defaults, under which every call's large temporaries are fresh pages).
 
   python experiments/bench_kernels.py --size=small   # seconds; the smoke run
   python experiments/bench_kernels.py --size=full    # N=4096, H=512, V up to 128k; minutes
+  python experiments/bench_kernels.py --size=full --sections=fused --fused_vocab=32768
 """
 import statistics
 
@@ -32,12 +38,17 @@ import optax
 
 import benchmarking
 
+from lm_jax.ops import allocator
 from lm_jax.ops import fused
 from lm_jax.ops import losses
 
 _SIZE = flags.DEFINE_enum("size", "small", ["small", "full"], "small: tiny smoke run; full: the sizes of record")
 _JSON_OUT = flags.DEFINE_string("json_out", "results/bench_kernels.json", "where to write the results")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed rounds per row (medians reported)")
+_SECTIONS = flags.DEFINE_list("sections", ["cross_entropy", "fused"],
+                              "which of (a) cross_entropy and (b) fused to run")
+_KEEP_FREED = benchmarking.define_keep_freed_memory_flag()
+_FUSED_VOCAB = flags.DEFINE_list("fused_vocab", [], "(b)'s V values (default: the size's)")
 
 SIZES = {
     "small": {"n": 1024, "h": 64, "ce_vocab": [1000, 4000], "fused_vocab": [2000, 8000], "matmul": 512},
@@ -61,6 +72,17 @@ def _unfused_optax(hidden_NxH, weight_VxH, bias_V, labels_N):
 
 def _fused_linear_xent(hidden_NxH, weight_VxH, bias_V, labels_N):
   return fused.linear_softmax_cross_entropy(hidden_NxH, weight_VxH, labels_N, bias_V=bias_V)
+
+
+def _fused_none_mean(hidden_NxH, weight_VxH, bias_V, labels_N):
+  return _fused_linear_xent(hidden_NxH, weight_VxH, bias_V, labels_N).mean()
+
+
+def _fused_masked_mean(hidden_NxH, weight_VxH, bias_V, labels_N):
+  where_N = jnp.arange(labels_N.shape[0]) % 10 != 9  # 90% counted, as padded batches
+  loss_N = fused.linear_softmax_cross_entropy(hidden_NxH, weight_VxH, labels_N, bias_V=bias_V,
+                                              where=where_N)
+  return jnp.sum(loss_N) / jnp.sum(where_N)
 
 
 def _fused_sum(hidden_NxH, weight_VxH, bias_V, labels_N):
@@ -139,6 +161,7 @@ def _cross_entropy_rows(n, vocab_sizes, repeats):
 
 def _fused_rows(n, h, vocab_sizes, repeats):
   contenders = {"fused_sum": _fused_sum, "fused_none": _fused_linear_xent,
+                "fused_none_mean": _fused_none_mean, "fused_masked_mean": _fused_masked_mean,
                 "unfused_optax": _unfused_optax, "unfused_lm_jax": _unfused_linear_xent}
   rows = []
   for v in vocab_sizes:
@@ -153,7 +176,8 @@ def _fused_rows(n, h, vocab_sizes, repeats):
                    "wall_vs_unfused": r["wall_s"] / base["wall_s"],
                    "cpu_vs_unfused": r["cpu_s"] / base["cpu_s"],
                    "temp_MiB": r["temp_bytes"] / 2**20, "peak_MiB": r["peak_bytes"] / 2**20,
-                   "peak_vs_unfused": r["peak_bytes"] / max(base["peak_bytes"], 1)})
+                   "peak_vs_unfused": r["peak_bytes"] / max(base["peak_bytes"], 1),
+                   "temp_vs_unfused": r["temp_bytes"] / max(base["temp_bytes"], 1)})
     del args
   return rows
 
@@ -161,11 +185,17 @@ def _fused_rows(n, h, vocab_sizes, repeats):
 def main(argv):
   del argv
   sizes, repeats = SIZES[_SIZE.value], _REPEATS.value
+  applied = bool(_KEEP_FREED.value and allocator.keep_freed_memory_on_cpu())
+  print(f"CPU: {benchmarking.cpu_model()}; keep_freed_memory_on_cpu() applied: {applied} "
+        "(--nokeep_freed_memory: glibc's defaults)")
   # The ceiling is measured before and after the kernels; load only slows a run, so the better counts.
   matmul_flops = [benchmarking.measure_matmul_flops(size=sizes["matmul"])]
   bandwidth = benchmarking.measure_memory_bandwidth()
-  ce_rows = _cross_entropy_rows(sizes["n"], sizes["ce_vocab"], repeats)
-  fused_rows = _fused_rows(sizes["n"], sizes["h"], sizes["fused_vocab"], repeats)
+  ce_rows = (_cross_entropy_rows(sizes["n"], sizes["ce_vocab"], repeats)
+             if "cross_entropy" in _SECTIONS.value else [])
+  fused_vocab = [int(v) for v in _FUSED_VOCAB.value] or sizes["fused_vocab"]
+  fused_rows = (_fused_rows(sizes["n"], sizes["h"], fused_vocab, repeats)
+                if "fused" in _SECTIONS.value else [])
   matmul_flops.append(benchmarking.measure_matmul_flops(size=sizes["matmul"]))
   for row in fused_rows:  # the matmul floor: 6NHV FLOPs (forward matmul, two backward matmuls)
     row["floor_s"] = 6.0 * row["N"] * row["H"] * row["V"] / max(matmul_flops)
@@ -182,12 +212,13 @@ def main(argv):
         " + outputs)")
   benchmarking.print_table(fused_rows, ["kernel", "N", "H", "V", "wall_s", "cpu_s", "wall_vs_unfused",
                                         "cpu_vs_unfused", "peak_MiB", "peak_vs_unfused",
-                                        "frac_of_matmul_ceiling"])
+                                        "temp_vs_unfused", "frac_of_matmul_ceiling"])
   for row in fused_rows:
     if row["residuals"]:
       print(f"  residuals {row['kernel']} V={row['V']}: {', '.join(row['residuals'])}")
   benchmarking.write_json(_JSON_OUT.value, {
       "benchmark": "bench_kernels", "size": _SIZE.value, "repeats": repeats,
+      "keep_freed_memory": applied,
       "matmul_flops_per_s": max(matmul_flops), "matmul_flops_per_s_before_after": matmul_flops,
       "memory_bandwidth_bytes_per_s": bandwidth, "cross_entropy": ce_rows, "fused_linear_cross_entropy": fused_rows})
   print(f"\nwrote {_JSON_OUT.value}")

@@ -157,6 +157,19 @@ def measure_memory_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> 
   return num_bytes / _best_seconds(jax.jit(jnp.sum), x, repeats=repeats)
 
 
+def cpu_model() -> str:
+  """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): ratios move
+  between machines, so every result file names the one it came from."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine_facts() -> dict[str, Any]:
   """Versions, device and date to store next to any measurement."""
   device = jax.devices()[0]
@@ -167,6 +180,7 @@ def machine_facts() -> dict[str, Any]:
       "num_devices": jax.device_count(),
       "cpu_count": os.cpu_count(),
       "processor": platform.processor() or platform.machine(),
+      "cpu_model": cpu_model(),
       "python": platform.python_version(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }

@@ -15,31 +15,32 @@ only the per-token coefficients of the gradient
 :math:`1 - (z/c)^2` under a soft cap). Three code paths:
 
 * plain evaluation (no autodiff): the online logsumexp alone; ``2NHV`` FLOPs.
-* ``reduction="none"`` (or ``return_lse``) under autodiff, a ``custom_vjp``: the forward
-  is the plain evaluation (``2NHV``), saving the ``[N]`` logsumexp; the backward
-  recomputes each block of logits, forms ``G`` with the per-token cotangents and
-  accumulates ``dhidden = G W``, ``dweight = G^T h`` and ``dbias = sum_n G`` (``6NHV``):
-  ``8NHV`` in all against the unfused ``6NHV``, in a fraction of the memory.
-* ``reduction="sum"`` or ``"mean"`` under autodiff: the cotangent is one scalar, so the
-  ``custom_vjp`` forward computes the loss and all three gradients at once, per token
-  chunk keeping its logits blocks (``[chunk_size, V]``, up to ``# On GPU and TPU (platform.per_platform) every token is in one chunk and the vocabulary is
-# streamed in blocks of this many entries (a multiple of 128): ceil(V / 4096) loop trips
-# whatever N, each block [N, 4096].
-_ACCELERATOR_VOCAB_CHUNK = 4096
-_KEPT_LOGITS = 2**26``
+* under autodiff (a ``custom_vjp``), every reduction: the cotangent of a reduced loss is a
+  scalar, and that of the per-token losses is, in every training loop, one number on the
+  counted tokens (``loss.mean()``, ``loss.sum()``, a masked mean). So the forward computes
+  the loss and the gradients for a cotangent of 1 on every counted token at once, per token
+  chunk keeping its logits blocks (``[chunk_size, V]``, up to ``_KEPT_LOGITS = 2**26``
   elements; past that they are recomputed) between the logsumexp pass and the gradient
-  pass: ``6NHV``, as many FLOPs as the unfused matmuls. The backward scales the saved
-  gradients by the scalar. (An earlier design did this for every reduction, saving the
-  unscaled ``[V, H]`` weight gradient; for per-token cotangents that residual was 1/8 of
-  the unfused memory, so only the reduced losses use it now, where it is the output.)
+  pass: ``6NHV``, as many FLOPs as the unfused matmuls. The backward scales them: ``dh``
+  row by row (exact for any cotangent), ``dW`` and ``db`` by the one number; for per-token
+  cotangents that differ (weights) it recomputes ``dW`` and ``db`` (``4NHV`` more). The
+  residuals are ``dW`` ``[V, H]``, ``dh`` ``[N, H]`` and ``db``: at ``N, H, V = 4096, 512,
+  32768`` under a tenth of the unfused temporaries.
+* ``return_lse`` under autodiff: the lse has a cotangent vector of its own, so the forward
+  is the plain evaluation (``2NHV``), saving the ``[N]`` logsumexp, and the backward
+  recomputes each block of logits, forms ``G`` with the per-token cotangents and
+  accumulates ``dhidden = G W``, ``dweight = G^T h`` and ``dbias = sum_n G`` (``6NHV``).
 
-Defaults: ``chunk_size = min(N, 256)`` and ``vocab_chunk_size = min(V, 8192)`` (an
-8 MiB float32 block); 512 and 4096 for the one-pass reduced gradient, whose ``G^T h``
-contracts over the token chunk. On 2 CPU cores at ``N, H, V = 1024, 512, 131072`` the
-per-token path took 5.9 s against 7.7 s with whole-vocabulary blocks (128 MiB, whose
-elementwise passes go to DRAM) and 6.4 s with 128-row token chunks; the ``[V, H]``
-weight gradient is accumulated in place, ``_ACCUMULATE_SLICE`` elements at a time.
-Measured speeds and memory: ``experiments/bench_kernels.py`` and WORKSPACE_NOTES.md.
+Defaults on CPU: token chunks of up to 1024 rows while their logits can be kept (512 at
+``V = 131072``) and vocabulary blocks of 4096 for the one-pass gradient; ``chunk_size =
+min(N, 256)`` and ``vocab_chunk_size = min(V, 8192)`` (an 8 MiB float32 block) with
+``return_lse``. On GPU and TPU (:mod:`lm_jax.ops.platform`) every token is in one chunk,
+the vocabulary streams in blocks of 4096 and ``dW`` is emitted block by block, so the only
+loop runs ``ceil(V / 4096)`` times whatever ``N``. On 2 CPU cores at ``N, H, V = 1024, 512,
+131072`` the per-token recomputing path took 5.9 s against 7.7 s with whole-vocabulary
+blocks (128 MiB, whose elementwise passes go to DRAM) and 6.4 s with 128-row token chunks;
+the ``[V, H]`` weight gradient is accumulated in place, ``_ACCUMULATE_SLICE`` elements at a
+time. Measured speeds and memory: ``experiments/bench_kernels.py`` and WORKSPACE_NOTES.md.
 
 References:
   Milakov and Gimelshein, "Online normalizer calculation for softmax", 2018
@@ -62,10 +63,12 @@ from lm_jax.ops import platform
 
 _TOKEN_CHUNK = 256
 _VOCAB_CHUNK = 8192
-# The one-pass gradient of a reduced loss contracts G^T h over the token chunk: longer
+# The one-pass gradient (a reduced loss, or the unit-cotangent gradients of the per-token
+# loss) contracts G^T h over the token chunk and reads all of W once per chunk: longer
 # chunks and shorter vocabulary blocks ran it ~15% faster at N, H, V = 4096, 512, 32768
-# (WORKSPACE_NOTES.md).
-_REDUCED_TOKEN_CHUNK = 512
+# (WORKSPACE_NOTES.md); up to 1024 tokens while the chunk's logits stay kept
+# (<= _KEPT_LOGITS: 1024 at V = 32768, 512 at V = 131072).
+_REDUCED_TOKEN_CHUNK = 1024
 _REDUCED_VOCAB_CHUNK = 4096
 # On GPU and TPU (platform.per_platform) every token is in one chunk and the vocabulary is
 # streamed in blocks of this many entries (a multiple of 128): ceil(V / 4096) loop trips
@@ -81,6 +84,8 @@ def _chunk_sizes(n: int, v: int, chunk_size, vocab_chunk_size, reduced=False) ->
       raise ValueError(f"{name} must be a positive int or None, got {value!r}")
   token_chunk, vocab_chunk = ((_REDUCED_TOKEN_CHUNK, _REDUCED_VOCAB_CHUNK) if reduced
                               else (_TOKEN_CHUNK, _VOCAB_CHUNK))
+  if reduced:
+    token_chunk = max(_TOKEN_CHUNK, min(token_chunk, _KEPT_LOGITS // max(v, 1)) // 8 * 8)
   return (_balanced(n, chunk_size, token_chunk, 8),
           _balanced(v, vocab_chunk_size, vocab_chunk, 128))
 
@@ -236,13 +241,14 @@ def _chunk_gradients(h_CxH, y_C, coefficients, used_C, lse_C, z_KxCxT, weight_Vx
   return acc, dh_CxH
 
 
-def _blockwise_gradients(h_NxH, y_N, coefficients, used_N, lse_N, weight_VxH, bias_V, tv, opts):
+def _blockwise_gradients(h_NxH, y_N, coefficients, used_N, lse_N, weight_VxH, bias_V, tv, opts,
+                         with_dhidden=True):
   """All tokens in one chunk: a scan over vocabulary blocks that emits each block of ``dW``
   and ``db`` as it is formed (no ``[V, H]`` carry updated in place) and carries ``dh``.
 
   The accelerator form: the loop runs ``ceil(V / tv)`` times whatever ``N``; the matmuls take
   the inputs' dtype and accumulate in float32 (``preferred_element_type``).
-  Returns ``(dweight_VxH, dbias_V, dhidden_NxH)`` in the compute dtype.
+  Returns ``(dweight_VxH, dbias_V, dhidden_NxH or None)`` in the compute dtype.
   """
   dtype = _compute_dtype(h_NxH, weight_VxH)
   v = weight_VxH.shape[0]
@@ -254,13 +260,14 @@ def _blockwise_gradients(h_NxH, y_N, coefficients, used_N, lse_N, weight_VxH, bi
     g_in_NxT = g_NxT.astype(jnp.promote_types(h_NxH.dtype, weight_VxH.dtype))
     dw_TxH = lax.dot_general(g_in_NxT, h_NxH, (((0,), (0,)), ((), ())),
                              preferred_element_type=dtype)
-    dh_NxH = dh_NxH + lax.dot_general(g_in_NxT, w_TxH, (((1,), (0,)), ((), ())),
-                                      preferred_element_type=dtype)
+    if with_dhidden:
+      dh_NxH = dh_NxH + lax.dot_general(g_in_NxT, w_TxH, (((1,), (0,)), ((), ())),
+                                        preferred_element_type=dtype)
     return dh_NxH, (dw_TxH, jnp.sum(g_NxT, axis=0))
 
   num_blocks = -(-v // tv)
-  dh_NxH, (dw_KxTxH, db_KxT) = lax.scan(
-      body, jnp.zeros((h_NxH.shape[0], weight_VxH.shape[1]), dtype), jnp.arange(num_blocks))
+  dh_NxH = jnp.zeros((h_NxH.shape[0], weight_VxH.shape[1]), dtype) if with_dhidden else None
+  dh_NxH, (dw_KxTxH, db_KxT) = lax.scan(body, dh_NxH, jnp.arange(num_blocks))
   return _from_blocks(dw_KxTxH, v), _from_blocks(db_KxT, v), dh_NxH
 
 
@@ -308,7 +315,7 @@ def _loss(lse_N, zsum_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, opts
 
 
 def _gradient_pass(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, g_N, g_lse_N, used_N,
-                   lse_N, with_dhidden, with_dweight=True):
+                   lse_N, with_dhidden):
   """Gradient sums over token chunks for per-token loss cotangents ``g_N`` (and ``g_lse_N``).
 
   ``lse_N=None`` computes the logsumexp (and the logit sums) too, keeping each token chunk's
@@ -326,7 +333,8 @@ def _gradient_pass(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, g_N, 
       lse_N, zsum_N, _ = _online_logsumexp(hidden_NxH, weight_VxH, bias_V, tv, False, opts)
     coefficients = _coefficients(g_N, g_lse_N, lse_N, v, opts)
     dweight_VxH, dbias_V, dh_NxH = _blockwise_gradients(
-        hidden_NxH, labels_N, coefficients, used_N, lse_N, weight_VxH, bias_V, tv, opts)
+        hidden_NxH, labels_N, coefficients, used_N, lse_N, weight_VxH, bias_V, tv, opts,
+        with_dhidden)
     return dweight_VxH, dbias_V, dh_NxH, lse_N, zsum_N
   keep = lse_N is None and tc * v <= _KEPT_LOGITS
   chunks = lambda x: None if x is None else _token_chunks(x, tc)
@@ -346,7 +354,7 @@ def _gradient_pass(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, g_N, 
                                    bias_V, tv, acc, with_dhidden, opts)
     return acc, (dh_CxH, lse_C, zsum_C)
 
-  init = (jnp.zeros((v, h), dtype), jnp.zeros((v,), dtype)) if with_dweight else (None, None)
+  init = (jnp.zeros((v, h), dtype), jnp.zeros((v,), dtype))
   (dweight_VxH, dbias_V), (dh_KxCxH, lse_KxC, zsum_KxC) = lax.scan(body, init, xs)
   dh_NxH = None if dh_KxCxH is None else dh_KxCxH.reshape(-1, h)[:n]
   return dweight_VxH, dbias_V, dh_NxH, lse_KxC.reshape(-1)[:n], zsum_KxC.reshape(-1)[:n]
@@ -375,17 +383,73 @@ def _poisoned(valid_N, used_N, g_N, dhidden_NxH, dweight_VxH, dbias_V, dtype):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
-  """``(loss_N, lse_N)``; forward ``2NHV``, backward ``6NHV`` (logits recomputed)."""
+  """``loss_N``. Differentiated, the forward also forms the unit-cotangent gradients
+  (``6NHV``, :func:`_per_token_fwd`); plain evaluation is ``2NHV``."""
+  lse_N, zsum_N = _lse_and_sums(tc, tv, opts, hidden_NxH, weight_VxH, bias_V)
+  return _loss(lse_N, zsum_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, opts)
+
+
+def _per_token_fwd(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
+  r"""The loss and its gradients for a cotangent of 1 on every counted token, in one pass.
+
+  The loss of token :math:`n` is linear in its cotangent :math:`g_n`, so :math:`\partial h_n
+  = g_n\,\partial h_n^{(1)}` exactly for any cotangent, and :math:`\partial W = g\,\partial
+  W^{(1)}` (likewise the bias) when :math:`g` is one number on the counted tokens: what
+  ``loss.mean()``, ``loss.sum()`` and a masked mean give, i.e. every training loop. The
+  residuals are ``dW`` ``[V, H]``, ``dh`` ``[N, H]`` and ``db`` ``[V]`` (at ``N, H, V = 4096,
+  512, 32768`` 72 MiB against the unfused logits' 512 MiB).
+  """
+  dtype = _compute_dtype(hidden_NxH, weight_VxH)
+  used_N = valid_N & _in_range(labels_N, weight_VxH.shape[0])
+  dweight_VxH, dbias_V, dhidden_NxH, lse_N, zsum_N = _gradient_pass(
+      tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, used_N.astype(dtype), None, used_N,
+      None, True)
+  loss_N = _loss(lse_N, zsum_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, opts)
+  return loss_N, (hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, lse_N, dweight_VxH,
+                  dbias_V, dhidden_NxH)
+
+
+def _per_token_bwd(tc, tv, opts, residuals, g_N):
+  """Scales the unit-cotangent gradients when the cotangent is one number on the counted
+  tokens; otherwise recomputes ``dW`` and ``db`` (``4NHV``; ``dh`` is scaled row by row)."""
+  (hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, lse_N, dweight_1_VxH, dbias_1_V,
+   dhidden_1_NxH) = residuals
+  g_N = g_N.astype(lse_N.dtype)
+  used_N = valid_N & _in_range(labels_N, weight_VxH.shape[0])
+  g_first = g_N[jnp.argmax(used_N)]
+  uniform = jnp.all(jnp.where(used_N, g_N == g_first, True))
+
+  def scaled(_):
+    return g_first * dweight_1_VxH, g_first * dbias_1_V
+
+  def recomputed(_):
+    dweight_VxH, dbias_V, _, _, _ = _gradient_pass(
+        tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, jnp.where(used_N, g_N, 0.0),
+        None, used_N, lse_N, False)
+    return dweight_VxH, dbias_V
+
+  dweight_VxH, dbias_V = lax.cond(uniform, scaled, recomputed, None)
+  dhidden_NxH = jnp.where(used_N, g_N, 0.0)[:, None] * dhidden_1_NxH
+  dhidden_NxH, dweight_VxH, dbias_V = _poisoned(valid_N, used_N, g_N, dhidden_NxH, dweight_VxH,
+                                                dbias_V, lse_N.dtype)
+  return (dhidden_NxH.astype(hidden_NxH.dtype), dweight_VxH.astype(weight_VxH.dtype),
+          None if bias_V is None else dbias_V.astype(bias_V.dtype), None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _with_lse(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
+  """``(loss_N, lse_N)``; forward ``2NHV``, backward ``6NHV`` (logits recomputed): the lse's
+  cotangent is a vector of its own, so no unit-cotangent gradient serves."""
   lse_N, zsum_N = _lse_and_sums(tc, tv, opts, hidden_NxH, weight_VxH, bias_V)
   return _loss(lse_N, zsum_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, opts), lse_N
 
 
-def _per_token_fwd(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
-  out = _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
+def _with_lse_fwd(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N):
+  out = _with_lse(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
   return out, (hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, out[1])
 
 
-def _per_token_bwd(tc, tv, opts, residuals, cotangents):
+def _with_lse_bwd(tc, tv, opts, residuals, cotangents):
   hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, lse_N = residuals
   g_N, g_lse_N = (c.astype(lse_N.dtype) for c in cotangents)
   used_N = valid_N & _in_range(labels_N, weight_VxH.shape[0])
@@ -398,6 +462,7 @@ def _per_token_bwd(tc, tv, opts, residuals, cotangents):
           None if bias_V is None else dbias_V.astype(bias_V.dtype), None, None)
 
 
+_with_lse.defvjp(_with_lse_fwd, _with_lse_bwd)
 _per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
@@ -471,11 +536,13 @@ def linear_softmax_cross_entropy(
 
   ``reduction`` is PyTorch's: ``"none"`` returns ``[N]`` (0 where ``where`` is False),
   ``"sum"`` the sum over counted tokens, ``"mean"`` that sum over the number of counted
-  tokens (NaN if none is counted, as PyTorch with every target ``ignore_index``). With
-  ``"sum"`` or ``"mean"`` the cotangent is a scalar, so the pass that differentiates it
-  computes the loss and all three gradients at once, ``6NHV`` FLOPs against ``8NHV``
-  for ``"none"`` (forward ``2NHV``, backward recomputing the logits); plain evaluation is
-  ``2NHV`` either way. Reverse mode only (``jax.custom_vjp``). Computed in float32 for
+  tokens (NaN if none is counted, as PyTorch with every target ``ignore_index``). The
+  natural call is the fast one: differentiated, every reduction computes the loss and all
+  three gradients in one pass (``6NHV`` FLOPs, the unfused matmuls' count), and the
+  per-token losses reduced by the caller (``.mean()``, ``.sum()``, a masked mean: a
+  cotangent that is one number on the counted tokens) only scale them in the backward;
+  per-token weights that differ cost a second pass for ``dW`` and ``db`` (``4NHV``). Plain
+  evaluation is ``2NHV``. Reverse mode only (``jax.custom_vjp``). Computed in float32 for
   bfloat16/float16 inputs (the matmuls accumulate in float32); the loss is float32.
 
   Padding cannot poison: tokens where ``where`` is False may hold any label (``-1``
@@ -504,10 +571,11 @@ def linear_softmax_cross_entropy(
     return_lse: also return ``lse_N`` ``[N]`` (of the capped logits, for every token; a
       masked token's is that of a zero hidden state), differentiable; then the backward
       always recomputes (``8NHV``).
-    chunk_size: token rows per chunk (default on CPU ``min(N, 256)``, 512 for the one-pass
-      ``"sum"``/``"mean"`` gradient; on GPU and TPU every token in one chunk).
-    vocab_chunk_size: vocabulary entries per block of logits (default on CPU
-      ``min(V, 8192)``, 4096 for the one-pass gradient; on GPU and TPU 4096).
+    chunk_size: token rows per chunk (default on CPU up to 1024 while a chunk's
+      ``[chunk_size, V]`` logits fit ``2**26`` elements, at least 256; ``min(N, 256)`` with
+      ``return_lse``; on GPU and TPU every token in one chunk).
+    vocab_chunk_size: vocabulary entries per block of logits (default 4096; on CPU with
+      ``return_lse`` ``min(V, 8192)``).
     implementation: ``"auto"`` (default): the CPU form on a CPU and the accelerator form
       elsewhere, chosen when the program is lowered (:mod:`lm_jax.ops.platform`); ``"cpu"``
       or ``"accelerator"`` forces one. The accelerator form's only loop runs over the
@@ -566,7 +634,7 @@ def linear_softmax_cross_entropy(
                        f"and dtype {valid_N.dtype}")
   opts = _check_options(reduction, label_smoothing, z_loss, logit_soft_cap)
   platform.check_implementation(implementation)
-  reduced = reduction != "none" and not return_lse
+  reduced = not return_lse
   cpu_chunks = _chunk_sizes(n, v, chunk_size, vocab_chunk_size, reduced=reduced)
   _check_labels_in_range(labels_N, valid_N, v)
   dtype = _compute_dtype(hidden_NxH, weight_VxH)
@@ -587,14 +655,15 @@ def linear_softmax_cross_entropy(
 
 def _dispatch(tc, tv, opts, reduction, return_lse, hidden_NxH, weight_VxH, bias_V, labels_N,
               valid_N):
-  """The loss (and lse) for fixed chunk sizes: per-token or one-pass reduced."""
-  if reduction == "none" or return_lse:
-    loss_N, lse_N = _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
-    loss = loss_N
-    if reduction != "none":
-      count = jnp.sum(valid_N).astype(loss_N.dtype)
-      loss = jnp.sum(loss_N) / (count if reduction == "mean" else 1)
-    return (loss, lse_N) if return_lse else loss
+  """The loss (and lse) for fixed chunk sizes: with the lse, per-token, or one-pass reduced."""
+  if return_lse:
+    loss_N, lse_N = _with_lse(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
+    if reduction == "none":
+      return loss_N, lse_N
+    count = jnp.sum(valid_N).astype(loss_N.dtype)
+    return jnp.sum(loss_N) / (count if reduction == "mean" else 1), lse_N
+  if reduction == "none":
+    return _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
   return _reduced(tc, tv, opts, reduction == "mean", hidden_NxH, weight_VxH, bias_V, labels_N,
                   valid_N)
 

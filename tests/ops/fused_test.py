@@ -402,9 +402,11 @@ def test_a_reduced_loss_differentiates_in_one_pass_of_three_matmuls():
     return _count_dots(jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(hidden, weight,
                                                                         bias).jaxpr)
   assert dots("sum") == 3 and dots("mean") == 3
-  assert dots("none") == 4
-  # The accelerator form never keeps [C, V] logits between its passes: four for every reduction.
-  assert [dots(r, "accelerator") for r in ("none", "sum", "mean")] == [4, 4, 4]
+  # "none" too forms the unit-cotangent gradients in its forward (3); its backward stages a
+  # fallback for per-token cotangents (logits and G^T h recomputed: 2) behind a lax.cond.
+  assert dots("none") == 3 + 2
+  # The accelerator form never keeps [C, V] logits between its passes: 4 (+ 2 for "none").
+  assert [dots(r, "accelerator") for r in ("none", "sum", "mean")] == [6, 4, 4]
   # "auto" stages both forms (platform_dependent picks one when lowering).
   assert dots("sum", "auto") == 3 + 4
 
@@ -531,3 +533,28 @@ def test_returned_lse_of_masked_tokens_cannot_poison_an_auxiliary_loss(reduction
   for g in grads:
     assert np.all(np.isfinite(np.asarray(g)))
   np.testing.assert_array_equal(np.asarray(grads[0])[[1, 3]], 0.0)
+
+
+@pytest.mark.parametrize("implementation", sorted(_IMPLEMENTATIONS))
+@pytest.mark.parametrize("cotangent_kind", ["mean", "masked_mean_any_value_on_masked",
+                                            "per_token_weights", "one_token"])
+def test_per_token_losses_under_every_cotangent_match_the_materialised_reference(
+    cotangent_kind, implementation):
+  """The per-token loss's backward scales its forward's unit-cotangent gradients when the
+  cotangent is one number on the counted tokens (whatever it is on masked ones) and
+  recomputes dW and db otherwise; both agree with autodiff of the materialised loss."""
+  with jax.enable_x64(True):
+    hidden, weight, bias, labels = _problem(10, 3, 12, seed=41, dtype=np.float64)
+    where = jnp.arange(10) % 4 != 2
+    cotangent = {"mean": jnp.full(10, 0.1),
+                 "masked_mean_any_value_on_masked": jnp.where(where, 0.25, 7.0),
+                 "per_token_weights": jnp.linspace(-1.0, 2.0, 10),
+                 "one_token": jnp.zeros(10).at[3].set(1.0)}[cotangent_kind]
+    fused_fn = lambda h, w, b: jnp.sum(cotangent * linear_xent(
+        h, w, labels, bias_V=b, where=where, vocab_chunk_size=5,
+        **_IMPLEMENTATIONS[implementation]))
+    ref_fn = lambda h, w, b: jnp.sum(cotangent * _unfused_options(h, w, b, labels, where))
+    grads = jax.jit(jax.grad(fused_fn, argnums=(0, 1, 2)))(hidden, weight, bias)
+    want = jax.grad(ref_fn, argnums=(0, 1, 2))(hidden, weight, bias)
+    for got, expected in zip(grads, want):
+      np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
