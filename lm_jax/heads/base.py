@@ -16,8 +16,10 @@ hierarchical, NCE) without changing anything else. The contract every head keeps
   is False is ignored whatever its id (``-1`` padding works, eager and under ``jit``: loss
   0, zero gradient) and whatever its hidden state (NaN or Inf there gives loss 0 and exactly
   zero, finite gradients: :func:`guard_hidden` masks the input); a counted target outside
-  ``[0, V)`` raises ``ValueError`` naming the id, its index and ``V`` when the targets are
-  concrete, and under ``jit`` gives NaN in ``loss``, ``log_prob`` and the ``sparse`` loss
+  ``[0, V)`` raises ``ValueError`` naming the id, its index and ``V`` when the targets can
+  be read without a device-to-host transfer (:mod:`lm_jax.ops.labels`: NumPy data or
+  arrays on a CPU device; :func:`~lm_jax.ops.labels.validate_labels` asks on any device),
+  and under ``jit`` (or on a GPU/TPU) gives NaN in ``loss``, ``log_prob`` and the ``sparse`` loss
   and non-finite gradients for the parameters its row touches, so that NaN guards see it.
 * **Hidden states** are ``[N, H]`` floating point; a width other than the params' ``H``
   raises ``ValueError`` naming both widths (:func:`params_hidden_size`).
@@ -38,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.ops import fused
+from lm_jax.ops import labels as labels_lib
 from lm_jax.ops import losses
 from lm_jax.ops import platform
 
@@ -178,7 +181,8 @@ def check_targets(targets_N: jax.typing.ArrayLike, vocab_size: int,
 
   A token where ``where`` is False is ignored whatever its id (``-1`` padding included). A
   counted target outside ``[0, V)`` raises ``ValueError`` naming the id, its index and
-  ``V`` when the targets (and ``where``) are concrete; under ``jit`` it is flagged in
+  ``V`` when the targets (and ``where``) are readable on the host
+  (:func:`lm_jax.ops.labels.check_in_range`); under ``jit`` it is flagged in
   ``bad_N`` so that the caller returns NaN there (:func:`poison`), never a finite number.
   ``safe_targets_N`` is int32 with every out-of-range id replaced by 0, so the head's
   gathers stay in bounds and ignored tokens get finite values and zero gradients.
@@ -187,14 +191,11 @@ def check_targets(targets_N: jax.typing.ArrayLike, vocab_size: int,
   >>> safe.tolist(), bad.tolist()
   ([2, 0, 0], [False, False, False])
   """
+  labels_lib.check_in_range(targets_N, vocab_size, where, what="target",
+                            hint="; mark padding with where=False")
   targets_N = jnp.asarray(targets_N)
-  in_range_N = losses._int32_labels(targets_N, vocab_size) >= 0  # never wraps, any int dtype
+  in_range_N = labels_lib.in_range_int32(targets_N, vocab_size) >= 0  # never wraps, any dtype
   bad_N = ~in_range_N if where is None else ~in_range_N & jnp.asarray(where, bool)
-  if not isinstance(bad_N, jax.core.Tracer) and bool(jnp.any(bad_N)):
-    i = int(jnp.argmax(bad_N))
-    raise ValueError(f"target {int(targets_N[i])} at index {i} is out of range for vocabulary "
-                     f"size V={vocab_size} (targets must lie in [0, {vocab_size}); mark "
-                     "padding with where=False)")
   return jnp.where(in_range_N, targets_N, 0).astype(jnp.int32), bad_N
 
 
@@ -227,9 +228,10 @@ INVALID_SAMPLE = -1
 
 def check_sampled_rows(tokens_N: jax.Array, hidden_NxH: jax.Array) -> jax.Array:
   """``tokens_N`` with :data:`INVALID_SAMPLE` (-1) where the row's hidden state has a NaN or
-  Inf; eagerly (concrete hidden states) such a row raises ``ValueError`` naming it instead."""
+  Inf; eagerly, when the hidden states are readable on the host (not traced, on a CPU
+  device), such a row raises ``ValueError`` naming it instead."""
   finite_N = jnp.all(jnp.isfinite(hidden_NxH), axis=-1)
-  if not isinstance(finite_N, jax.core.Tracer) and not bool(jnp.all(finite_N)):
+  if labels_lib.readable_on_host(finite_N) and not bool(jnp.all(finite_N)):
     i = int(jnp.argmin(finite_N))
     raise ValueError(f"hidden_NxH row {i} is not finite (NaN or Inf): no token can be sampled "
                      f"from it (under jit such rows give {INVALID_SAMPLE})")

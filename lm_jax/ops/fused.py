@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lm_jax.ops import labels as labels_lib
 from lm_jax.ops import platform
 
 
@@ -553,7 +554,8 @@ def linear_softmax_cross_entropy(
   of a zero hidden state, finite, whatever their row holds, and its gradient reaches only
   ``bias_V``; their hidden-state gradient stays exactly 0.) A bad
   target poisons: out-of-range labels (``< 0`` or ``>= V``) in counted tokens raise
-  ``ValueError`` when the labels are concrete and, under ``jit``, give a NaN loss and NaN
+  ``ValueError`` when the labels are readable on the host (:mod:`lm_jax.ops.labels`) and,
+  under ``jit``, give a NaN loss and NaN
   gradients (that token's ``dhidden`` row, all of ``dweight`` and ``dbias``), as the
   unfused kernel does, so ``optax.apply_if_finite``-style guards see them.
 
@@ -607,6 +609,7 @@ def linear_softmax_cross_entropy(
   >>> print(f"{float(mean):.4f}")  # (0.4076 + 0.2395 + 2.7586) / 3
   1.1353
   """
+  given_labels = labels_N  # checked as given: NumPy labels need no device-to-host read
   hidden_NxH = jnp.asarray(hidden_NxH)
   weight_VxH = jnp.asarray(weight_VxH)
   labels_N = jnp.asarray(labels_N)
@@ -636,7 +639,7 @@ def linear_softmax_cross_entropy(
   platform.check_implementation(implementation)
   reduced = not return_lse
   cpu_chunks = _chunk_sizes(n, v, chunk_size, vocab_chunk_size, reduced=reduced)
-  _check_labels_in_range(labels_N, valid_N, v)
+  labels_lib.check_in_range(given_labels, v, None if where is None else where)
   dtype = _compute_dtype(hidden_NxH, weight_VxH)
   if n == 0:
     loss = jnp.zeros((0,), dtype) if reduction == "none" else jnp.asarray(
@@ -679,14 +682,3 @@ def _check_options(reduction, label_smoothing, z_loss, logit_soft_cap) -> _Optio
     raise ValueError(f"logit_soft_cap must be > 0 or None, got {logit_soft_cap}")
   return _Options(float(label_smoothing), float(z_loss),
                   None if logit_soft_cap is None else float(logit_soft_cap))
-
-
-def _check_labels_in_range(labels_N, valid_N, v):
-  if isinstance(labels_N, jax.core.Tracer) or isinstance(valid_N, jax.core.Tracer):
-    return
-  labels_np = np.asarray(labels_N)
-  bad = ((labels_np < 0) | (labels_np >= v)) & np.asarray(valid_N)
-  if bad.any():
-    i = int(np.argmax(bad))
-    raise ValueError(f"label {int(labels_np[i])} at index {i} is out of range for vocabulary size V={v} "
-                     f"(labels must lie in [0, {v}))")

@@ -16,7 +16,8 @@ elementwise pass (lecture equation 8.11), so no ``[N, V]`` array is stored, whil
 Padding cannot poison: entries excluded by ``where`` are replaced before any
 arithmetic, so NaN or Inf there gives a 0 loss (for an excluded example) and
 exactly zero, finite gradients. A bad target poisons: an out-of-range label of a
-counted example raises ``ValueError`` when the labels are concrete and, under
+counted example raises ``ValueError`` when the labels are readable on the host
+(:mod:`lm_jax.ops.labels`: not traced, not on a GPU/TPU) and, under
 ``jit``, gives a NaN loss and a NaN gradient, which ``optax.apply_if_finite``-style
 guards see. Argument checks run eagerly; the arithmetic is one ``jit``-compiled call.
 """
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lm_jax.ops import labels as labels_lib
 from lm_jax.ops.softmax import log_softmax as _log_softmax
 
 Axis = Union[int, tuple[int, ...]]
@@ -81,24 +83,20 @@ def _axes_and_masks(logits: jax.Array, axis: Axis, where, allow_none: bool = Fal
 
 
 def _check_labels_in_range(labels, num_classes, axes, element_mask, row_mask):
-  """Raises ValueError for out-of-range concrete labels of included examples."""
-  if any(isinstance(x, jax.core.Tracer) for x in (labels, element_mask, row_mask)):
+  """:func:`lm_jax.ops.labels.check_in_range` on the examples a mask counts (a row mask, or
+  a row with any element of an element mask)."""
+  if not labels_lib.readable_on_host(labels, element_mask, row_mask):
     return
-  labels_np = np.asarray(labels)
-  bad = ~((labels_np >= 0) & (labels_np < num_classes))  # exact for every int dtype
-  if row_mask is not None:
-    bad &= np.asarray(row_mask)
+  counted = None if row_mask is None else np.asarray(row_mask)
   if element_mask is not None:
-    bad &= np.any(np.asarray(element_mask), axis=axes)
-  if bad.any():
-    index = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(
-        f"label {int(labels_np[index])} at index {index} is out of range for "
-        f"vocabulary size V={num_classes} (labels must lie in [0, {num_classes})).")
+    rows = np.any(np.asarray(element_mask), axis=axes)
+    counted = rows if counted is None else counted & rows
+  labels_lib.check_in_range(labels, num_classes, counted)
 
 
 def _prepare_integer_labels(logits, labels, axis, where):
   """Checks dtypes, shapes and concrete labels; returns arrays and axes."""
+  given_labels = labels  # checked as given: NumPy labels need no device-to-host read
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
   _check_dtype("logits", logits, jnp.floating, "a floating")
   _check_dtype("labels", labels, jnp.integer, "an integer")
@@ -108,7 +106,7 @@ def _prepare_integer_labels(logits, labels, axis, where):
         f"labels has shape {labels.shape}; expected {batch_shape}, the logits "
         f"shape {logits.shape} without class axis {axis!r}.")
   num_classes = math.prod(logits.shape[a] for a in axes)
-  _check_labels_in_range(labels, num_classes, axes, element_mask, row_mask)
+  _check_labels_in_range(given_labels, num_classes, axes, element_mask, row_mask)
   return logits, labels, axes, element_mask, row_mask
 
 
@@ -119,14 +117,6 @@ def _flatten_class_axes(x, axes: tuple[int, ...]) -> tuple[jax.Array, int]:
   batch_axes = tuple(a for a in range(x.ndim) if a not in axes)
   x = jnp.transpose(x, batch_axes + axes)
   return x.reshape(x.shape[:len(batch_axes)] + (-1,)), len(batch_axes)
-
-
-def _int32_labels(labels: jax.Array, num_classes: int) -> jax.Array:
-  """int32 labels with every out-of-range label (of any integer dtype) as -1."""
-  valid = labels >= 0
-  if jnp.iinfo(labels.dtype).max >= num_classes:
-    valid &= labels < jnp.asarray(num_classes, labels.dtype)
-  return jnp.where(valid, labels, -1).astype(jnp.int32)
 
 
 def _pick(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
@@ -250,7 +240,7 @@ def softmax_cross_entropy_with_integer_labels(
   (e.g. -1 padding); so does every masked logit of a partly masked row, except
   the label's own, which is read as optax reads it. A bad target poisons:
   out-of-range labels (``< 0`` or ``>= V``) of counted rows raise
-  ``ValueError`` when the labels are concrete and, under ``jit``, give a NaN
+  ``ValueError`` when the labels are readable on the host and, under ``jit``, give a NaN
   loss and a NaN gradient row; never a finite wrong loss. A row whose logits
   are all ``-inf`` has no distribution: NaN.
 
@@ -286,7 +276,7 @@ def _integer_label_xent_masked(logits, labels, axes, element_mask, row_mask):
   if element_mask is not None:
     element_mask, _ = _flatten_class_axes(element_mask, axes)
   logits, axis = _flatten_class_axes(logits, axes)
-  return _integer_label_xent(logits, _int32_labels(labels, logits.shape[axis]), axis,
+  return _integer_label_xent(logits, labels_lib.in_range_int32(labels, logits.shape[axis]), axis,
                              element_mask, row_mask)
 
 
@@ -307,7 +297,7 @@ def nll(
   Args:
     log_probs: ``log_probs_NxV``, floating, classes along ``axis``.
     labels: ``labels_N``, integer, shape ``log_probs.shape`` without ``axis``;
-      out of range in a counted example gives ``ValueError`` (concrete) or, under
+      out of range in a counted example gives ``ValueError`` (read on the host) or, under
       ``jit``, a NaN loss and a NaN gradient.
     axis: class axis, or a tuple of axes flattened into one class index.
     where: optional boolean mask, per example or per element (a masked label
@@ -332,7 +322,7 @@ def nll(
 def _nll_masked(log_probs, labels, axes, element_mask, row_mask):
   """``-log_probs[label]``: an ``[N]`` gather, masked and poisoned (:func:`_poison`) in ``[N]``."""
   log_probs, axis = _flatten_class_axes(log_probs, axes)
-  labels = _int32_labels(labels, log_probs.shape[axis])
+  labels = labels_lib.in_range_int32(labels, log_probs.shape[axis])
   picked = _pick(log_probs, labels, axis)
   if element_mask is not None:
     element_mask, _ = _flatten_class_axes(element_mask, axes)
@@ -384,6 +374,7 @@ def softmax_cross_entropy(
   ...   print(softmax_cross_entropy(logits, labels))
   [0.2761 2.9518]
   """
+  given_labels = labels  # checked as given: NumPy labels need no device-to-host read
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
   _check_dtype("logits", logits, jnp.floating, "a floating")
   try:
@@ -446,6 +437,7 @@ def sigmoid_binary_cross_entropy(
   ...                                      jnp.array([1.0, 1.0, 1.0])))
   [  0.6931   0.     100.    ]
   """
+  given_labels = labels  # checked as given: NumPy labels need no device-to-host read
   logits, labels = jnp.asarray(logits), jnp.asarray(labels)
   _check_dtype("logits", logits, jnp.floating, "a floating")
   try:

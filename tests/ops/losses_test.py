@@ -301,7 +301,7 @@ def test_label_dtypes_never_wrap_into_range():
 
 def test_out_of_range_labels_raise_eagerly():
   logits = _random((3, 5))
-  with pytest.raises(ValueError, match=r"label 7 at index \(1,\).*V=5"):
+  with pytest.raises(ValueError, match=r"label 7 at index 1 .*V=5"):
     xent(logits, np.array([0, 7, 2]))
   with pytest.raises(ValueError, match=r"label -1 .*V=5"):
     losses.nll(logits, np.array([-1, 0, 0]))
@@ -592,7 +592,7 @@ def test_an_out_of_range_counted_label_poisons_loss_and_gradient_under_jit(kerne
         logits, labels))
     assert not np.all(np.isfinite(grad[1])), (reduce, grad)
     assert np.all(np.isfinite(grad[[0, 2]]))
-  with pytest.raises(ValueError, match=r"label 7 at index \(1,\)"):
+  with pytest.raises(ValueError, match=r"label 7 at index 1 "):
     fn(logits, labels, where=where)
 
 
