@@ -111,6 +111,31 @@ def test_no_control_characters_in_sources():
     assert not bad, f"{path}: control characters on lines {bad}"
 
 
+def _code_lines(function):
+  """Lines of a function without its docstring."""
+  lines = function.end_lineno - function.lineno + 1
+  first = function.body[0]
+  if isinstance(first, ast.Expr) and isinstance(getattr(first, "value", None), ast.Constant) \
+      and isinstance(first.value.value, str):
+    lines -= first.end_lineno - first.lineno + 1
+  return lines
+
+
+def test_no_function_in_heads_or_ops_is_longer_than_60_lines():
+  """Heads and kernels are module-level functions over (params, tables, ...), each short
+  enough to read at once (issue 23); docstrings, where the maths lives, are not counted."""
+  long = []
+  for room, path in _modules():
+    if room not in ("heads", "ops"):
+      continue
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read(), path)
+    long += [f"{os.path.relpath(path, PACKAGE)}:{node.lineno} {node.name} ({_code_lines(node)})"
+             for node in ast.walk(tree)
+             if isinstance(node, ast.FunctionDef) and _code_lines(node) > 60]
+  assert not long, "\n".join(long)
+
+
 def test_import_lm_jax_is_light():
   code = ("import sys, lm_jax, lm_jax.ops, lm_jax.heads, lm_jax.models, lm_jax.data\n"
           "print(sorted({k.split('.')[0] for k in sys.modules} & "

@@ -33,6 +33,7 @@ References:
   Chen, Grangier and Auli, "Strategies for training large vocabulary neural
   language models", ACL 2016, Section 3 (the lecture's reference [3]).
 """
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -117,6 +118,16 @@ def loss_from_sparse(sparse: RowSparse) -> Callable[..., jax.Array]:
     return sparse.loss(rows, hidden_NxH, aux, where=where)
 
   return loss
+
+
+def log_prob_from_loss(loss: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """``log_prob(params, hidden_NxH, targets_N, *, tables)`` as ``-loss(...)``: for a head
+  whose deterministic loss is exactly the negative log-likelihood."""
+  return functools.partial(_negated_loss, loss)
+
+
+def _negated_loss(loss, params, hidden_NxH, targets_N, *, tables=None):
+  return -loss(params, hidden_NxH, targets_N, tables=tables)
 
 
 def sparse_sgd_step(head: OutputHead, params: Params, hidden_NxH: jax.typing.ArrayLike,

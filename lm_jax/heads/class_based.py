@@ -16,6 +16,7 @@ References:
   network language model", ICASSP 2011, Section 3 (frequency binning).
   Goodman, "Classes for fast maximum entropy training", ICASSP 2001.
 """
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.heads.base import _check_hidden
-from lm_jax.heads.base import loss_from_sparse
+from lm_jax.heads.base import log_prob_from_loss
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import sample_by_walk
@@ -211,9 +212,24 @@ def _class_log_softmax_at(hidden_NxH, class_weight_CxH, class_bias_C, class_N, c
           - jnp.log(jnp.sum(jnp.exp(shifted_NxC), axis=-1)))
 
 
-def _windowed_word_nll(width: int):
-  r"""``nll(weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM, column_LxK) -> [N]``:
-  :math:`-\log p(y \mid c(y), h)` for every token, item by item, with its own backward.
+def _item_logits(weight_VxH, bias_V, hidden_KxH, start, mask_M, width, compute):
+  """One item's window ``[M, H]`` (sliced in place) and its masked logits ``[M, K]``."""
+  w_MxH = jax.lax.dynamic_slice_in_dim(weight_VxH, start, width, 0).astype(compute)
+  b_M = jax.lax.dynamic_slice_in_dim(bias_V, start, width, 0).astype(compute)
+  logits_MxK = jnp.matmul(w_MxH, hidden_KxH.T) + b_M[:, None]
+  return w_MxH, jnp.where(mask_M[:, None], logits_MxK, -jnp.inf)
+
+
+def _items_hidden(hidden_NxH, work, weight_VxH):
+  compute = jnp.result_type(jnp.float32, hidden_NxH, weight_VxH)
+  return compute, hidden_NxH.astype(compute)[work.token_LxK]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _windowed_word_nll(width, weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM,
+                       column_LxK):
+  r""":math:`-\log p(y \mid c(y), h)` ``[N]`` for every token, item by item, with its own
+  backward (``width`` = ``M``).
 
   A ``lax.scan`` over the :class:`WorkList` items slices each item's ``M``-row window out of
   ``weight_VxH`` in place (``dynamic_slice``: no ``[L, M, H]`` gathered copy), scores the
@@ -223,80 +239,218 @@ def _windowed_word_nll(width: int):
   adds :math:`(p - y)\,h` into the window's rows of one ``[V, H]`` gradient carried through
   the scan (updated in place), instead of scattering ``L M`` gathered rows. At V = 100k,
   N = 2048 this forward + backward took ~115 ms against ~235 ms for autodiff of the gathered
-  windows (``backward="autodiff"``; WORKSPACE_NOTES.md). Reverse mode only
-  (``jax.custom_vjp``).
+  windows (``backward="autodiff"``; WORKSPACE_NOTES.md). Reverse mode only; the CPU form
+  (:mod:`lm_jax.ops.platform`: its scan runs once per item).
   """
+  return _word_nll_fwd(width, weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM,
+                       column_LxK)[0]
 
-  def item_logits(weight_VxH, bias_V, hidden_KxH, start, mask_M, compute):
-    w_MxH = jax.lax.dynamic_slice_in_dim(weight_VxH, start, width, 0).astype(compute)
-    b_M = jax.lax.dynamic_slice_in_dim(bias_V, start, width, 0).astype(compute)
-    logits_MxK = jnp.matmul(w_MxH, hidden_KxH.T) + b_M[:, None]
-    return w_MxH, jnp.where(mask_M[:, None], logits_MxK, -jnp.inf)
 
-  def prepare(hidden_NxH, work, weight_VxH):
-    compute = jnp.result_type(jnp.float32, hidden_NxH, weight_VxH)
-    return compute, hidden_NxH.astype(compute)[work.token_LxK]
+def _word_nll_fwd(width, weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM, column_LxK):
+  compute, hidden_LxKxH = _items_hidden(hidden_NxH, work, weight_VxH)
+  cap = column_LxK.shape[1]
 
-  @jax.custom_vjp
-  def nll(weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM, column_LxK):
-    return forward(weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM, column_LxK)[0]
+  def score(x):
+    start, hidden_KxH, mask_M, column_K, _ = x
+    _, logits_MxK = _item_logits(weight_VxH, bias_V, hidden_KxH, start, mask_M, width, compute)
+    max_K = jnp.max(logits_MxK, axis=0)
+    lse_K = max_K + jnp.log(jnp.sum(jnp.exp(logits_MxK - max_K), axis=0))
+    return lse_K - jnp.take_along_axis(logits_MxK, column_K[None, :], axis=0)[0]
 
-  def forward(weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM, column_LxK):
-    compute, hidden_LxKxH = prepare(hidden_NxH, work, weight_VxH)
-    cap = column_LxK.shape[1]
+  def body(_, x):
+    return None, jax.lax.cond(x[4][0], score, lambda x: jnp.zeros((cap,), compute), x)
 
-    def score(x):
-      start, hidden_KxH, mask_M, column_K, _ = x
-      _, logits_MxK = item_logits(weight_VxH, bias_V, hidden_KxH, start, mask_M, compute)
-      max_K = jnp.max(logits_MxK, axis=0)
-      lse_K = max_K + jnp.log(jnp.sum(jnp.exp(logits_MxK - max_K), axis=0))
-      return lse_K - jnp.take_along_axis(logits_MxK, column_K[None, :], axis=0)[0]
+  _, nll_LxK = jax.lax.scan(body, None, (start_L, hidden_LxKxH, mask_LxM, column_LxK,
+                                         work.valid_LxK))
+  residuals = (weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM, column_LxK)
+  return nll_LxK[work.item_N, work.slot_N], residuals
 
-    def body(_, x):
-      return None, jax.lax.cond(x[4][0], score, lambda x: jnp.zeros((cap,), compute), x)
 
-    _, nll_LxK = jax.lax.scan(body, None, (start_L, hidden_LxKxH, mask_LxM, column_LxK,
-                                           work.valid_LxK))
-    residuals = (weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM, column_LxK)
-    return nll_LxK[work.item_N, work.slot_N], residuals
+def _word_nll_bwd(width, residuals, g_N):
+  weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM, column_LxK = residuals
+  compute, hidden_LxKxH = _items_hidden(hidden_NxH, work, weight_VxH)
+  cap, hidden_size = column_LxK.shape[1], hidden_NxH.shape[1]
+  g_LxK = jnp.where(work.valid_LxK, g_N.astype(compute)[work.token_LxK], 0.0)
 
-  def backward(residuals, g_N):
-    weight_VxH, bias_V, hidden_NxH, work, start_L, mask_LxM, column_LxK = residuals
-    compute, hidden_LxKxH = prepare(hidden_NxH, work, weight_VxH)
-    cap = column_LxK.shape[1]
-    g_LxK = jnp.where(work.valid_LxK, g_N.astype(compute)[work.token_LxK], 0.0)
+  def item_grads(x):
+    start, hidden_KxH, mask_M, column_K, g_K, _ = x
+    w_MxH, logits_MxK = _item_logits(weight_VxH, bias_V, hidden_KxH, start, mask_M, width,
+                                     compute)
+    p_MxK = jax.nn.softmax(logits_MxK, axis=0)
+    d_MxK = (p_MxK - jax.nn.one_hot(column_K, width, axis=0, dtype=compute)) * g_K
+    return jnp.matmul(d_MxK, hidden_KxH), jnp.sum(d_MxK, axis=1), jnp.matmul(d_MxK.T, w_MxH)
 
-    def item_grads(x):
-      start, hidden_KxH, mask_M, column_K, g_K, _ = x
-      w_MxH, logits_MxK = item_logits(weight_VxH, bias_V, hidden_KxH, start, mask_M, compute)
-      p_MxK = jax.nn.softmax(logits_MxK, axis=0)
-      d_MxK = (p_MxK - jax.nn.one_hot(column_K, width, axis=0, dtype=compute)) * g_K
-      return jnp.matmul(d_MxK, hidden_KxH), jnp.sum(d_MxK, axis=1), jnp.matmul(d_MxK.T, w_MxH)
+  def no_grads(x):
+    return (jnp.zeros((width, hidden_size), compute), jnp.zeros((width,), compute),
+            jnp.zeros((cap, hidden_size), compute))
 
-    def no_grads(x):
-      return (jnp.zeros((width, hidden_NxH.shape[1]), compute), jnp.zeros((width,), compute),
-              jnp.zeros((cap, hidden_NxH.shape[1]), compute))
+  def body(carry, x):
+    # The cond returns the item's small [M, H] window gradient and the window is updated
+    # outside it (an empty item adds zeros): under vmap a cond becomes a select of both
+    # branches' outputs, which must not be the whole [V, H] carry.
+    d_window_MxH, d_window_M, d_hidden_KxH = jax.lax.cond(x[5][0], item_grads, no_grads, x)
+    start = x[0]
+    update = lambda acc, delta: jax.lax.dynamic_update_slice_in_dim(
+        acc, jax.lax.dynamic_slice_in_dim(acc, start, width, 0) + delta, start, 0)
+    return (update(carry[0], d_window_MxH), update(carry[1], d_window_M)), d_hidden_KxH
 
-    def body(carry, x):
-      # The cond returns the item's small [M, H] window gradient and the window is updated
-      # outside it (an empty item adds zeros): under vmap a cond becomes a select of both
-      # branches' outputs, which must not be the whole [V, H] carry.
-      d_window_MxH, d_window_M, d_hidden_KxH = jax.lax.cond(x[5][0], item_grads, no_grads, x)
-      start = x[0]
-      update = lambda acc, delta: jax.lax.dynamic_update_slice_in_dim(
-          acc, jax.lax.dynamic_slice_in_dim(acc, start, width, 0) + delta, start, 0)
-      return (update(carry[0], d_window_MxH), update(carry[1], d_window_M)), d_hidden_KxH
+  zeros = (jnp.zeros(weight_VxH.shape, compute), jnp.zeros(bias_V.shape, compute))
+  (d_weight_VxH, d_bias_V), d_hidden_LxKxH = jax.lax.scan(
+      body, zeros, (start_L, hidden_LxKxH, mask_LxM, column_LxK, g_LxK, work.valid_LxK))
+  d_hidden_NxH = d_hidden_LxKxH[work.item_N, work.slot_N]
+  none = jax.tree.map(lambda _: None, (work, start_L, mask_LxM, column_LxK))
+  return (d_weight_VxH.astype(weight_VxH.dtype), d_bias_V.astype(bias_V.dtype),
+          d_hidden_NxH.astype(hidden_NxH.dtype), *none)
 
-    zeros = (jnp.zeros(weight_VxH.shape, compute), jnp.zeros(bias_V.shape, compute))
-    (d_weight_VxH, d_bias_V), d_hidden_LxKxH = jax.lax.scan(
-        body, zeros, (start_L, hidden_LxKxH, mask_LxM, column_LxK, g_LxK, work.valid_LxK))
-    d_hidden_NxH = d_hidden_LxKxH[work.item_N, work.slot_N]
-    none = jax.tree.map(lambda _: None, (work, start_L, mask_LxM, column_LxK))
-    return (d_weight_VxH.astype(weight_VxH.dtype), d_bias_V.astype(bias_V.dtype),
-            d_hidden_NxH.astype(hidden_NxH.dtype), *none)
 
-  nll.defvjp(forward, backward)
-  return nll
+_windowed_word_nll.defvjp(_word_nll_fwd, _word_nll_bwd)
+
+
+class _Layout(NamedTuple):
+  """The class head's static shape: ``V``, ``C``, ``M`` (window rows) and ``K`` (None: from N)."""
+  vocab_size: int
+  num_classes: int
+  width: int
+  tokens_per_item: Optional[int]
+
+
+def _init(layout, init_scale, dtype, key, hidden_size):
+  keys = jax.random.split(key, 4)
+  shapes = {"class_weight_CxH": (layout.num_classes, hidden_size),
+            "class_bias_C": (layout.num_classes,),
+            "word_weight_VxH": (layout.vocab_size, hidden_size),
+            "word_bias_V": (layout.vocab_size,)}
+  return {name: jax.random.uniform(k, shape, dtype, -init_scale, init_scale)
+          for k, (name, shape) in zip(keys, sorted(shapes.items()))}
+
+
+def _work_items(layout, targets_N, tables):
+  """``(class_N, work, start_L, mask_LxM)``: the items and their windows' rows."""
+  class_N = tables["class_of_V"][targets_N]
+  cap = layout.tokens_per_item or _tokens_per_item(targets_N.shape[0], layout.num_classes)
+  work = class_work_list(class_N, layout.num_classes, cap)
+  return (class_N, work, tables["window_C"][work.item_class_L],
+          tables["window_mask_CxM"][work.item_class_L])
+
+
+def _gather(layout, params, targets_N, key=None, *, tables):
+  del key
+  targets_N = jnp.asarray(targets_N)
+  class_N, work, start_L, mask_LxM = _work_items(layout, targets_N, tables)
+  rows_LM = (start_L[:, None] + jnp.arange(layout.width)).reshape(-1)
+  rows = {"class_weight_CxH": params["class_weight_CxH"], "class_bias_C": params["class_bias_C"],
+          "word_weight_VxH": params["word_weight_VxH"][rows_LM],
+          "word_bias_V": params["word_bias_V"][rows_LM]}
+  index = {"class_weight_CxH": None, "class_bias_C": None,
+           "word_weight_VxH": rows_LM, "word_bias_V": rows_LM}
+  return rows, index, (class_N, work, tables["column_V"][targets_N], mask_LxM)
+
+
+def _sparse_loss(layout, rows, hidden_NxH, aux, *, where=None):
+  class_N, work, column_N, mask_LxM = aux
+  compute = jnp.result_type(jnp.float32, hidden_NxH, rows["word_weight_VxH"])
+  hidden_NxH = jnp.asarray(hidden_NxH, compute)
+  class_logp_N = _class_log_softmax_at(hidden_NxH, rows["class_weight_CxH"],
+                                       rows["class_bias_C"], class_N, compute)
+  num_items = mask_LxM.shape[0]
+  weight_LxMxH = rows["word_weight_VxH"].astype(compute).reshape(num_items, layout.width, -1)
+  # [L, M, K], window rows leading: XLA:CPU ran this batched matmul at ~60 GFLOP/s against
+  # 14 laid out [L, K, M], and the head's forward + backward 1.4x faster (WORKSPACE_NOTES.md).
+  logits_LxMxK = (jnp.einsum("lmh,lkh->lmk", weight_LxMxH, hidden_NxH[work.token_LxK])
+                  + rows["word_bias_V"].astype(compute).reshape(num_items, layout.width, 1))
+  logits_LxMxK = jnp.where(mask_LxM[:, :, None], logits_LxMxK, -jnp.inf)
+  max_LxK = jax.lax.stop_gradient(jnp.max(logits_LxMxK, axis=1))
+  lse_LxK = max_LxK + jnp.log(jnp.sum(jnp.exp(logits_LxMxK - max_LxK[:, None, :]), axis=1))
+  word_logp_N = (logits_LxMxK[work.item_N, column_N, work.slot_N]
+                 - lse_LxK[work.item_N, work.slot_N])
+  loss_N = -(class_logp_N + word_logp_N)
+  return loss_N if where is None else jnp.where(where, loss_N, 0.0)
+
+
+def _scan_loss(layout, params, hidden_NxH, targets_N, *, where=None, tables):
+  hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+  compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
+  class_N, work, start_L, mask_LxM = _work_items(layout, targets_N, tables)
+  class_logp_N = _class_log_softmax_at(hidden_NxH.astype(compute), params["class_weight_CxH"],
+                                       params["class_bias_C"], class_N, compute)
+  word_nll_N = _windowed_word_nll(layout.width, params["word_weight_VxH"], params["word_bias_V"],
+                                  hidden_NxH, work, start_L, mask_LxM,
+                                  tables["column_V"][targets_N][work.token_LxK])
+  loss_N = word_nll_N - class_logp_N
+  return loss_N if where is None else jnp.where(where, loss_N, 0.0)
+
+
+def _gathered_loss(layout, params, hidden_NxH, targets_N, *, where=None, tables):
+  hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+  rows, _, aux = _gather(layout, params, targets_N, tables=tables)
+  return _sparse_loss(layout, rows, hidden_NxH, aux, where=where)
+
+
+def _loss(layout, backward, implementation, params, hidden_NxH, targets_N, *, key=None,
+          where=None, tables):
+  """The CPU form ``backward`` names, or on GPU/TPU the gathered windows (no item loop)."""
+  del key
+  cpu_loss = _scan_loss if backward == "scan" else _gathered_loss
+  call = lambda f: lambda p, h, y, w, t: f(layout, p, h, y, where=w, tables=t)
+  return platform.per_platform(call(cpu_loss), call(_gathered_loss), params, hidden_NxH,
+                               targets_N, where, tables, implementation=implementation)
+
+
+def _class_log_probs(params, hidden_NxH, compute):
+  logits_NxC = (jnp.matmul(hidden_NxH, params["class_weight_CxH"].astype(compute).T)
+                + params["class_bias_C"].astype(compute))
+  return jax.nn.log_softmax(logits_NxC, axis=-1)
+
+
+def _log_probs(layout, params, hidden_NxH, *, tables):
+  hidden_NxH, _ = _check_hidden(hidden_NxH)
+  class_of_row = tables["class_of_row_V"]
+  compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
+  hidden_NxH = hidden_NxH.astype(compute)
+  logits_RxN = (jnp.matmul(params["word_weight_VxH"].astype(compute), hidden_NxH.T)
+                + params["word_bias_V"].astype(compute)[:, None])  # Rows in class-major order.
+  segments = dict(segment_ids=class_of_row, num_segments=layout.num_classes,
+                  indices_are_sorted=True)
+  max_CxN = jax.lax.stop_gradient(jax.ops.segment_max(logits_RxN, **segments))
+  shifted_RxN = logits_RxN - max_CxN[class_of_row]
+  lse_CxN = jnp.log(jax.ops.segment_sum(jnp.exp(shifted_RxN), **segments))
+  within_RxN = shifted_RxN - lse_CxN[class_of_row]
+  word_logp_NxR = _class_log_probs(params, hidden_NxH, compute)[:, class_of_row] + within_RxN.T
+  return word_logp_NxR[:, tables["row_of_V"]]
+
+
+def _walk(layout, params, hidden_NxH, key, tables):
+  compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
+  hidden_NxH = hidden_NxH.astype(compute)
+  key_class, key_word = jax.random.split(key)
+  class_N = jax.random.categorical(key_class, _class_log_probs(params, hidden_NxH, compute))
+  rows_NxM = tables["window_C"][class_N][:, None] + jnp.arange(layout.width)
+  word_logits_NxM = (
+      jnp.einsum("nmh,nh->nm", params["word_weight_VxH"][rows_NxM].astype(compute), hidden_NxH)
+      + params["word_bias_V"][rows_NxM].astype(compute))
+  word_logits_NxM = jnp.where(tables["window_mask_CxM"][class_N], word_logits_NxM, -jnp.inf)
+  column_N = jax.random.categorical(key_word, word_logits_NxM)
+  row_N = jnp.take_along_axis(rows_NxM, column_N[:, None], axis=-1)[:, 0]
+  return tables["words_by_row_V"][row_N]
+
+
+def _class_tables(counts, num_classes, binning):
+  """``(layout fields V, C, M; tables)``: the class map and the class-major window layout."""
+  class_of_V, _, members_CxM, member_mask_CxM = word_classes(counts, num_classes, binning=binning)
+  vocab_size = class_of_V.shape[0]
+  num_classes, width = members_CxM.shape
+  size_C = member_mask_CxM.sum(axis=1)
+  first_row_C = np.cumsum(size_C) - size_C
+  row_of_V = class_major_rows(counts, num_classes, binning=binning)
+  words_by_row = np.argsort(row_of_V).astype(np.int32)
+  window_C = np.minimum(first_row_C, vocab_size - width).astype(np.int32)
+  row_CxM = window_C[:, None] + np.arange(width)
+  window_mask_CxM = (row_CxM >= first_row_C[:, None]) & (row_CxM < (first_row_C + size_C)[:, None])
+  tables = {"class_of_V": class_of_V, "column_V": (row_of_V - window_C[class_of_V]).astype(np.int32),
+            "window_C": window_C, "window_mask_CxM": window_mask_CxM,
+            "class_of_row_V": class_of_V[words_by_row].astype(np.int32), "row_of_V": row_of_V,
+            "words_by_row_V": words_by_row}
+  return (vocab_size, num_classes, width), {name: jnp.asarray(x) for name, x in tables.items()}
 
 
 def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "equal",
@@ -367,136 +521,13 @@ def class_softmax(counts, num_classes: Optional[int] = None, *, binning: str = "
   if backward not in BACKWARDS:
     raise ValueError(f"backward must be one of {BACKWARDS}, got {backward!r}")
   platform.check_implementation(implementation)
-  class_of_V, _, members_CxM, member_mask_CxM = word_classes(counts, num_classes, binning=binning)
-  vocab_size = class_of_V.shape[0]
-  num_classes, width = members_CxM.shape
-  size_C = member_mask_CxM.sum(axis=1)
-  first_row_C = np.cumsum(size_C) - size_C
-  row_of_V = class_major_rows(counts, num_classes, binning=binning)
-  words_by_row = np.argsort(row_of_V).astype(np.int32)
-  class_of_row = class_of_V[words_by_row]
-  window_C = np.minimum(first_row_C, vocab_size - width).astype(np.int32)
-  row_CxM = window_C[:, None] + np.arange(width)
-  window_mask_CxM = (row_CxM >= first_row_C[:, None]) & (row_CxM < (first_row_C + size_C)[:, None])
-  column_V = (row_of_V - window_C[class_of_V]).astype(np.int32)
-
-  def init(key, hidden_size):
-    keys = jax.random.split(key, 4)
-    shapes = {"class_weight_CxH": (num_classes, hidden_size), "class_bias_C": (num_classes,),
-              "word_weight_VxH": (vocab_size, hidden_size), "word_bias_V": (vocab_size,)}
-    return {name: jax.random.uniform(k, shape, dtype, -init_scale, init_scale)
-            for k, (name, shape) in zip(keys, sorted(shapes.items()))}
-
-  tables = {"class_of_V": class_of_V, "column_V": column_V, "window_C": window_C,
-            "window_mask_CxM": window_mask_CxM, "class_of_row_V": class_of_row.astype(np.int32),
-            "row_of_V": row_of_V, "words_by_row_V": words_by_row}
-  tables = {name: jnp.asarray(x) for name, x in tables.items()}
-
-  def work_items(targets_N, tables):
-    """``(class_N, work, start_L, mask_LxM)``: the items and their windows' rows."""
-    class_N = tables["class_of_V"][targets_N]
-    cap = tokens_per_item or _tokens_per_item(targets_N.shape[0], num_classes)
-    work = class_work_list(class_N, num_classes, cap)
-    return (class_N, work, tables["window_C"][work.item_class_L],
-            tables["window_mask_CxM"][work.item_class_L])
-
-  def gather(params, targets_N, key=None, *, tables):
-    del key
-    targets_N = jnp.asarray(targets_N)
-    class_N, work, start_L, mask_LxM = work_items(targets_N, tables)
-    rows_LM = (start_L[:, None] + jnp.arange(width)).reshape(-1)
-    rows = {"class_weight_CxH": params["class_weight_CxH"],
-            "class_bias_C": params["class_bias_C"],
-            "word_weight_VxH": params["word_weight_VxH"][rows_LM],
-            "word_bias_V": params["word_bias_V"][rows_LM]}
-    index = {"class_weight_CxH": None, "class_bias_C": None,
-             "word_weight_VxH": rows_LM, "word_bias_V": rows_LM}
-    aux = (class_N, work, tables["column_V"][targets_N], mask_LxM)
-    return rows, index, aux
-
-  def sparse_loss(rows, hidden_NxH, aux, *, where=None):
-    class_N, work, column_N, mask_LxM = aux
-    compute = jnp.result_type(jnp.float32, hidden_NxH, rows["word_weight_VxH"])
-    hidden_NxH = jnp.asarray(hidden_NxH, compute)
-    class_logp_N = _class_log_softmax_at(hidden_NxH, rows["class_weight_CxH"],
-                                         rows["class_bias_C"], class_N, compute)
-    num_items = mask_LxM.shape[0]
-    weight_LxMxH = rows["word_weight_VxH"].astype(compute).reshape(num_items, width, -1)
-    # [L, M, K], window rows leading: XLA:CPU ran this batched matmul at ~60 GFLOP/s against
-    # 14 laid out [L, K, M], and the head's forward + backward 1.4x faster (WORKSPACE_NOTES.md).
-    logits_LxMxK = (jnp.einsum("lmh,lkh->lmk", weight_LxMxH, hidden_NxH[work.token_LxK])
-                    + rows["word_bias_V"].astype(compute).reshape(num_items, width, 1))
-    logits_LxMxK = jnp.where(mask_LxM[:, :, None], logits_LxMxK, -jnp.inf)
-    max_LxK = jax.lax.stop_gradient(jnp.max(logits_LxMxK, axis=1))
-    lse_LxK = max_LxK + jnp.log(jnp.sum(jnp.exp(logits_LxMxK - max_LxK[:, None, :]), axis=1))
-    word_logp_N = (logits_LxMxK[work.item_N, column_N, work.slot_N]
-                   - lse_LxK[work.item_N, work.slot_N])
-    loss_N = -(class_logp_N + word_logp_N)
-    return loss_N if where is None else jnp.where(where, loss_N, 0.0)
-
-  sparse = RowSparse(gather, sparse_loss)
-  word_nll = _windowed_word_nll(width)
-
-  def scan_loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables):
-    del key
-    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
-    compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
-    class_N, work, start_L, mask_LxM = work_items(targets_N, tables)
-    class_logp_N = _class_log_softmax_at(hidden_NxH.astype(compute), params["class_weight_CxH"],
-                                         params["class_bias_C"], class_N, compute)
-    word_nll_N = word_nll(params["word_weight_VxH"], params["word_bias_V"], hidden_NxH, work,
-                          start_L, mask_LxM, tables["column_V"][targets_N][work.token_LxK])
-    loss_N = word_nll_N - class_logp_N
-    return loss_N if where is None else jnp.where(where, loss_N, 0.0)
-
-  gathered_loss = loss_from_sparse(sparse)
-  cpu_loss = scan_loss if backward == "scan" else gathered_loss
-
-  def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables):
-    del key
-    call = lambda f: lambda p, h, y, w, t: f(p, h, y, where=w, tables=t)
-    return platform.per_platform(call(cpu_loss), call(gathered_loss), params, hidden_NxH,
-                                 targets_N, where, tables, implementation=implementation)
-
-  def log_prob(params, hidden_NxH, targets_N, *, tables):
-    return -loss(params, hidden_NxH, targets_N, tables=tables)
-
-  def class_log_probs(params, hidden_NxH, compute):
-    logits_NxC = (jnp.matmul(hidden_NxH, params["class_weight_CxH"].astype(compute).T)
-                  + params["class_bias_C"].astype(compute))
-    return jax.nn.log_softmax(logits_NxC, axis=-1)
-
-  def log_probs(params, hidden_NxH, *, tables):
-    hidden_NxH, _ = _check_hidden(hidden_NxH)
-    class_of_row = tables["class_of_row_V"]
-    compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
-    hidden_NxH = hidden_NxH.astype(compute)
-    logits_RxN = (jnp.matmul(params["word_weight_VxH"].astype(compute), hidden_NxH.T)
-                  + params["word_bias_V"].astype(compute)[:, None])  # Rows in class-major order.
-    segments = dict(segment_ids=class_of_row, num_segments=num_classes,
-                    indices_are_sorted=True)
-    max_CxN = jax.lax.stop_gradient(jax.ops.segment_max(logits_RxN, **segments))
-    shifted_RxN = logits_RxN - max_CxN[class_of_row]
-    lse_CxN = jnp.log(jax.ops.segment_sum(jnp.exp(shifted_RxN), **segments))
-    within_RxN = shifted_RxN - lse_CxN[class_of_row]
-    word_logp_NxR = class_log_probs(params, hidden_NxH, compute)[:, class_of_row] + within_RxN.T
-    return word_logp_NxR[:, tables["row_of_V"]]
-
-  def walk(params, hidden_NxH, key, tables):
-    compute = jnp.result_type(jnp.float32, hidden_NxH, params["word_weight_VxH"])
-    hidden_NxH = hidden_NxH.astype(compute)
-    key_class, key_word = jax.random.split(key)
-    class_N = jax.random.categorical(key_class, class_log_probs(params, hidden_NxH, compute))
-    rows_NxM = tables["window_C"][class_N][:, None] + jnp.arange(width)
-    word_logits_NxM = (
-        jnp.einsum("nmh,nh->nm", params["word_weight_VxH"][rows_NxM].astype(compute), hidden_NxH)
-        + params["word_bias_V"][rows_NxM].astype(compute))
-    word_logits_NxM = jnp.where(tables["window_mask_CxM"][class_N], word_logits_NxM, -jnp.inf)
-    column_N = jax.random.categorical(key_word, word_logits_NxM)
-    row_N = jnp.take_along_axis(rows_NxM, column_N[:, None], axis=-1)[:, 0]
-    return tables["words_by_row_V"][row_N]
-
+  sizes, tables = _class_tables(counts, num_classes, binning)
+  layout = _Layout(*sizes, tokens_per_item)
+  partial = functools.partial
+  sparse = RowSparse(partial(_gather, layout), partial(_sparse_loss, layout))
+  loss = partial(_loss, layout, backward, implementation)
+  log_probs = partial(_log_probs, layout)
   return with_target_contract(
-      OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), sparse,
-                 tables),
-      vocab_size)
+      OutputHead(partial(_init, layout, init_scale, dtype), loss, log_prob_from_loss(loss),
+                 log_probs, sample_by_walk(partial(_walk, layout), log_probs), sparse, tables),
+      layout.vocab_size)

@@ -25,7 +25,8 @@ References:
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import functools
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ import numpy as np
 
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import frequency_rank_tables
+from lm_jax.heads.base import log_prob_from_loss
 from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
@@ -69,6 +71,120 @@ def level_sizes(vocab_size: int, levels: int, branching: int) -> list[int]:
   [2, 4, 10]
   """
   return [-(-vocab_size // branching ** (levels - d)) for d in range(levels + 1)]
+
+
+class _Tree(NamedTuple):
+  """The hierarchy's static shape: ``V``, ``B``, nodes per level ``Q_d`` and each level's
+  span (rank ``r``'s node at depth ``d + 1`` is ``r // span[d]``; the last span is 1)."""
+  vocab_size: int
+  branching: int
+  sizes: tuple
+  spans: tuple
+
+
+def _init(tree, init_scale, dtype, key, hidden_size):
+  keys = jax.random.split(key, 2 * len(tree.sizes))
+  uniform = lambda k, shape: jax.random.uniform(k, shape, dtype, -init_scale, init_scale)
+  return {"levels": [{"weight_QxH": uniform(keys[2 * d], (q, hidden_size)),
+                      "bias_Q": uniform(keys[2 * d + 1], (q,))}
+                     for d, q in enumerate(tree.sizes)]}
+
+
+def _compute_dtype(hidden_NxH, params):
+  return jnp.result_type(jnp.float32, hidden_NxH, params["levels"][0]["weight_QxH"])
+
+
+def _children(tree, parent_N, d):
+  """Rows ``[N, B]`` of level ``d`` holding the children of nodes ``parent_N`` (clipped to
+  the level) and which of them exist (the last node of a level may have fewer)."""
+  rows_NxB = parent_N[:, None] * tree.branching + jnp.arange(tree.branching)
+  return jnp.minimum(rows_NxB, tree.sizes[d] - 1), rows_NxB < tree.sizes[d]
+
+
+def _sibling_logits(weight_NxBxH, bias_NxB, valid_NxB, hidden_NxH, compute):
+  """Logits ``[N, B]`` of gathered sibling rows, ``-inf`` where a child does not exist."""
+  logits_NxB = (jnp.einsum("nbh,nh->nb", weight_NxBxH.astype(compute), hidden_NxH)
+                + bias_NxB.astype(compute))
+  return jnp.where(valid_NxB, logits_NxB, -jnp.inf)
+
+
+def _root_logits(level, hidden_NxH, compute):
+  return (jnp.matmul(hidden_NxH, level["weight_QxH"].astype(compute).T)
+          + level["bias_Q"].astype(compute))
+
+
+def _gather(tree, params, targets_N, key=None, *, tables):
+  """Level 0 whole; at each deeper level the ``B`` sibling rows of each token's node."""
+  del key
+  rank_N = tables["rank_of_id_V"][jnp.asarray(targets_N)]
+  rows = {"levels": [params["levels"][0]]}
+  index = {"levels": [{"weight_QxH": None, "bias_Q": None}]}
+  columns, valid = [rank_N // tree.spans[0]], [None]
+  for d in range(1, len(tree.sizes)):
+    node_N = rank_N // tree.spans[d]
+    rows_NxB, valid_NxB = _children(tree, node_N // tree.branching, d)
+    valid.append(valid_NxB)
+    rows_NB = rows_NxB.reshape(-1)
+    level = params["levels"][d]
+    rows["levels"].append({"weight_QxH": level["weight_QxH"][rows_NB],
+                           "bias_Q": level["bias_Q"][rows_NB]})
+    index["levels"].append({"weight_QxH": rows_NB, "bias_Q": rows_NB})
+    columns.append(node_N % tree.branching)
+  return rows, index, (columns, valid)
+
+
+def _sparse_loss(tree, rows, hidden_NxH, aux, *, where=None):
+  columns, valid = aux
+  compute = _compute_dtype(hidden_NxH, rows)
+  hidden_NxH = jnp.asarray(hidden_NxH).astype(compute)
+  loss_N = jnp.zeros(hidden_NxH.shape[:1], compute)
+  for d, level in enumerate(rows["levels"]):
+    if d == 0:
+      logits_NxB = _root_logits(level, hidden_NxH, compute)
+    else:
+      logits_NxB = _sibling_logits(
+          level["weight_QxH"].reshape(-1, tree.branching, hidden_NxH.shape[1]),
+          level["bias_Q"].reshape(-1, tree.branching), valid[d], hidden_NxH, compute)
+    loss_N = loss_N + losses.softmax_cross_entropy_with_integer_labels(logits_NxB, columns[d])
+  return loss_N if where is None else jnp.where(where, loss_N, 0.0)
+
+
+def _log_probs(tree, params, hidden_NxH, *, tables):
+  hidden_NxH, _ = _check_hidden(hidden_NxH)
+  compute = _compute_dtype(hidden_NxH, params)
+  hidden_NxH = hidden_NxH.astype(compute)
+  num_tokens, branching = hidden_NxH.shape[0], tree.branching
+  logp_NxV = jnp.zeros((num_tokens, tree.vocab_size), compute)
+  for d, level in enumerate(params["levels"]):
+    logits_NxQ = _root_logits(level, hidden_NxH, compute)
+    parents = -(-tree.sizes[d] // branching)  # nodes at depth d (1: the root)
+    pad = parents * branching - tree.sizes[d]
+    logits_NxPxB = jnp.pad(logits_NxQ, ((0, 0), (0, pad)), constant_values=-jnp.inf
+                           ).reshape(num_tokens, parents, branching)
+    logp_NxQ = jax.nn.log_softmax(logits_NxPxB, axis=-1).reshape(num_tokens, parents * branching)
+    # Node q covers ranks [q span, (q + 1) span): repeat each column span times (a
+    # broadcast, not a V-sized index constant), then cut to V.
+    logp_NxV = logp_NxV + jnp.broadcast_to(
+        logp_NxQ[:, :, None], (num_tokens, logp_NxQ.shape[1], tree.spans[d])
+    ).reshape(num_tokens, parents * branching * tree.spans[d])[:, :tree.vocab_size]
+  return logp_NxV[:, tables["rank_of_id_V"]]
+
+
+def _walk(tree, params, hidden_NxH, key, tables):
+  compute = _compute_dtype(hidden_NxH, params)
+  hidden_NxH = hidden_NxH.astype(compute)
+  keys = jax.random.split(key, len(tree.sizes))
+  node_N = jnp.zeros(hidden_NxH.shape[0], jnp.int32)
+  for d, level in enumerate(params["levels"]):
+    if d == 0:
+      logits_NxB = _root_logits(level, hidden_NxH, compute)
+    else:
+      rows_NxB, valid_NxB = _children(tree, node_N, d)
+      logits_NxB = _sibling_logits(level["weight_QxH"][rows_NxB], level["bias_Q"][rows_NxB],
+                                   valid_NxB, hidden_NxH, compute)
+    node_N = (node_N * tree.branching
+              + jax.random.categorical(keys[d], logits_NxB).astype(jnp.int32))
+  return tables["id_of_rank_V"][node_N]
 
 
 def class_hierarchy_softmax(counts: Any, levels: int = 2, *, branching: Optional[int] = None,
@@ -116,114 +232,14 @@ def class_hierarchy_softmax(counts: Any, levels: int = 2, *, branching: Optional
   if branching < 2 or branching ** (levels + 1) < vocab_size:
     raise ValueError(f"branching={branching} must be >= 2 with branching**(levels + 1) >= "
                      f"V = {vocab_size} (levels={levels})")
-  sizes = level_sizes(vocab_size, levels, branching)
-  # Rank r's node at depth d + 1 is r // span[d]; span[L] = 1 (the word itself).
-  spans = [branching ** (levels - d) for d in range(levels + 1)]
-  tables = frequency_rank_tables(counts)
-
-  def init(key, hidden_size):
-    keys = jax.random.split(key, 2 * len(sizes))
-    uniform = lambda k, shape: jax.random.uniform(k, shape, dtype, -init_scale, init_scale)
-    return {"levels": [{"weight_QxH": uniform(keys[2 * d], (q, hidden_size)),
-                        "bias_Q": uniform(keys[2 * d + 1], (q,))}
-                       for d, q in enumerate(sizes)]}
-
-  def compute_dtype(hidden_NxH, params):
-    return jnp.result_type(jnp.float32, hidden_NxH, params["levels"][0]["weight_QxH"])
-
-  def children(parent_N, d):
-    """Rows ``[N, B]`` of level ``d`` holding the children of nodes ``parent_N`` (clipped to
-    the level) and which of them exist (the last node of a level may have fewer)."""
-    rows_NxB = parent_N[:, None] * branching + jnp.arange(branching)
-    return jnp.minimum(rows_NxB, sizes[d] - 1), rows_NxB < sizes[d]
-
-  def sibling_logits(weight_NxBxH, bias_NxB, valid_NxB, hidden_NxH, compute):
-    """Logits ``[N, B]`` of gathered sibling rows, ``-inf`` where a child does not exist."""
-    logits_NxB = (jnp.einsum("nbh,nh->nb", weight_NxBxH.astype(compute), hidden_NxH)
-                  + bias_NxB.astype(compute))
-    return jnp.where(valid_NxB, logits_NxB, -jnp.inf)
-
-  def root_logits(level, hidden_NxH, compute):
-    return (jnp.matmul(hidden_NxH, level["weight_QxH"].astype(compute).T)
-            + level["bias_Q"].astype(compute))
-
-  def gather(params, targets_N, key=None, *, tables):
-    """Level 0 whole; at each deeper level the ``B`` sibling rows of each token's node."""
-    del key
-    rank_N = tables["rank_of_id_V"][jnp.asarray(targets_N)]
-    rows = {"levels": [params["levels"][0]]}
-    index = {"levels": [{"weight_QxH": None, "bias_Q": None}]}
-    columns, valid = [rank_N // spans[0]], [None]
-    for d in range(1, len(sizes)):
-      node_N = rank_N // spans[d]
-      rows_NxB, valid_NxB = children(node_N // branching, d)
-      valid.append(valid_NxB)
-      rows_NB = rows_NxB.reshape(-1)
-      level = params["levels"][d]
-      rows["levels"].append({"weight_QxH": level["weight_QxH"][rows_NB],
-                             "bias_Q": level["bias_Q"][rows_NB]})
-      index["levels"].append({"weight_QxH": rows_NB, "bias_Q": rows_NB})
-      columns.append(node_N % branching)
-    return rows, index, (columns, valid)
-
-  def sparse_loss(rows, hidden_NxH, aux, *, where=None):
-    columns, valid = aux
-    compute = compute_dtype(hidden_NxH, rows)
-    hidden_NxH = jnp.asarray(hidden_NxH).astype(compute)
-    loss_N = jnp.zeros(hidden_NxH.shape[:1], compute)
-    for d, level in enumerate(rows["levels"]):
-      if d == 0:
-        logits_NxB = root_logits(level, hidden_NxH, compute)
-      else:
-        logits_NxB = sibling_logits(
-            level["weight_QxH"].reshape(-1, branching, hidden_NxH.shape[1]),
-            level["bias_Q"].reshape(-1, branching), valid[d], hidden_NxH, compute)
-      loss_N = loss_N + losses.softmax_cross_entropy_with_integer_labels(logits_NxB, columns[d])
-    return loss_N if where is None else jnp.where(where, loss_N, 0.0)
-
-  sparse = RowSparse(gather, sparse_loss)
+  tree = _Tree(vocab_size, branching, tuple(level_sizes(vocab_size, levels, branching)),
+               tuple(branching ** (levels - d) for d in range(levels + 1)))
+  partial = functools.partial
+  sparse = RowSparse(partial(_gather, tree), partial(_sparse_loss, tree))
   loss = loss_from_sparse(sparse)
-
-  def log_prob(params, hidden_NxH, targets_N, *, tables):
-    return -loss(params, hidden_NxH, targets_N, tables=tables)
-
-  def log_probs(params, hidden_NxH, *, tables):
-    hidden_NxH, _ = _check_hidden(hidden_NxH)
-    compute = compute_dtype(hidden_NxH, params)
-    hidden_NxH = hidden_NxH.astype(compute)
-    num_tokens = hidden_NxH.shape[0]
-    logp_NxV = jnp.zeros((num_tokens, vocab_size), compute)
-    for d, level in enumerate(params["levels"]):
-      logits_NxQ = root_logits(level, hidden_NxH, compute)
-      parents = -(-sizes[d] // branching)  # nodes at depth d (1: the root)
-      pad = parents * branching - sizes[d]
-      logits_NxPxB = jnp.pad(logits_NxQ, ((0, 0), (0, pad)), constant_values=-jnp.inf
-                             ).reshape(num_tokens, parents, branching)
-      logp_NxQ = jax.nn.log_softmax(logits_NxPxB, axis=-1).reshape(num_tokens,
-                                                                        parents * branching)
-      # Node q covers ranks [q span, (q + 1) span): repeat each column span times (a
-      # broadcast, not a V-sized index constant), then cut to V.
-      logp_NxV = logp_NxV + jnp.broadcast_to(
-          logp_NxQ[:, :, None], (num_tokens, logp_NxQ.shape[1], spans[d])
-      ).reshape(num_tokens, parents * branching * spans[d])[:, :vocab_size]
-    return logp_NxV[:, tables["rank_of_id_V"]]
-
-  def walk(params, hidden_NxH, key, tables):
-    compute = compute_dtype(hidden_NxH, params)
-    hidden_NxH = hidden_NxH.astype(compute)
-    keys = jax.random.split(key, len(sizes))
-    node_N = jnp.zeros(hidden_NxH.shape[0], jnp.int32)
-    for d, level in enumerate(params["levels"]):
-      if d == 0:
-        logits_NxB = root_logits(level, hidden_NxH, compute)
-      else:
-        rows_NxB, valid_NxB = children(node_N, d)
-        logits_NxB = sibling_logits(level["weight_QxH"][rows_NxB], level["bias_Q"][rows_NxB],
-                                    valid_NxB, hidden_NxH, compute)
-      node_N = node_N * branching + jax.random.categorical(keys[d], logits_NxB).astype(jnp.int32)
-    return tables["id_of_rank_V"][node_N]
-
+  log_probs = partial(_log_probs, tree)
   return with_target_contract(
-      OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), sparse,
-                 tables),
+      OutputHead(partial(_init, tree, init_scale, dtype), loss, log_prob_from_loss(loss),
+                 log_probs, sample_by_walk(partial(_walk, tree), log_probs), sparse,
+                 frequency_rank_tables(counts)),
       vocab_size)

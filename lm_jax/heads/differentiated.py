@@ -85,6 +85,77 @@ def _default_dims(num_bands, hidden_size):
   return tuple(dims[:num_bands])
 
 
+def _init(words, dims, init_scale, dtype, key, hidden_size):
+  band_dims = dims if dims is not None else _default_dims(len(words), hidden_size)
+  if sum(band_dims) != hidden_size:
+    raise ValueError(f"band dims {band_dims} sum to {sum(band_dims)}, but hidden_size is "
+                     f"{hidden_size}")
+  keys = jax.random.split(key, len(words) + 1)
+  uniform = lambda k, shape: jax.random.uniform(k, shape, dtype, -init_scale, init_scale)
+  return {"band_weights": [uniform(k, (n, d)) for k, n, d in zip(keys[1:], words, band_dims)],
+          "bias_V": uniform(keys[0], (sum(words),))}
+
+
+def _rank_logits(params, hidden_NxH, tables):
+  """Logits ``[N, V]`` in frequency-rank order, float32 (or wider)."""
+  hidden_NxH, _ = base._check_hidden(hidden_NxH)
+  band_weights = params["band_weights"]
+  band_dims = tuple(w.shape[1] for w in band_weights)
+  if sum(band_dims) != hidden_NxH.shape[1]:
+    raise ValueError(f"band dims {band_dims} sum to {sum(band_dims)}, but hidden_NxH has "
+                     f"shape {hidden_NxH.shape}")
+  ctype = jnp.result_type(jnp.float32, hidden_NxH, *band_weights)
+  offsets = np.cumsum((0,) + band_dims)
+  logits = [jnp.matmul(hidden_NxH[:, start:stop], w.T, preferred_element_type=ctype)
+            for start, stop, w in zip(offsets[:-1], offsets[1:], band_weights)]
+  return (jnp.concatenate(logits, axis=-1)
+          + params["bias_V"].astype(ctype)[tables["id_of_rank_V"]])
+
+
+def _chunk_nll(params, tables, hidden_CxH, ranks_C):
+  return losses.softmax_cross_entropy_with_integer_labels(
+      _rank_logits(params, hidden_CxH, tables), ranks_C)
+
+
+def _chunked_nll(params, tables, hidden_NxH, ranks_N):
+  """The CPU form: token chunks of at most ``2**24`` logits, each rematerialised in the
+  backward pass, so the ``[N, V]`` logits never exist at once (the CE kernel's closed-form
+  gradient inside)."""
+  n, width = hidden_NxH.shape
+  chunk = max(1, base._UNFUSED_MAX_LOGITS // params["bias_V"].shape[0])
+  if n <= chunk:
+    return _chunk_nll(params, tables, hidden_NxH, ranks_N)
+  pad = (-n) % chunk
+  hidden_KxCxH = jnp.pad(hidden_NxH, ((0, pad), (0, 0))).reshape(-1, chunk, width)
+  ranks_KxC = jnp.pad(ranks_N, (0, pad)).reshape(-1, chunk)
+  chunk_nll = jax.checkpoint(functools.partial(_chunk_nll, params, tables))
+  nll_KxC = jax.lax.map(lambda xs: chunk_nll(*xs), (hidden_KxCxH, ranks_KxC))
+  return nll_KxC.reshape(-1)[:n]
+
+
+def _log_prob(implementation, params, hidden_NxH, targets_N, *, tables):
+  hidden_NxH, targets_N = base._check_hidden(hidden_NxH, targets_N)
+  ranks_N = tables["rank_of_id_V"][targets_N]
+  return -platform.per_platform(_chunked_nll, _banded_nll, params, tables, hidden_NxH, ranks_N,
+                                implementation=implementation)
+
+
+def _loss(log_prob, params, hidden_NxH, targets_N, *, key=None, where=None, tables):
+  del key  # D-softmax is exact.
+  loss_N = -log_prob(params, hidden_NxH, targets_N, tables=tables)
+  return loss_N if where is None else jnp.where(jnp.asarray(where), loss_N, 0.0)
+
+
+def _log_probs(params, hidden_NxH, *, tables):
+  return jax.nn.log_softmax(_rank_logits(params, hidden_NxH, tables),
+                            axis=-1)[:, tables["rank_of_id_V"]]
+
+
+def _sample(params, hidden_NxH, key, *, temperature=1.0, tables):
+  return base.sample_from_log_probs(_log_probs(params, hidden_NxH, tables=tables), key,
+                                    temperature=temperature)
+
+
 def _banded_nll(params, tables, hidden_NxH, ranks_N):
   r""":math:`-\log p(y \mid h)` band by band without the ``[N, V]`` logits (the accelerator form).
 
@@ -158,68 +229,9 @@ def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]
             "id_of_rank_V": jnp.asarray(order_V, jnp.int32)}
   words, dims = (_band_sizes(bands, vocab_size) if bands is not None
                  else (_default_bands(vocab_size), None))
-
-  def init(key, hidden_size):
-    band_dims = dims if dims is not None else _default_dims(len(words), hidden_size)
-    if sum(band_dims) != hidden_size:
-      raise ValueError(f"band dims {band_dims} sum to {sum(band_dims)}, but hidden_size is "
-                       f"{hidden_size}")
-    keys = jax.random.split(key, len(words) + 1)
-    uniform = lambda k, shape: jax.random.uniform(k, shape, dtype, -init_scale, init_scale)
-    return {"band_weights": [uniform(k, (n, d)) for k, n, d in zip(keys[1:], words, band_dims)],
-            "bias_V": uniform(keys[0], (vocab_size,))}
-
-  def rank_logits(params, hidden_NxH, tables):
-    """Logits ``[N, V]`` in frequency-rank order, float32 (or wider)."""
-    hidden_NxH, _ = base._check_hidden(hidden_NxH)
-    band_weights = params["band_weights"]
-    band_dims = tuple(w.shape[1] for w in band_weights)
-    if sum(band_dims) != hidden_NxH.shape[1]:
-      raise ValueError(f"band dims {band_dims} sum to {sum(band_dims)}, but hidden_NxH has "
-                       f"shape {hidden_NxH.shape}")
-    ctype = jnp.result_type(jnp.float32, hidden_NxH, *band_weights)
-    offsets = np.cumsum((0,) + band_dims)
-    logits = [jnp.matmul(hidden_NxH[:, start:stop], w.T, preferred_element_type=ctype)
-              for start, stop, w in zip(offsets[:-1], offsets[1:], band_weights)]
-    return (jnp.concatenate(logits, axis=-1)
-            + params["bias_V"].astype(ctype)[tables["id_of_rank_V"]])
-
-  def _chunk_nll(params, tables, hidden_CxH, ranks_C):
-    return losses.softmax_cross_entropy_with_integer_labels(
-        rank_logits(params, hidden_CxH, tables), ranks_C)
-
-  def log_prob(params, hidden_NxH, targets_N, *, tables):
-    hidden_NxH, targets_N = base._check_hidden(hidden_NxH, targets_N)
-    ranks_N = tables["rank_of_id_V"][targets_N]
-    return -platform.per_platform(chunked_nll, _banded_nll, params, tables, hidden_NxH, ranks_N,
-                                  implementation=implementation)
-
-  def chunked_nll(params, tables, hidden_NxH, ranks_N):
-    n, width = hidden_NxH.shape
-    chunk = max(1, base._UNFUSED_MAX_LOGITS // vocab_size)
-    if n <= chunk:
-      return _chunk_nll(params, tables, hidden_NxH, ranks_N)
-    # Token chunks of at most 2^24 logits, each rematerialised in the backward pass, so
-    # the [N, V] logits never exist at once (the CE kernel's closed-form gradient inside).
-    pad = (-n) % chunk
-    hidden_KxCxH = jnp.pad(hidden_NxH, ((0, pad), (0, 0))).reshape(-1, chunk, width)
-    ranks_KxC = jnp.pad(ranks_N, (0, pad)).reshape(-1, chunk)
-    chunk_nll = jax.checkpoint(functools.partial(_chunk_nll, params, tables))
-    nll_KxC = jax.lax.map(lambda xs: chunk_nll(*xs), (hidden_KxCxH, ranks_KxC))
-    return nll_KxC.reshape(-1)[:n]
-
-  def loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables):
-    del key  # D-softmax is exact.
-    loss_N = -log_prob(params, hidden_NxH, targets_N, tables=tables)
-    return loss_N if where is None else jnp.where(jnp.asarray(where), loss_N, 0.0)
-
-  def log_probs(params, hidden_NxH, *, tables):
-    return jax.nn.log_softmax(rank_logits(params, hidden_NxH, tables),
-                              axis=-1)[:, tables["rank_of_id_V"]]
-
-  def sample(params, hidden_NxH, key, *, temperature=1.0, tables):
-    return base.sample_from_log_probs(log_probs(params, hidden_NxH, tables=tables), key,
-                                      temperature=temperature)
-
+  log_prob = functools.partial(_log_prob, implementation)
   return base.with_target_contract(
-      base.OutputHead(init, loss, log_prob, log_probs, sample, tables=tables), vocab_size)
+      base.OutputHead(functools.partial(_init, words, dims, init_scale, dtype),
+                      functools.partial(_loss, log_prob), log_prob, _log_probs, _sample,
+                      tables=tables),
+      vocab_size)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lm_jax.heads.base import _check_hidden
+from lm_jax.heads.base import log_prob_from_loss
 from lm_jax.heads.base import loss_from_sparse
 from lm_jax.heads.base import OutputHead
 from lm_jax.heads.base import RowSparse
@@ -167,6 +168,76 @@ def path_nll(weight_IxH: jax.typing.ArrayLike, bias_I: jax.typing.ArrayLike,
       *args, implementation=implementation)
 
 
+def _init(num_inner, init_scale, dtype, key, hidden_size):
+  k_w, k_b = jax.random.split(key)
+  return {"node_weight_IxH": jax.random.uniform(k_w, (num_inner, hidden_size), dtype,
+                                                -init_scale, init_scale),
+          "node_bias_I": jax.random.uniform(k_b, (num_inner,), dtype, -init_scale, init_scale)}
+
+
+def _gather(params, targets_N, key=None, *, tables):
+  del key
+  targets_N = jnp.asarray(targets_N)
+  nodes_ND = tables["nodes_VxD"][targets_N].reshape(-1)
+  rows = {"node_weight_IxH": params["node_weight_IxH"][nodes_ND],
+          "node_bias_I": params["node_bias_I"][nodes_ND]}
+  index = {"node_weight_IxH": nodes_ND, "node_bias_I": nodes_ND}
+  return rows, index, (tables["signs_VxD"][targets_N], tables["mask_VxD"][targets_N])
+
+
+def _sparse_loss(rows, hidden_NxH, aux, *, where=None):
+  signs_NxD, mask_NxD = aux
+  num_tokens, depth = mask_NxD.shape
+  compute = jnp.result_type(jnp.float32, hidden_NxH, rows["node_weight_IxH"])
+  weight_NxDxH = rows["node_weight_IxH"].astype(compute).reshape(num_tokens, depth, -1)
+  scores_NxD = (jnp.einsum("ndh,nh->nd", weight_NxDxH, jnp.asarray(hidden_NxH, compute))
+                + rows["node_bias_I"].astype(compute).reshape(num_tokens, depth))
+  loss_N = -_path_log_prob(scores_NxD, signs_NxD.astype(compute), mask_NxD)
+  return loss_N if where is None else jnp.where(where, loss_N, 0.0)
+
+
+def _chunked_loss(chunk_size, implementation, params, hidden_NxH, targets_N, *, key=None,
+                  where=None, tables):
+  del key
+  hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
+  compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
+  loss_N = path_nll(params["node_weight_IxH"].astype(compute),
+                    params["node_bias_I"].astype(compute), hidden_NxH.astype(compute),
+                    tables["nodes_VxD"][targets_N],
+                    tables["signs_VxD"][targets_N].astype(compute),
+                    tables["mask_VxD"][targets_N], chunk_size=chunk_size,
+                    implementation=implementation)
+  return loss_N if where is None else jnp.where(where, loss_N, 0.0)
+
+
+def _log_probs(params, hidden_NxH, *, tables):
+  hidden_NxH, _ = _check_hidden(hidden_NxH)
+  compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
+  scores_NxI = (jnp.matmul(hidden_NxH.astype(compute), params["node_weight_IxH"].astype(compute).T)
+                + params["node_bias_I"].astype(compute))
+  scores_NxVxD = scores_NxI[:, tables["nodes_VxD"]]
+  return _path_log_prob(scores_NxVxD, tables["signs_VxD"].astype(compute), tables["mask_VxD"])
+
+
+def _walk(depth, params, hidden_NxH, key, tables):
+  """Down from the root, one Bernoulli draw per level (a ``fori_loop`` over the depth)."""
+  compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
+  hidden_NxH = hidden_NxH.astype(compute)
+  children_Ix2 = tables["children_Ix2"]
+
+  def step(level, node_N):  # node >= 0: inner node still to decide; < 0: leaf ~word.
+    inner_N = jnp.maximum(node_N, 0)
+    score_N = (jnp.sum(params["node_weight_IxH"][inner_N].astype(compute) * hidden_NxH, -1)
+               + params["node_bias_I"][inner_N].astype(compute))
+    uniform_N = jax.random.uniform(jax.random.fold_in(key, level), node_N.shape, compute)
+    first_N = jnp.log(uniform_N) < jax.nn.log_sigmoid(score_N)
+    child_N = jnp.where(first_N, children_Ix2[inner_N, 0], children_Ix2[inner_N, 1])
+    return jnp.where(node_N >= 0, child_N, node_N)
+
+  root_N = jnp.zeros(hidden_NxH.shape[:1], jnp.int32)
+  return jnp.invert(jax.lax.fori_loop(0, depth, step, root_N)).astype(jnp.int32)
+
+
 BACKWARDS = ("chunked", "autodiff")
 
 
@@ -223,88 +294,17 @@ def hierarchical_softmax(tree: Tree, *, backward: str = "chunked",
   if chunk_size is not None and chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
   platform.check_implementation(implementation)
-  num_inner = tree.num_inner
   vocab_size, depth = tree.nodes_VxD.shape
-
-  def init(key, hidden_size):
-    k_w, k_b = jax.random.split(key)
-    return {"node_weight_IxH": jax.random.uniform(k_w, (num_inner, hidden_size), dtype,
-                                                  -init_scale, init_scale),
-            "node_bias_I": jax.random.uniform(k_b, (num_inner,), dtype, -init_scale, init_scale)}
-
   tables = {"nodes_VxD": jnp.asarray(tree.nodes_VxD, jnp.int32),
             "signs_VxD": jnp.asarray(tree.signs_VxD, jnp.int8),
             "mask_VxD": jnp.asarray(tree.mask_VxD, bool),
             "children_Ix2": jnp.asarray(tree.children_Ix2, jnp.int32)}
-
-  def gather(params, targets_N, key=None, *, tables):
-    del key
-    targets_N = jnp.asarray(targets_N)
-    nodes_ND = tables["nodes_VxD"][targets_N].reshape(-1)
-    rows = {"node_weight_IxH": params["node_weight_IxH"][nodes_ND],
-            "node_bias_I": params["node_bias_I"][nodes_ND]}
-    index = {"node_weight_IxH": nodes_ND, "node_bias_I": nodes_ND}
-    aux = (tables["signs_VxD"][targets_N], tables["mask_VxD"][targets_N])
-    return rows, index, aux
-
-  def sparse_loss(rows, hidden_NxH, aux, *, where=None):
-    signs_NxD, mask_NxD = aux
-    num_tokens = hidden_NxH.shape[0]
-    compute = jnp.result_type(jnp.float32, hidden_NxH, rows["node_weight_IxH"])
-    weight_NxDxH = rows["node_weight_IxH"].astype(compute).reshape(num_tokens, depth, -1)
-    scores_NxD = (jnp.einsum("ndh,nh->nd", weight_NxDxH, jnp.asarray(hidden_NxH, compute))
-                  + rows["node_bias_I"].astype(compute).reshape(num_tokens, depth))
-    loss_N = -_path_log_prob(scores_NxD, signs_NxD.astype(compute), mask_NxD)
-    return loss_N if where is None else jnp.where(where, loss_N, 0.0)
-
-  sparse = RowSparse(gather, sparse_loss)
-
-  def chunked_loss(params, hidden_NxH, targets_N, *, key=None, where=None, tables):
-    del key
-    hidden_NxH, targets_N = _check_hidden(hidden_NxH, targets_N)
-    compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
-    loss_N = path_nll(params["node_weight_IxH"].astype(compute),
-                      params["node_bias_I"].astype(compute), hidden_NxH.astype(compute),
-                      tables["nodes_VxD"][targets_N],
-                      tables["signs_VxD"][targets_N].astype(compute),
-                      tables["mask_VxD"][targets_N], chunk_size=chunk_size,
-                      implementation=implementation)
-    return loss_N if where is None else jnp.where(where, loss_N, 0.0)
-
-  loss = chunked_loss if backward == "chunked" else loss_from_sparse(sparse)
-
-  def log_prob(params, hidden_NxH, targets_N, *, tables):
-    return -loss(params, hidden_NxH, targets_N, tables=tables)
-
-  def node_scores(params, hidden_NxH):
-    compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
-    return (jnp.matmul(hidden_NxH.astype(compute), params["node_weight_IxH"].astype(compute).T)
-            + params["node_bias_I"].astype(compute)), compute
-
-  def log_probs(params, hidden_NxH, *, tables):
-    hidden_NxH, _ = _check_hidden(hidden_NxH)
-    scores_NxI, compute = node_scores(params, hidden_NxH)
-    scores_NxVxD = scores_NxI[:, tables["nodes_VxD"]]
-    return _path_log_prob(scores_NxVxD, tables["signs_VxD"].astype(compute), tables["mask_VxD"])
-
-  def walk(params, hidden_NxH, key, tables):
-    compute = jnp.result_type(jnp.float32, hidden_NxH, params["node_weight_IxH"])
-    hidden_NxH = hidden_NxH.astype(compute)
-    children_Ix2 = tables["children_Ix2"]
-
-    def step(level, node_N):  # node >= 0: inner node still to decide; < 0: leaf ~word.
-      inner_N = jnp.maximum(node_N, 0)
-      score_N = (jnp.sum(params["node_weight_IxH"][inner_N].astype(compute) * hidden_NxH, -1)
-                 + params["node_bias_I"][inner_N].astype(compute))
-      uniform_N = jax.random.uniform(jax.random.fold_in(key, level), node_N.shape, compute)
-      first_N = jnp.log(uniform_N) < jax.nn.log_sigmoid(score_N)
-      child_N = jnp.where(first_N, children_Ix2[inner_N, 0], children_Ix2[inner_N, 1])
-      return jnp.where(node_N >= 0, child_N, node_N)
-
-    root_N = jnp.zeros(hidden_NxH.shape[:1], jnp.int32)
-    return jnp.invert(jax.lax.fori_loop(0, depth, step, root_N)).astype(jnp.int32)
-
+  partial = functools.partial
+  sparse = RowSparse(_gather, _sparse_loss)
+  loss = (partial(_chunked_loss, chunk_size, implementation) if backward == "chunked"
+          else loss_from_sparse(sparse))
   return with_target_contract(
-      OutputHead(init, loss, log_prob, log_probs, sample_by_walk(walk, log_probs), sparse,
-                 tables),
+      OutputHead(partial(_init, tree.num_inner, init_scale, dtype), loss,
+                 log_prob_from_loss(loss), _log_probs,
+                 sample_by_walk(partial(_walk, depth), _log_probs), sparse, tables),
       vocab_size)

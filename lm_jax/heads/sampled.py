@@ -27,7 +27,8 @@ References:
   Section 3 (sampled softmax); TensorFlow ``tf.nn.sampled_softmax_loss``; Chen, Grangier
   and Auli, ACL 2016, Sections 3.4-3.5.
 """
-from typing import Union
+import functools
+from typing import Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,87 @@ def _check_args(noise, num_samples):
     raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
 
 
+class _Sampler(NamedTuple):
+  """What the sampled loss draws and how it scores: the noise, ``K``, shared draws or not."""
+  noise: NoiseDistribution
+  num_samples: int
+  shared_samples: bool
+  scores_to_loss: Callable
+
+
+def _init(full, bias_offset_V, learned_log_z, init_log_z, dtype, key, hidden_size):
+  params = full.init(key, hidden_size)
+  params["bias_V"] = params["bias_V"] + bias_offset_V.astype(dtype)
+  if learned_log_z:
+    params["log_z"] = jnp.asarray(init_log_z, dtype)
+  return params
+
+
+def _noise_call(noise, f, *args, tables):
+  return f(*args) if noise.tables is None else f(*args, tables["noise"])
+
+
+def _gather(sampler, params, targets_N, key, *, tables):
+  noise, k = sampler.noise, sampler.num_samples
+  targets_N = jnp.asarray(targets_N)
+  n = targets_N.shape[0]
+  key = jax.random.PRNGKey(0) if key is None else key
+  samples = _noise_call(noise, noise.sample, key, (k,) if sampler.shared_samples else (n, k),
+                        tables=tables)
+  ids = jnp.concatenate([targets_N.astype(jnp.int32), samples.reshape(-1)])
+  rows = {"weight_VxH": params["weight_VxH"][ids], "bias_V": params["bias_V"][ids]}
+  index = {"weight_VxH": ids, "bias_V": ids}
+  if "log_z" in params:
+    rows["log_z"], index["log_z"] = params["log_z"], None
+  # log of the expected count k q(w) of each scored id among the draws.
+  log_kq = lambda ids: np.log(k) + jnp.maximum(
+      _noise_call(noise, noise.log_prob, ids, tables=tables), MIN_LOG_NOISE)
+  return rows, index, (targets_N, samples, log_kq(targets_N), log_kq(samples))
+
+
+def _sparse_loss(sampler, rows, hidden_NxH, aux, *, where=None):
+  targets_N, samples, log_kq_target_N, log_kq_samples = aux
+  hidden_NxH = jnp.asarray(hidden_NxH)
+  n, k = hidden_NxH.shape[0], sampler.num_samples
+  ctype = jnp.result_type(jnp.float32, hidden_NxH, rows["weight_VxH"])
+  h_NxH = hidden_NxH.astype(ctype)
+  w_MxH, b_M = rows["weight_VxH"].astype(ctype), rows["bias_V"].astype(ctype)
+  s_target_N = jnp.sum(h_NxH * w_MxH[:n], axis=-1) + b_M[:n]
+  if sampler.shared_samples:
+    s_noise_NxK = jnp.matmul(h_NxH, w_MxH[n:].T) + b_M[n:]
+    hit_NxK = samples[None, :] == targets_N[:, None]
+  else:
+    w_NxKxH = w_MxH[n:].reshape(n, k, -1)
+    s_noise_NxK = jnp.einsum("nh,nkh->nk", h_NxH, w_NxKxH) + b_M[n:].reshape(n, k)
+    hit_NxK = samples == targets_N[:, None]
+  log_kq_target_N = log_kq_target_N.astype(ctype)
+  log_kq_noise_NxK = jnp.broadcast_to(log_kq_samples.astype(ctype), s_noise_NxK.shape)
+  log_z = rows["log_z"].astype(ctype) if "log_z" in rows else None
+  loss_N = sampler.scores_to_loss(s_target_N, s_noise_NxK, log_kq_target_N, log_kq_noise_NxK,
+                                  hit_NxK, log_z)
+  return loss_N if where is None else jnp.where(jnp.asarray(where), loss_N, 0.0)
+
+
+def _shifted(params, tables):
+  """Evaluation params: the full softmax of the scores plus ``eval_offset_V``."""
+  if "eval_offset_V" not in tables:
+    return params
+  offset_V = tables["eval_offset_V"].astype(params["bias_V"].dtype)
+  return {**params, "bias_V": params["bias_V"] + offset_V}
+
+
+def _log_prob(full, params, hidden_NxH, targets_N, *, tables):
+  return full.log_prob(_shifted(params, tables), hidden_NxH, targets_N)
+
+
+def _log_probs(full, params, hidden_NxH, *, tables):
+  return full.log_probs(_shifted(params, tables), hidden_NxH)
+
+
+def _sample(full, params, hidden_NxH, key, *, temperature=1.0, tables):
+  return full.sample(_shifted(params, tables), hidden_NxH, key, temperature=temperature)
+
+
 def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned_log_z,
                   scores_to_loss, eval_offset_V=None, init_bias_V=0.0, init_log_z=0.0):
   r"""An :class:`OutputHead` whose loss is ``scores_to_loss(s_target_N, s_noise_NxK,
@@ -63,82 +145,20 @@ def _sampled_head(noise, num_samples, shared_samples, init_scale, dtype, learned
   updates then push the words drawn as noise (the frequent ones) far down and leave the
   rarely drawn rare words on top, an exact perplexity in the millions."""
   _check_args(noise, num_samples)
-  vocab_size, k = noise.vocab_size, int(num_samples)
+  vocab_size = noise.vocab_size
   full = base.full_softmax(vocab_size, init_scale=init_scale, dtype=dtype)
-
   bias_offset_V = jnp.asarray(np.broadcast_to(init_bias_V, (vocab_size,)), jnp.float32)
-
-  def init(key, hidden_size):
-    params = full.init(key, hidden_size)
-    params["bias_V"] = params["bias_V"] + bias_offset_V.astype(dtype)
-    if learned_log_z:
-      params["log_z"] = jnp.asarray(init_log_z, dtype)
-    return params
-
   tables = {"noise": {} if noise.tables is None else noise.tables}
-  with_tables = lambda f, *args, tables: (f(*args) if noise.tables is None
-                                          else f(*args, tables["noise"]))
   if eval_offset_V is not None:
     tables["eval_offset_V"] = jnp.asarray(eval_offset_V, jnp.float32)
-
-  def gather(params, targets_N, key, *, tables):
-    targets_N = jnp.asarray(targets_N)
-    n = targets_N.shape[0]
-    key = jax.random.PRNGKey(0) if key is None else key
-    samples = with_tables(noise.sample, key, (k,) if shared_samples else (n, k), tables=tables)
-    ids = jnp.concatenate([targets_N.astype(jnp.int32), samples.reshape(-1)])
-    rows = {"weight_VxH": params["weight_VxH"][ids], "bias_V": params["bias_V"][ids]}
-    index = {"weight_VxH": ids, "bias_V": ids}
-    if "log_z" in params:
-      rows["log_z"], index["log_z"] = params["log_z"], None
-    # log of the expected count k q(w) of each scored id among the draws.
-    log_kq = lambda ids: np.log(k) + jnp.maximum(
-        with_tables(noise.log_prob, ids, tables=tables), MIN_LOG_NOISE)
-    return rows, index, (targets_N, samples, log_kq(targets_N), log_kq(samples))
-
-  def sparse_loss(rows, hidden_NxH, aux, *, where=None):
-    targets_N, samples, log_kq_target_N, log_kq_samples = aux
-    hidden_NxH = jnp.asarray(hidden_NxH)
-    n = hidden_NxH.shape[0]
-    ctype = jnp.result_type(jnp.float32, hidden_NxH, rows["weight_VxH"])
-    h_NxH = hidden_NxH.astype(ctype)
-    w_MxH, b_M = rows["weight_VxH"].astype(ctype), rows["bias_V"].astype(ctype)
-    s_target_N = jnp.sum(h_NxH * w_MxH[:n], axis=-1) + b_M[:n]
-    if shared_samples:
-      s_noise_NxK = jnp.matmul(h_NxH, w_MxH[n:].T) + b_M[n:]
-      hit_NxK = samples[None, :] == targets_N[:, None]
-    else:
-      w_NxKxH = w_MxH[n:].reshape(n, k, -1)
-      s_noise_NxK = jnp.einsum("nh,nkh->nk", h_NxH, w_NxKxH) + b_M[n:].reshape(n, k)
-      hit_NxK = samples == targets_N[:, None]
-    log_kq_target_N = log_kq_target_N.astype(ctype)
-    log_kq_noise_NxK = jnp.broadcast_to(log_kq_samples.astype(ctype), s_noise_NxK.shape)
-    log_z = rows["log_z"].astype(ctype) if "log_z" in rows else None
-    loss_N = scores_to_loss(s_target_N, s_noise_NxK, log_kq_target_N, log_kq_noise_NxK, hit_NxK,
-                            log_z)
-    return loss_N if where is None else jnp.where(jnp.asarray(where), loss_N, 0.0)
-
-  sparse = base.RowSparse(gather, sparse_loss)
-  loss = base.loss_from_sparse(sparse)
-
-  def shifted(params, tables):
-    """Evaluation params: the full softmax of the scores plus ``eval_offset_V``."""
-    if "eval_offset_V" not in tables:
-      return params
-    offset_V = tables["eval_offset_V"].astype(params["bias_V"].dtype)
-    return {**params, "bias_V": params["bias_V"] + offset_V}
-
-  def log_prob(params, hidden_NxH, targets_N, *, tables):
-    return full.log_prob(shifted(params, tables), hidden_NxH, targets_N)
-
-  def log_probs(params, hidden_NxH, *, tables):
-    return full.log_probs(shifted(params, tables), hidden_NxH)
-
-  def sample(params, hidden_NxH, key, *, temperature=1.0, tables):
-    return full.sample(shifted(params, tables), hidden_NxH, key, temperature=temperature)
-
+  sampler = _Sampler(noise, int(num_samples), shared_samples, scores_to_loss)
+  partial = functools.partial
+  sparse = base.RowSparse(partial(_gather, sampler), partial(_sparse_loss, sampler))
+  init = partial(_init, full, bias_offset_V, learned_log_z, init_log_z, dtype)
   return base.with_target_contract(
-      base.OutputHead(init, loss, log_prob, log_probs, sample, sparse, tables), vocab_size)
+      base.OutputHead(init, base.loss_from_sparse(sparse), partial(_log_prob, full),
+                      partial(_log_probs, full), partial(_sample, full), sparse, tables),
+      vocab_size)
 
 
 def noise_log_prior(noise: NoiseDistribution) -> np.ndarray:

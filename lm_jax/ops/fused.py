@@ -56,6 +56,7 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 from jax import lax
 
 from lm_jax.ops import labels as labels_lib
@@ -410,6 +411,29 @@ def _per_token_fwd(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid
                   dbias_V, dhidden_NxH)
 
 
+def _is_one_number(g_N, used_N):
+  first = g_N[jnp.argmax(used_N)]
+  return jnp.all(jnp.where(used_N, g_N == first, True))
+
+
+@custom_batching.custom_vmap
+def _one_number(g_N, used_N):
+  """Whether ``g_N`` is one number on the ``used_N`` tokens (a bool scalar).
+
+  Under ``vmap`` it stays one unbatched scalar, True when every problem's cotangent is one
+  number: a ``lax.cond`` on a batched predicate would become a select that runs both
+  branches (the recomputing pass, and B copies of its ``[V, H]`` output) for every problem.
+  """
+  return _is_one_number(g_N, used_N)
+
+
+@_one_number.def_vmap
+def _one_number_vmap(axis_size, in_batched, g_N, used_N):
+  g_BxN, used_BxN = (x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                     for x, batched in zip((g_N, used_N), in_batched))
+  return jnp.all(jax.vmap(_is_one_number)(g_BxN, used_BxN)), False
+
+
 def _per_token_bwd(tc, tv, opts, residuals, g_N):
   """Scales the unit-cotangent gradients when the cotangent is one number on the counted
   tokens; otherwise recomputes ``dW`` and ``db`` (``4NHV``; ``dh`` is scaled row by row)."""
@@ -418,7 +442,7 @@ def _per_token_bwd(tc, tv, opts, residuals, g_N):
   g_N = g_N.astype(lse_N.dtype)
   used_N = valid_N & _in_range(labels_N, weight_VxH.shape[0])
   g_first = g_N[jnp.argmax(used_N)]
-  uniform = jnp.all(jnp.where(used_N, g_N == g_first, True))
+  uniform = _one_number(lax.stop_gradient(g_N), used_N)
 
   def scaled(_):
     return g_first * dweight_1_VxH, g_first * dbias_1_V
@@ -610,31 +634,9 @@ def linear_softmax_cross_entropy(
   1.1353
   """
   given_labels = labels_N  # checked as given: NumPy labels need no device-to-host read
-  hidden_NxH = jnp.asarray(hidden_NxH)
-  weight_VxH = jnp.asarray(weight_VxH)
-  labels_N = jnp.asarray(labels_N)
-  for name, x in (("hidden_NxH", hidden_NxH), ("weight_VxH", weight_VxH)):
-    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a rank-2 floating array, got shape {x.shape} and dtype {x.dtype}")
-  (n, h), (v, h_w) = hidden_NxH.shape, weight_VxH.shape
-  if h != h_w or v == 0:
-    raise ValueError(f"hidden_NxH {hidden_NxH.shape} and weight_VxH {weight_VxH.shape} need the same H "
-                     "and V > 0")
-  if labels_N.shape != (n,) or not jnp.issubdtype(labels_N.dtype, jnp.integer):
-    raise ValueError(f"labels_N must be an integer array of shape ({n},), got shape {labels_N.shape} "
-                     f"and dtype {labels_N.dtype}")
-  if bias_V is not None:
-    bias_V = jnp.asarray(bias_V)
-    if bias_V.shape != (v,) or not jnp.issubdtype(bias_V.dtype, jnp.floating):
-      raise ValueError(f"bias_V must be a floating array of shape ({v},), got shape {bias_V.shape} "
-                       f"and dtype {bias_V.dtype}")
-  if where is None:
-    valid_N = jnp.ones((n,), bool)
-  else:
-    valid_N = jnp.asarray(where)
-    if valid_N.shape != (n,) or valid_N.dtype != jnp.bool_:
-      raise ValueError(f"where must be a boolean array of shape ({n},), got shape {valid_N.shape} "
-                       f"and dtype {valid_N.dtype}")
+  hidden_NxH, weight_VxH, labels_N, bias_V, valid_N = _check_arrays(hidden_NxH, weight_VxH,
+                                                                    labels_N, bias_V, where)
+  (n, _), v = hidden_NxH.shape, weight_VxH.shape[0]
   opts = _check_options(reduction, label_smoothing, z_loss, logit_soft_cap)
   platform.check_implementation(implementation)
   reduced = not return_lse
@@ -669,6 +671,37 @@ def _dispatch(tc, tv, opts, reduction, return_lse, hidden_NxH, weight_VxH, bias_
     return _per_token(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N)
   return _reduced(tc, tv, opts, reduction == "mean", hidden_NxH, weight_VxH, bias_V, labels_N,
                   valid_N)
+
+
+def _check_arrays(hidden_NxH, weight_VxH, labels_N, bias_V, where):
+  """The arrays as ``jax.Array``s and ``valid_N`` (all True without ``where``); ``ValueError``
+  naming the shape or dtype that is wrong."""
+  hidden_NxH = jnp.asarray(hidden_NxH)
+  weight_VxH = jnp.asarray(weight_VxH)
+  labels_N = jnp.asarray(labels_N)
+  for name, x in (("hidden_NxH", hidden_NxH), ("weight_VxH", weight_VxH)):
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be a rank-2 floating array, got shape {x.shape} and dtype {x.dtype}")
+  (n, h), (v, h_w) = hidden_NxH.shape, weight_VxH.shape
+  if h != h_w or v == 0:
+    raise ValueError(f"hidden_NxH {hidden_NxH.shape} and weight_VxH {weight_VxH.shape} need the same H "
+                     "and V > 0")
+  if labels_N.shape != (n,) or not jnp.issubdtype(labels_N.dtype, jnp.integer):
+    raise ValueError(f"labels_N must be an integer array of shape ({n},), got shape {labels_N.shape} "
+                     f"and dtype {labels_N.dtype}")
+  if bias_V is not None:
+    bias_V = jnp.asarray(bias_V)
+    if bias_V.shape != (v,) or not jnp.issubdtype(bias_V.dtype, jnp.floating):
+      raise ValueError(f"bias_V must be a floating array of shape ({v},), got shape {bias_V.shape} "
+                       f"and dtype {bias_V.dtype}")
+  if where is None:
+    valid_N = jnp.ones((n,), bool)
+  else:
+    valid_N = jnp.asarray(where)
+    if valid_N.shape != (n,) or valid_N.dtype != jnp.bool_:
+      raise ValueError(f"where must be a boolean array of shape ({n},), got shape {valid_N.shape} "
+                       f"and dtype {valid_N.dtype}")
+  return hidden_NxH, weight_VxH, labels_N, bias_V, valid_N
 
 
 def _check_options(reduction, label_smoothing, z_loss, logit_soft_cap) -> _Options:

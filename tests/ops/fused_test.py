@@ -558,3 +558,28 @@ def test_per_token_losses_under_every_cotangent_match_the_materialised_reference
     want = jax.grad(ref_fn, argnums=(0, 1, 2))(hidden, weight, bias)
     for got, expected in zip(grads, want):
       np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", sorted(_IMPLEMENTATIONS))
+@pytest.mark.parametrize("mixed", [False, True])
+def test_vmap_over_problems_gives_each_problem_its_own_gradient(mixed, implementation):
+  """Under vmap the unit-cotangent shortcut is taken only when every problem's cotangent is
+  one number (an unbatched predicate, no select of both branches); either way each problem
+  gets exactly its own gradient."""
+  problems = [_problem(8, 3, 10, seed=50 + i) for i in range(3)]
+  stack = lambda i: jnp.stack([p[i] for p in problems])
+  hidden, weight, bias, labels = stack(0), stack(1), stack(2), stack(3)
+  cotangent = jnp.stack([jnp.full(8, 0.125), jnp.full(8, 2.0),
+                         jnp.linspace(0.0, 1.0, 8) if mixed else jnp.full(8, -1.0)])
+
+  def objective(h, w, b, y, c):
+    return jnp.sum(c * linear_xent(h, w, y, bias_V=b, vocab_chunk_size=4,
+                                   **_IMPLEMENTATIONS[implementation]))
+
+  grad = jax.grad(objective, argnums=(0, 1, 2))
+  batched = jax.jit(jax.vmap(grad))(hidden, weight, bias, labels, cotangent)
+  for i in range(3):
+    want = jax.grad(lambda h, w, b: jnp.sum(cotangent[i] * _unfused(h, w, b, labels[i])),
+                    argnums=(0, 1, 2))(hidden[i], weight[i], bias[i])
+    for got, expected in zip(batched, want):
+      np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)
