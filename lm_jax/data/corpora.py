@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -212,29 +213,37 @@ def load_wikitext2(data_dir: str | os.PathLike | None = None, **vocab_kwargs: An
 def load_text(path: str | os.PathLike, *, level: str = "char", valid_fraction: float = 0.1,
               test_fraction: float = 0.0, lowercase: bool = False, letters_only: bool = False,
               add_eos: bool = False, name: str | None = None, max_tokens: int = 0,
-              **vocab_kwargs: Any) -> Corpus:
-  """One plain text file, split contiguously: train first, then valid, then test.
+              valid_path: str | os.PathLike | None = None,
+              test_path: str | os.PathLike | None = None, **vocab_kwargs: Any) -> Corpus:
+  """A plain text file, split contiguously: train first, then valid, then test.
 
   Split sizes are ``round(n * fraction)`` tokens; ``test_fraction=0`` gives
-  ``test=None``. The Time Machine in D2L's setting is
+  ``test=None``. ``valid_path`` / ``test_path`` give those splits as files of their own (read
+  the same way; the fraction of that split is then not taken from ``path``). The
+  vocabulary comes from the training split only. The Time Machine in D2L's setting is
   ``load_text(path, level="char", lowercase=True, letters_only=True)``; D2L (0.17)
-  also keeps only the first ``max_tokens=10000`` characters.
+  also keeps only the first ``max_tokens=10000`` characters (of ``path``).
   """
   if max_tokens < 0:
     raise CorpusError(f"max_tokens must be >= 0 (0: all), got {max_tokens}")
-  if not (0.0 < valid_fraction < 1.0 and 0.0 <= test_fraction < 1.0
+  valid_fraction = 0.0 if valid_path else valid_fraction
+  test_fraction = 0.0 if test_path else test_fraction
+  if not ((valid_path or 0.0 < valid_fraction < 1.0) and 0.0 <= test_fraction < 1.0
           and valid_fraction + test_fraction < 1.0):
     raise CorpusError(f"need 0 < valid_fraction < 1, 0 <= test_fraction < 1 and their sum "
                       f"< 1, got {valid_fraction} and {test_fraction}")
-  tokens = read_tokens(path, level=level, add_eos=add_eos, lowercase=lowercase,
-                       letters_only=letters_only)
+  read = functools.partial(read_tokens, level=level, add_eos=add_eos, lowercase=lowercase,
+                           letters_only=letters_only)
+  tokens = read(path)
   if max_tokens:
     tokens = tokens[:max_tokens]
   n = len(tokens)
   n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
   n_train = n - n_valid - n_test
-  splits = {"train": tokens[:n_train], "valid": tokens[n_train:n_train + n_valid],
-            "test": tokens[n_train + n_valid:] if test_fraction > 0 else None}
+  splits = {"train": tokens[:n_train],
+            "valid": read(valid_path) if valid_path else tokens[n_train:n_train + n_valid],
+            "test": (read(test_path) if test_path
+                     else tokens[n_train + n_valid:] if test_fraction > 0 else None)}
   name = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
   return _encode(name, level, splits, **vocab_kwargs)
 

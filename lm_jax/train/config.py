@@ -44,7 +44,8 @@ FINGERPRINT_FLAGS = (
     "optimizer", "lr", "lr_schedule", "lr_decay_start", "lr_decay_factor", "clip",
     "weight_decay", "grad_reduction", "seed")
 # The data flags each corpus's loader reads (Trainer's load_corpus), fingerprinted with it.
-DATA_OPTION_FIELDS = {"text": ("level", "lowercase", "letters_only", "text_max_tokens"),
+DATA_OPTION_FIELDS = {"text": ("level", "lowercase", "letters_only", "text_max_tokens",
+                               "valid_fraction", "test_fraction"),
                       "synthetic": ("synthetic_vocab_size", "synthetic_train_tokens")}
 
 
@@ -57,15 +58,28 @@ def flag(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
 class DataConfig:
   """What the model reads and how batches are cut from it."""
 
-  corpus: str = flag(
-      "synthetic",
-      'synthetic (embedded default), ptb, wikitext2 or text (--text_path)')
+  corpus: str | None = flag(
+      None,
+      'synthetic (the embedded default), ptb, wikitext2, or text (selected by --text_path '
+      'alone)')
   data_dir: str | None = flag(
       None,
       'directory of ptb/ and wikitext-2/ (default: $LM_JAX_DATA_DIR or ../shared/data)')
   text_path: str | None = flag(
       None,
-      'plain text file for --corpus=text (split 90/10 into train/valid)')
+      'your own plain UTF-8 text file to train on (selects --corpus=text); split '
+      'contiguously into train, valid and test by --valid_fraction and --test_fraction '
+      'unless --valid_path / --test_path give those splits')
+  valid_path: str | None = flag(
+      None, 'with --text_path: a separate validation file (else the --valid_fraction split)')
+  test_path: str | None = flag(
+      None, 'with --text_path: a separate test file (else the --test_fraction split)')
+  valid_fraction: float = flag(
+      0.1, 'with --text_path and no --valid_path: the share of the file held out for '
+      'validation (after the training part)')
+  test_fraction: float = flag(
+      0.1, 'with --text_path and no --test_path: the share of the file held out for test '
+      '(its end); 0: no test split')
   level: str = flag("char", 'char or word, for --corpus=text')
   lowercase: bool = flag(False, 'lower-case the text (--corpus=text)')
   letters_only: bool = flag(
@@ -87,6 +101,13 @@ class DataConfig:
   eval_batch_size: int = flag(
       10,
       'rows for evaluation (each row a contiguous stream, state carried)')
+
+  def __post_init__(self):
+    # --text_path alone selects the text corpus; no --corpus and no --text_path is the
+    # embedded synthetic one. An explicit --corpus other than text with --text_path is an
+    # error (validate), never a silent choice.
+    if self.corpus is None:
+      self.corpus = "text" if self.text_path else "synthetic"
 
 
 @dataclasses.dataclass
@@ -335,8 +356,7 @@ class TrainConfig:
                       f"{run.num_processes}) with --coordinator_address")
     if num_devices is not None:
       problems += self._device_problems(num_devices, num_processes)
-    if data.corpus == "text" and not data.text_path:
-      problems.append("--corpus=text needs --text_path")
+    problems += _data_problems(data)
     if opt.weight_decay < 0:
       problems.append(f"--weight_decay={opt.weight_decay} must be >= 0")
     if opt.optimizer != "adamw" and opt.weight_decay != OptimizationConfig.weight_decay:
@@ -368,6 +388,28 @@ class TrainConfig:
       problems.append(f"--clip={opt.clip} must be >= 0 (0 disables clipping)")
     if problems:
       raise ValueError("bad flags:\n  " + "\n  ".join(problems))
+
+
+def _data_problems(data: DataConfig) -> list[str]:
+  problems = []
+  if data.text_path and data.corpus != "text":
+    problems.append(f"--text_path={data.text_path} selects the text corpus, but --corpus="
+                    f"{data.corpus} names another: drop --corpus (or use --corpus=text)")
+  if data.corpus == "text" and not data.text_path:
+    problems.append("--corpus=text needs --text_path (your text file)")
+  for name in ("valid_path", "test_path"):
+    if getattr(data, name) and not data.text_path:
+      problems.append(f"--{name} needs --text_path (the training file)")
+  valid = 0.0 if data.valid_path else data.valid_fraction
+  test = 0.0 if data.test_path else data.test_fraction
+  if not data.valid_path and not 0.0 < data.valid_fraction < 1.0:
+    problems.append(f"--valid_fraction={data.valid_fraction} must be in (0, 1)")
+  if not 0.0 <= data.test_fraction < 1.0:
+    problems.append(f"--test_fraction={data.test_fraction} must be in [0, 1)")
+  if valid + test >= 1.0:
+    problems.append(f"--valid_fraction={data.valid_fraction} and --test_fraction="
+                    f"{data.test_fraction} leave no training text (their sum must be < 1)")
+  return problems
 
 
 def model_fingerprint(config: TrainConfig, vocab_size: int, *,

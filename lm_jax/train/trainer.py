@@ -73,7 +73,9 @@ def load_corpus(config: TrainConfig) -> corpora.Corpus:
     if not data.text_path:
       raise ValueError("--corpus=text needs --text_path")
     kwargs = dict(path=data.text_path, level=data.level, lowercase=data.lowercase,
-                  letters_only=data.letters_only, max_tokens=data.text_max_tokens)
+                  letters_only=data.letters_only, max_tokens=data.text_max_tokens,
+                  valid_path=data.valid_path, test_path=data.test_path,
+                  valid_fraction=data.valid_fraction, test_fraction=data.test_fraction)
   return corpora.load_corpus(data.corpus, data.data_dir, **kwargs)
 
 

@@ -167,6 +167,20 @@ def test_load_text_split_by_fraction(tmp_path):
   assert corpora.load_text(path).test is None
 
 
+def test_load_text_with_validation_and_test_files(tmp_path):
+  train = write(tmp_path, "train.txt", "abcabc")
+  valid = write(tmp_path, "valid.txt", "cab")
+  test = write(tmp_path, "test.txt", "bad")  # 'd' unseen in train: <unk>
+  corpus = corpora.load_text(train, valid_path=valid, test_path=test)
+  assert [len(corpus.train), len(corpus.valid), len(corpus.test)] == [6, 3, 3]
+  assert corpus.vocab.to_tokens(corpus.test) == ["b", "a", "<unk>"]
+  assert corpus.oov_counts == {"train": 0, "valid": 0, "test": 1}
+  only_valid = corpora.load_text(train, valid_path=valid, test_fraction=0.5)  # test: the end
+  assert "".join(only_valid.vocab.to_tokens(only_valid.test)) == "abc"
+  with pytest.raises(corpora.CorpusError, match="missing.txt: cannot open"):
+    corpora.load_text(train, valid_path=str(tmp_path / "missing.txt"))
+
+
 def test_load_text_unseen_characters_are_oov(tmp_path):
   path = write(tmp_path, "t.txt", "aaaaaaaaab")
   corpus = corpora.load_text(path, valid_fraction=0.1)

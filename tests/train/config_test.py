@@ -58,7 +58,8 @@ def test_train_lm_defines_exactly_the_config_flags_with_their_help():
 
 # Issue 22: every flag is either in the resume fingerprint or deliberately not, with a reason.
 FINGERPRINTED = {
-    "corpus", "level", "lowercase", "letters_only", "text_max_tokens", "synthetic_vocab_size",
+    "corpus", "level", "lowercase", "letters_only", "text_max_tokens", "valid_fraction",
+    "test_fraction", "synthetic_vocab_size",
     "synthetic_train_tokens", "batch_size", "bptt", "batching", "eval_batch_size",
     "cell", "layers", "hidden", "embed", "dropout", "variational_dropout", "tie_weights",
     "init_scale", "head", "head_classes", "head_binning", "head_tree", "head_samples",
@@ -68,6 +69,7 @@ FINGERPRINTED = {
     "weight_decay", "grad_reduction", "seed"}
 NOT_FINGERPRINTED = {
     "data_dir": "location", "text_path": "location", "workdir": "location",  # data_sha256 decides
+    "valid_path": "location", "test_path": "location",
     "epochs": "length", "steps": "length", "time_budget": "length",
     "stop_when_stalled": "length",
     "checkpoint_every": "reporting", "eval_every": "reporting",

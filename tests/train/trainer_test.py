@@ -180,6 +180,12 @@ def test_nan_loss_stops_with_the_step_named(tmp_path):
     (dict(cell="transformer"), "--cell"), (dict(batching="shuffled"), "--batching"),
     (dict(hidden=0), "--hidden"), (dict(steps=0, epochs=0), "--epochs"),
     (dict(corpus="text"), "--text_path"), (dict(dropout=1.0), "--dropout"),
+    (dict(corpus="ptb", text_path="my.txt"), "--text_path=my.txt selects the text corpus, "
+                                             "but --corpus=ptb"),
+    (dict(corpus=None, valid_path="v.txt"), "--valid_path needs --text_path"),
+    (dict(corpus=None, text_path="t.txt", valid_fraction=0.0), "--valid_fraction=0.0"),
+    (dict(corpus=None, text_path="t.txt", valid_fraction=0.5, test_fraction=0.5),
+     "leave no training text"),
     (dict(time_budget=-1.0), "--time_budget")])
 def test_bad_flags_fail_before_any_work(tmp_path, overrides, flag):
   with pytest.raises(ValueError, match=flag):
@@ -311,12 +317,30 @@ def test_trainer_steps_get_the_head_tables_as_arguments(monkeypatch):
 def test_one_token_language_and_oov_count_in_the_log(tmp_path, caplog):
   """A text of one repeated character learns it (perplexity near 1); unseen chars are <unk>."""
   path = tmp_path / "one.txt"
-  path.write_text("a" * 2000 + "b")  # 'b' only in the valid split: one OOV token
+  path.write_text("a" * 2000 + "b")  # 'b' only in the test split (the end): one OOV token
   caplog.set_level("INFO", logger="lm_jax")
   results = trainer.train_and_evaluate(_config(
       tmp_path / "w", corpus="text", text_path=str(path), level="char", steps=40, lr=3e-2))
-  assert "'valid': 1" in caplog.text and "5 types" in caplog.text
-  assert results["valid_perplexity"] < 1.3
+  assert "'valid': 0, 'test': 1" in caplog.text and "5 types" in caplog.text
+  assert results["valid_perplexity"] < 1.3 and "test_perplexity" in results
+
+
+def test_your_own_files_train_validate_and_test(tmp_path):
+  """--text_path alone selects the text corpus; --valid_path / --test_path give the splits,
+  and the test perplexity is reported as for PTB."""
+  for name, text in (("train.txt", "abcab" * 300), ("valid.txt", "abcab" * 40),
+                     ("test.txt", "cabca" * 30)):
+    (tmp_path / name).write_text(text)
+  config = TrainConfig.from_flags(workdir=str(tmp_path / "w"), **{
+      **TINY, "corpus": None, "text_path": str(tmp_path / "train.txt"),
+      "valid_path": str(tmp_path / "valid.txt"), "test_path": str(tmp_path / "test.txt"),
+      "level": "char", "steps": 30, "lr": 3e-2})
+  assert config.data.corpus == "text"
+  results = trainer.train_and_evaluate(config)
+  # 7 types (a, b, c and the four specials): better than uniform on both held-out files.
+  assert 1.0 < results["test_perplexity"] < 5.0 and 1.0 < results["valid_perplexity"] < 5.0
+  corpus = trainer.load_corpus(config)
+  assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (1500, 200, 150)
 
 
 def test_eval_rows_beyond_the_split_still_count_every_token(tmp_path):
