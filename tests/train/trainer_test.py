@@ -146,17 +146,17 @@ def test_resume_on_other_data_of_the_same_length_and_vocabulary_is_refused(tmp_p
           == corpora.load_text(tmp_path / "b.txt").vocab)
   workdir = tmp_path / "w"
   trainer.train_and_evaluate(_config(workdir, corpus="text", text_path=str(tmp_path / "a.txt"),
-                                     steps=8))
+                                     test_fraction=0.0, steps=8))
   config_json = (workdir / "config.json").read_text()
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match=r"(?s)different configuration.*data_sha256: checkpoint has '[0-9a-f]"):
     trainer.Trainer(_config(workdir, corpus="text", text_path=str(tmp_path / "b.txt"),
-                            steps=16)).restore()
+                            test_fraction=0.0, steps=16)).restore()
   assert (workdir / "config.json").read_text() == config_json
   # The same data moved elsewhere resumes: the path is not the data's identity.
   (tmp_path / "moved.txt").write_text(text)
   assert trainer.Trainer(_config(workdir, corpus="text", text_path=str(tmp_path / "moved.txt"),
-                                 steps=16)).restore() == 8
+                                 test_fraction=0.0, steps=16)).restore() == 8
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
