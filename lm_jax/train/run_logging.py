@@ -176,13 +176,19 @@ class Progress:
     self.last_time = self.start_time
     self.last_step = start_step
 
-  def rate(self, step: int) -> float:
-    """Tokens per second since the previous call."""
-    now = time.time()
-    elapsed = max(now - self.last_time, 1e-9)
+  def rate(self, step: int, clock: float | None = None) -> float:
+    """Tokens per second since the previous call (or :meth:`restart`), by ``clock`` (the
+    trainer's training time, which leaves out evaluation and checkpointing; default the wall
+    clock); NaN when no step was taken since."""
+    now = time.time() if clock is None else clock
     tokens = (step - self.last_step) * self.tokens_per_step
+    elapsed = now - self.last_time
     self.last_time, self.last_step = now, step
-    return tokens / elapsed
+    return tokens / elapsed if tokens and elapsed > 0 else math.nan
+
+  def restart(self, step: int, clock: float | None = None) -> None:
+    """Starts the next window here: after the first step, so compilation is in no window."""
+    self.last_time, self.last_step = (time.time() if clock is None else clock), step
 
   def eta_seconds(self, step: int) -> float:
     done = step - self.start_step

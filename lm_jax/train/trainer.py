@@ -196,6 +196,7 @@ class Trainer:
     self.pending: list[tuple[int, Any]] = []
     self.writer: run_logging.MetricsWriter | None = None
     self.progress: run_logging.Progress | None = None
+    self._compiled = False  # whether this process has run (and so compiled) a train step
 
   def restore(self) -> int:
     """Resumes from the newest matching checkpoint, if any; then writes ``config.json``.
@@ -312,6 +313,10 @@ class Trainer:
         self._drain()
       self.pending.append((self.step + 1, metrics))
       self.step, index = self.step + 1, index + 1
+      if not self._compiled:  # wait for the first step: its compilation is in no window
+        self._drain()
+        self._compiled = True
+        self.progress.restart(self.step, self.training_time())
       epoch_done = index == spe
       out_of_time = self.budget_spent()
       due_checkpoint = (self.step % config.run.checkpoint_every == 0 or epoch_done
@@ -377,7 +382,7 @@ class Trainer:
       return
     summary = (training.summarize_loss(window.loss_sum, window.token_count) if window.steps
                else dict.fromkeys(("loss_nats", "perplexity", "bits_per_token"), math.nan))
-    rate = self.progress.rate(self.step)
+    rate = self.progress.rate(self.step, self.training_time())
     record = {"step": self.step, "epoch": epoch, "split": "train",
               "loss_nats": summary["loss_nats"], "perplexity": summary["perplexity"],
               "bits_per_token": summary["bits_per_token"], "tokens_per_sec": rate,
@@ -394,9 +399,10 @@ class Trainer:
       eta = min(eta, max(self.config.run.time_budget - record["train_time"], 0.0))
 
     run_logging.logger.info(
-        "step %d/%d epoch %d | loss %.4f ppl %s | %.0f tok/s | lr %.4g | gnorm %.3g%s | ETA %s",
+        "step %d/%d epoch %d | loss %.4f ppl %s | %s tok/s | lr %.4g | gnorm %.3g%s | ETA %s",
         self.step, self.total_steps, epoch, summary["loss_nats"],
-        run_logging.format_perplexity(summary["perplexity"]), rate,
+        run_logging.format_perplexity(summary["perplexity"]),
+        f"{rate:.0f}" if math.isfinite(rate) else "n/a (first step: compiling)",
         window.lr, record["grad_norm"], skipped,
         run_logging.format_eta(eta))
     window.reset()
@@ -468,8 +474,9 @@ class Trainer:
     train_records = [r for r in run_logging.read_metrics(self.metrics_path)
                      if r.get("split") == "train"] if self.is_writer else []
     if train_records:
-      results["train_tokens_per_sec_median"] = float(np.median(
-          [r["tokens_per_sec"] for r in train_records[1:] or train_records]))
+      rates = [r["tokens_per_sec"] for r in train_records
+               if r.get("tokens_per_sec") is not None and math.isfinite(r["tokens_per_sec"])]
+      results["train_tokens_per_sec_median"] = float(np.median(rates)) if rates else math.nan
     results.update(wall_time_sec=time.time() - self.t_start, train_seconds=self.training_time(),
                    stopped_by_time_budget=self.budget_spent(), flags=self.config.flags(),
                    num_parameters=int(sum(x.size for x in jax.tree.leaves(self.state.params))))

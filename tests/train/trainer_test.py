@@ -593,3 +593,18 @@ def test_read_error_on_resume_moves_nothing_and_load_trained_is_read_only(tmp_pa
   assert _listing(tmp_path) == before
   assert any("checkpoints/16 does not decode" in r.getMessage()
              and "left it where it is" in r.getMessage() for r in caplog.records)
+
+
+def test_throughput_windows_leave_out_compilation(tmp_path):
+  """The first step (which compiles) starts the first window; the rate is over training time."""
+  workdir = tmp_path / "w"
+  run = trainer.Trainer(_config(workdir, steps=12, log_every=1, checkpoint_every=100))
+  run.restore()
+  run.train_epoch()
+  assert run.progress.last_step == 12
+  rates = [r["tokens_per_sec"] for r in run_logging.read_metrics(workdir / "metrics.jsonl")
+           if r["split"] == "train"]
+  assert np.isnan(rates[0]) and all(np.isfinite(rates[1:])), rates  # step 1: compiling
+  progress = run_logging.Progress(total_steps=10, tokens_per_step=100)
+  progress.restart(1, clock=5.0)
+  assert progress.rate(3, clock=6.0) == 200.0 and np.isnan(progress.rate(3, clock=7.0))
