@@ -248,8 +248,10 @@ def _blockwise_gradients(h_NxH, y_N, coefficients, used_N, lse_N, weight_VxH, bi
   """All tokens in one chunk: a scan over vocabulary blocks that emits each block of ``dW``
   and ``db`` as it is formed (no ``[V, H]`` carry updated in place) and carries ``dh``.
 
-  The accelerator form: the loop runs ``ceil(V / tv)`` times whatever ``N``; the matmuls take
-  the inputs' dtype and accumulate in float32 (``preferred_element_type``).
+  The accelerator form: the loop runs ``ceil(V / tv)`` times whatever ``N``; for bfloat16
+  inputs the matmuls take bfloat16 and accumulate in float32 (``preferred_element_type``).
+  Its temporaries grow with ``N``: ``[N, tv]`` float32 blocks, 16 KiB a token at ``tv =
+  4096`` (an explicit ``chunk_size`` bounds them, at ``N / chunk_size`` loop trips).
   Returns ``(dweight_VxH, dbias_V, dhidden_NxH or None)`` in the compute dtype.
   """
   dtype = _compute_dtype(h_NxH, weight_VxH)
@@ -259,7 +261,10 @@ def _blockwise_gradients(h_NxH, y_N, coefficients, used_N, lse_N, weight_VxH, bi
     w_TxH, b_T, start, fresh_T = _vocab_chunk(weight_VxH, bias_V, j, tv)
     g_NxT = _logit_gradient(h_NxH, y_N, coefficients, used_N, lse_N, None, w_TxH, b_T, start,
                             fresh_T, opts)
-    g_in_NxT = g_NxT.astype(jnp.promote_types(h_NxH.dtype, weight_VxH.dtype))
+    # bfloat16 inputs: G in bfloat16 too, accumulated in float32 (its exponent range is
+    # float32's, so a mean's 1/N does not underflow); float16 would, so G stays float32.
+    narrow = jnp.promote_types(h_NxH.dtype, weight_VxH.dtype)
+    g_in_NxT = g_NxT.astype(narrow) if narrow == jnp.bfloat16 else g_NxT
     dw_TxH = lax.dot_general(g_in_NxT, h_NxH, (((0,), (0,)), ((), ())),
                              preferred_element_type=dtype)
     if with_dhidden:
@@ -441,7 +446,9 @@ def _per_token_bwd(tc, tv, opts, residuals, g_N):
    dhidden_1_NxH) = residuals
   g_N = g_N.astype(lse_N.dtype)
   used_N = valid_N & _in_range(labels_N, weight_VxH.shape[0])
-  g_first = g_N[jnp.argmax(used_N)]
+  # No counted token: every unit gradient is 0, and so is the scale (not a masked token's
+  # cotangent, which may be inf or NaN, e.g. the 0/0 of an all-padding masked mean).
+  g_first = jnp.where(jnp.any(used_N), g_N[jnp.argmax(used_N)], 0.0)
   uniform = _one_number(lax.stop_gradient(g_N), used_N)
 
   def scaled(_):
@@ -607,7 +614,10 @@ def linear_softmax_cross_entropy(
       or ``"accelerator"`` forces one. The accelerator form's only loop runs over the
       ``ceil(V / vocab_chunk_size)`` vocabulary blocks whatever ``N`` (a ``while`` loop is
       driven from the host on a GPU): one token chunk, ``dW`` emitted block by block, the
-      gradient matmuls in the inputs' dtype accumulating in float32.
+      gradient matmuls in bfloat16 for bfloat16 inputs, accumulating in float32. Its
+      temporaries are ``[N, vocab_chunk_size]`` float32 blocks (16 KiB a token by default);
+      an explicit ``chunk_size`` gives token chunks on every platform, which bounds them at
+      the cost of ``N / chunk_size`` loop trips.
 
   Returns:
     ``loss``: ``[N]`` cross-entropy in nats per token (``reduction="none"``) or a scalar,

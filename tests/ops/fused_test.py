@@ -583,3 +583,74 @@ def test_vmap_over_problems_gives_each_problem_its_own_gradient(mixed, implement
                     argnums=(0, 1, 2))(hidden[i], weight[i], bias[i])
     for got, expected in zip(batched, want):
       np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", sorted(_IMPLEMENTATIONS))
+@pytest.mark.parametrize("dtype,tolerance", [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_half_precision_gradients_match_float32_of_the_same_inputs(dtype, tolerance, reduction,
+                                                                   implementation):
+  """Half-precision inputs: the gradients' values (not only their dtypes) agree with float32
+  arithmetic on the same rounded inputs, in both forms; a mean's 1/N inside G must not
+  underflow (float16 keeps G in float32 in the accelerator form)."""
+  # N and V large enough that a mean's p / N falls below float16's smallest subnormal.
+  hidden, weight, bias, labels = _problem(2048, 16, 16384, seed=25)
+  half = lambda x: x.astype(dtype)
+  f32 = lambda x: half(x).astype(jnp.float32)
+
+  def grads(h, w, b):
+    loss = lambda h, w, b: jnp.mean(linear_xent(h, w, labels, bias_V=b, reduction=reduction,
+                                                **_IMPLEMENTATIONS[implementation]))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(h, w, b)
+
+  got = grads(half(hidden), half(weight), half(bias))
+  want = grads(f32(hidden), f32(weight), f32(bias))
+  for g, w in zip(got, want):
+    assert g.dtype == dtype
+    g = np.asarray(g, np.float32)
+    assert np.all(np.isfinite(g))
+    error = np.linalg.norm(g - np.asarray(w)) / np.linalg.norm(np.asarray(w))
+    assert error < tolerance, error
+
+
+def test_no_counted_token_gives_zero_gradients_whatever_the_cotangent_of_masked_ones():
+  """An all-padding batch under a masked mean (0 / 0 = NaN cotangent on masked tokens): the
+  loss is NaN as the unfused one is, but the scaled unit gradients stay exactly 0."""
+  hidden, weight, bias, labels = _problem(6, 3, 7, seed=26)
+  where = jnp.zeros(6, bool)
+  for implementation in _IMPLEMENTATIONS:
+    loss_fn = lambda h, w, b, i=implementation: jnp.sum(linear_xent(
+        h, w, labels, bias_V=b, where=where, **_IMPLEMENTATIONS[i])) / jnp.sum(where)
+    grads = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2)))(hidden, weight, bias)
+    for g in grads:
+      np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+@pytest.mark.parametrize("kind,expected", [("mean", True), ("sum", True),
+                                            ("masked_mean", True), ("weights", False)])
+def test_the_natural_calls_take_the_scaled_path(monkeypatch, kind, expected):
+  """The cotangents jax.grad produces for .mean(), .sum() and a masked mean make the backward
+  scale the forward's unit gradients (the fast path); per-token weights recompute. Under
+  vmap the predicate stays one unbatched scalar."""
+  seen = []
+  one_number = fused._one_number
+
+  def spy(g_N, used_N):
+    result = one_number(g_N, used_N)
+    jax.debug.callback(lambda r: seen.append(np.asarray(r).tolist()), result)
+    return result
+
+  monkeypatch.setattr(fused, "_one_number", spy)
+  hidden, weight, bias, labels = _problem(10, 3, 12, seed=27)
+  where = jnp.arange(10) % 3 != 0
+  reduce = {"mean": lambda l: l.mean(), "sum": lambda l: l.sum(),
+            "masked_mean": lambda l: jnp.sum(l) / jnp.sum(where),
+            "weights": lambda l: jnp.sum(jnp.linspace(0.5, 1.5, 10) * l)}[kind]
+  masked = {"where": where} if kind == "masked_mean" else {}
+  loss = lambda h, w: reduce(linear_xent(h, w, labels, bias_V=bias, **masked))
+  jax.jit(jax.grad(loss, argnums=(0, 1)))(hidden, weight)
+  assert seen == [expected]
+  seen.clear()
+  jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(jnp.stack([hidden] * 3),
+                                                     jnp.stack([weight] * 3))
+  assert seen == [expected]  # one scalar for the whole batch, not three
