@@ -60,6 +60,7 @@ ALLOWED = {
     "nnx": {"heads", "models", "ops", "_layer_util"},
     "linen": {"heads", "models", "ops", "_layer_util"},
     "_layer_util": set(),
+    "commands": {"commands", "train", "models", "heads", "ops", "data"},
 }
 
 

@@ -10,6 +10,7 @@ flat ``{flag: value}`` form that ``config.json`` keeps (older workdirs' files re
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from lm_jax import heads
@@ -47,6 +48,14 @@ FINGERPRINT_FLAGS = (
 DATA_OPTION_FIELDS = {"text": ("level", "lowercase", "letters_only", "text_max_tokens",
                                "valid_fraction", "test_fraction"),
                       "synthetic": ("synthetic_vocab_size", "synthetic_train_tokens")}
+
+
+class FlagError(ValueError):
+  """Flags that are wrong or inconsistent; ``problems`` names each (flag, value and fix)."""
+
+  def __init__(self, problems: list[str]):
+    self.problems = list(problems)
+    super().__init__("bad flags:\n  " + "\n  ".join(self.problems))
 
 
 def flag(default: Any, help: str) -> Any:  # pylint: disable=redefined-builtin
@@ -357,6 +366,9 @@ class TrainConfig:
     if num_devices is not None:
       problems += self._device_problems(num_devices, num_processes)
     problems += _data_problems(data)
+    if os.path.exists(run.workdir) and not os.path.isdir(run.workdir):
+      problems.append(f"--workdir={run.workdir} is a file, not a directory: give a directory "
+                      "(it is created if missing)")
     if opt.weight_decay < 0:
       problems.append(f"--weight_decay={opt.weight_decay} must be >= 0")
     if opt.optimizer != "adamw" and opt.weight_decay != OptimizationConfig.weight_decay:
@@ -387,7 +399,7 @@ class TrainConfig:
     if opt.clip < 0:
       problems.append(f"--clip={opt.clip} must be >= 0 (0 disables clipping)")
     if problems:
-      raise ValueError("bad flags:\n  " + "\n  ".join(problems))
+      raise FlagError(problems)
 
 
 def _data_problems(data: DataConfig) -> list[str]:

@@ -52,12 +52,17 @@ from lm_jax.train import parallel
 from lm_jax.train import run_logging
 from lm_jax.train import schedules
 from lm_jax.train import training
+from lm_jax.train.config import FlagError
 from lm_jax.train.config import TrainConfig
 from lm_jax.train.config import model_fingerprint
 
 NonFiniteLossError = faults.NonFiniteLossError
 TrainingInterrupted = faults.TrainingInterrupted
 COUNTS_FILE = "token_counts.json"  # [V] training count of each id, as the head saw them
+
+
+class WorkdirError(FileNotFoundError):
+  """A workdir that is not a trained ``train_lm.py`` workdir (no config, no checkpoint)."""
 
 
 def load_corpus(config: TrainConfig) -> corpora.Corpus:
@@ -223,6 +228,12 @@ class Trainer:
         self._next_timed_eval = (math.floor(self.train_seconds / run_every) + 1) * run_every
       run_logging.logger.info("resumed from step %d (epoch %d, batch %d)", self.step,
                               meta["position"]["epoch"], meta["position"]["index"])
+      if self.step > self.total_steps:
+        run = self.config.run
+        asked = f"--steps={run.steps}" if run.steps else f"--epochs={run.epochs}"
+        raise FlagError([f"{asked} ({self.total_steps} steps) is below the {self.step} steps "
+                         f"already done in {self.workdir}: ask for more to train on, or use "
+                         "a new --workdir"])
     if self.is_writer:  # only now: a checkpoint that does not match stopped the run above
       run_logging.write_json(os.path.join(self.workdir, "config.json"), self.config.flags())
       # The head (tree, classes, noise) is built from these; generate.py reads them.
@@ -511,7 +522,7 @@ def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.Language
   (read-only: a damaged checkpoint is skipped, never moved)."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a train_lm.py workdir?")
+    raise WorkdirError(f"{config_path} not found: is {workdir!r} a train_lm.py workdir?")
   with open(config_path) as f:
     config = TrainConfig.from_flags(**json.load(f))
   vocab = text.Vocab.load(os.path.join(workdir, "vocab.json"))
@@ -521,7 +532,7 @@ def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.Language
     with open(counts_path) as f:
       counts = json.load(f)
   elif config.model.head != "full":
-    raise FileNotFoundError(f"{counts_path} not found: head {config.model.head!r} is built "
+    raise WorkdirError(f"{counts_path} not found: head {config.model.head!r} is built "
                             "from the training counts train_lm.py saves there")
   model = build_model(config, len(vocab), counts)
   abstract = jax.eval_shape(lambda: training.create_train_state(
@@ -531,5 +542,6 @@ def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.Language
   restored = checkpointing.restore_latest(manager, abstract,  # never moves a checkpoint
                                           model_fingerprint(config, len(vocab)), read_only=True)
   if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    raise WorkdirError(f"no checkpoint in {workdir}/checkpoints: train first (lm-jax-train "
+                       f"--workdir={workdir} ...)")
   return config, vocab, model, restored[1].params
