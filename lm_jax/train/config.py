@@ -226,6 +226,10 @@ class RunConfig:
       'also evaluate on validation each time this many more seconds of training time '
       '(as --time_budget counts it) have passed (0: off); for curves against training time')
   log_every: int = flag(100, 'report train metrics every this many steps')
+  tensorboard: bool = flag(
+      True,
+      'also write TensorBoard event files in <workdir>/tensorboard (needs tensorboardX: pip '
+      "install 'lm_jax[tensorboard]'; without it, metrics.jsonl only)")
   skip_nonfinite: bool = flag(
       False,
       'skip an update whose loss or gradient is NaN/Inf (counted in metrics.jsonl) '

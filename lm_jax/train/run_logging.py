@@ -87,11 +87,17 @@ class MetricsWriter:
   """
 
   def __init__(self, path: str, *, resume_step: int | None = None, enabled: bool = True,
-               keep_at_resume_step: Callable[[dict[str, Any]], bool] | None = None):
-    """``keep_at_resume_step``: which records AT ``resume_step`` to keep (default all)."""
+               keep_at_resume_step: Callable[[dict[str, Any]], bool] | None = None,
+               tensorboard: bool = False):
+    """``keep_at_resume_step``: which records AT ``resume_step`` to keep (default all);
+    ``tensorboard``: also write :class:`TensorBoardWriter` events in ``tensorboard/`` beside
+    the file."""
     self.path = path
     self.enabled = enabled
     self.kept: list[dict[str, Any]] = []
+    self.tensorboard = TensorBoardWriter(
+        os.path.join(os.path.dirname(path) or ".", "tensorboard"),
+        enabled=enabled and tensorboard)
     if not enabled:
       return
     kept = []
@@ -111,6 +117,43 @@ class MetricsWriter:
     with open(self.path, "a") as f:
       f.write(dumps(record) + "\n")
       f.flush()
+    self.tensorboard.write(record)
+
+
+class TensorBoardWriter:
+  """TensorBoard event files beside ``metrics.jsonl`` (``<workdir>/tensorboard``), written with
+  ``tensorboardX`` (the install extra ``tensorboard``) when it is installed: each record's
+  loss, perplexity, bits, learning rate, gradient norm and tokens/s as ``<split>/<name>``
+  scalars at its step. Without the package it writes nothing and says so once."""
+
+  SCALARS = ("loss_nats", "perplexity", "bits_per_token", "bits_per_character", "lr",
+             "grad_norm", "tokens_per_sec")
+
+  def __init__(self, logdir: str, *, enabled: bool = True):
+    self.writer = None
+    if not enabled:
+      return
+    try:
+      import tensorboardX  # pylint: disable=g-import-not-at-top  (an optional extra)
+    except ImportError:
+      logger.info("TensorBoard: tensorboardX is not installed (pip install 'lm_jax["
+                  "tensorboard]'); metrics.jsonl only")
+      return
+    self.writer = tensorboardX.SummaryWriter(logdir)
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self.writer is None:
+      return
+    split, step = record.get("split", "train"), int(record.get("step", 0))
+    for name in self.SCALARS:
+      value = record.get(name)
+      if isinstance(value, (int, float)) and math.isfinite(value):
+        self.writer.add_scalar(f"{split}/{name}", value, step)
+    self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
 
 
 class TrainWindow:

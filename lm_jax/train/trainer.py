@@ -243,7 +243,8 @@ class Trainer:
     self.writer = run_logging.MetricsWriter(
         self.metrics_path, resume_step=self.step, enabled=self.is_writer,
         keep_at_resume_step=lambda r: (r.get("split") == "train"
-                                       or r.get("split") in evals_at_start))
+                                       or r.get("split") in evals_at_start),
+        tensorboard=self.config.run.tensorboard)
     self.progress = run_logging.Progress(
         self.total_steps, self.config.data.batch_size * self.config.data.bptt, self.step)
     return self.step
@@ -494,6 +495,7 @@ class Trainer:
     if self.is_writer:
       run_logging.write_json(os.path.join(self.workdir, "results.json"), results)
     self.plot()
+    self.writer.tensorboard.close()
     run_logging.logger.info("results: %s", {k: v for k, v in results.items() if k != "flags"})
     return results
 

@@ -73,7 +73,7 @@ NOT_FINGERPRINTED = {
     "epochs": "length", "steps": "length", "time_budget": "length",
     "stop_when_stalled": "length",
     "checkpoint_every": "reporting", "eval_every": "reporting",
-    "eval_every_seconds": "reporting", "log_every": "reporting",
+    "eval_every_seconds": "reporting", "log_every": "reporting", "tensorboard": "reporting",
     "skip_nonfinite": "recovery",  # resuming a run stopped by a NaN with it is the remedy
     "keep_freed_memory": "memory",
     "parallel": "devices", "coordinator_address": "devices", "num_processes": "devices",

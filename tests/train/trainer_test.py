@@ -608,3 +608,16 @@ def test_throughput_windows_leave_out_compilation(tmp_path):
   progress = run_logging.Progress(total_steps=10, tokens_per_step=100)
   progress.restart(1, clock=5.0)
   assert progress.rate(3, clock=6.0) == 200.0 and np.isnan(progress.rate(3, clock=7.0))
+
+
+def test_tensorboard_events_beside_metrics_unless_switched_off(tmp_path):
+  pytest.importorskip("tensorboardX")
+  trainer.train_and_evaluate(_config(tmp_path / "on", steps=8, log_every=4))
+  events = list((tmp_path / "on" / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(events) == 1
+  data = events[0].read_bytes()
+  for tag in (b"train/loss_nats", b"train/perplexity", b"train/lr", b"train/grad_norm",
+              b"train/tokens_per_sec", b"valid/bits_per_token", b"test/perplexity"):
+    assert tag in data, tag
+  trainer.train_and_evaluate(_config(tmp_path / "off", steps=8, log_every=4, tensorboard=False))
+  assert not (tmp_path / "off" / "tensorboard").exists()
