@@ -130,7 +130,7 @@ class TensorBoardWriter:
              "grad_norm", "tokens_per_sec")
 
   def __init__(self, logdir: str, *, enabled: bool = True):
-    self.writer = None
+    self.logdir, self.writer, self.summary_writer = logdir, None, None
     if not enabled:
       return
     try:
@@ -139,11 +139,13 @@ class TensorBoardWriter:
       logger.info("TensorBoard: tensorboardX is not installed (pip install 'lm_jax["
                   "tensorboard]'); metrics.jsonl only")
       return
-    self.writer = tensorboardX.SummaryWriter(logdir)
+    self.summary_writer = tensorboardX.SummaryWriter  # opened at the first record
 
   def write(self, record: dict[str, Any]) -> None:
-    if self.writer is None:
+    if self.summary_writer is None:
       return
+    if self.writer is None:
+      self.writer = self.summary_writer(self.logdir)
     split, step = record.get("split", "train"), int(record.get("step", 0))
     for name in self.SCALARS:
       value = record.get(name)
