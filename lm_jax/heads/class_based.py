@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import custom_batching
 
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import log_prob_from_loss
@@ -212,6 +213,19 @@ def _class_log_softmax_at(hidden_NxH, class_weight_CxH, class_bias_C, class_N, c
           - jnp.log(jnp.sum(jnp.exp(shifted_NxC), axis=-1)))
 
 
+@custom_batching.custom_vmap
+def _any_problem(valid):
+  """``valid`` (a bool scalar); under ``vmap`` one unbatched scalar, True when the item is
+  valid in any of the problems (so that ``lax.cond`` stays a conditional)."""
+  return valid
+
+
+@_any_problem.def_vmap
+def _any_problem_vmap(axis_size, in_batched, valid):
+  del axis_size
+  return (jnp.any(valid) if in_batched[0] else valid), False
+
+
 def _item_logits(weight_VxH, bias_V, hidden_KxH, start, mask_M, width, compute):
   """One item's window ``[M, H]`` (sliced in place) and its masked logits ``[M, K]``."""
   w_MxH = jax.lax.dynamic_slice_in_dim(weight_VxH, start, width, 0).astype(compute)
@@ -284,15 +298,20 @@ def _word_nll_bwd(width, residuals, g_N):
     return (jnp.zeros((width, hidden_size), compute), jnp.zeros((width,), compute),
             jnp.zeros((cap, hidden_size), compute))
 
-  def body(carry, x):
-    # The cond returns the item's small [M, H] window gradient and the window is updated
-    # outside it (an empty item adds zeros): under vmap a cond becomes a select of both
-    # branches' outputs, which must not be the whole [V, H] carry.
-    d_window_MxH, d_window_M, d_hidden_KxH = jax.lax.cond(x[5][0], item_grads, no_grads, x)
+  def add_item(carry, x):
+    d_window_MxH, d_window_M, d_hidden_KxH = item_grads(x)
     start = x[0]
     update = lambda acc, delta: jax.lax.dynamic_update_slice_in_dim(
         acc, jax.lax.dynamic_slice_in_dim(acc, start, width, 0) + delta, start, 0)
     return (update(carry[0], d_window_MxH), update(carry[1], d_window_M)), d_hidden_KxH
+
+  def body(carry, x):
+    # An empty item is skipped, the [V, H] carry untouched. The predicate stays unbatched
+    # under vmap (_any_problem): a batched one would make the cond a select of both
+    # branches' outputs, the whole [V, H] carry per item (2.8x B the temporaries of one
+    # problem); an item empty in one problem but not another adds zeros there.
+    return jax.lax.cond(_any_problem(x[5][0]), add_item,
+                        lambda carry, x: (carry, no_grads(x)[2]), carry, x)
 
   zeros = (jnp.zeros(weight_VxH.shape, compute), jnp.zeros(bias_V.shape, compute))
   (d_weight_VxH, d_bias_V), d_hidden_LxKxH = jax.lax.scan(
