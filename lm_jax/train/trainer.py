@@ -155,9 +155,11 @@ class Trainer:
     parallel.initialize_distributed(run.coordinator_address, run.num_processes, run.process_id)
     # The training application's explicit choice (--nokeep_freed_memory skips it), after
     # distributed init and before the backend starts; XLA:CPU only.
-    applied = run.keep_freed_memory and allocator.keep_freed_memory_on_cpu()
-    run_logging.logger.info("glibc malloc keeps freed memory: %s (XLA:CPU only; backend %s)",
-                            applied, jax.default_backend())
+    # One line about malloc: keep_freed_memory_on_cpu() logs what it did; skipped, say so.
+    if run.keep_freed_memory:
+      allocator.keep_freed_memory_on_cpu()
+    else:
+      run_logging.logger.info("glibc malloc left at its defaults (--nokeep_freed_memory)")
     config.validate(num_devices=jax.device_count(), num_processes=jax.process_count())
     self.t_start = time.time()
     self.workdir = run.workdir

@@ -621,3 +621,10 @@ def test_tensorboard_events_beside_metrics_unless_switched_off(tmp_path):
     assert tag in data, tag
   trainer.train_and_evaluate(_config(tmp_path / "off", steps=8, log_every=4, tensorboard=False))
   assert not (tmp_path / "off" / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_one_line_about_malloc(tmp_path, caplog, keep):
+  caplog.set_level("INFO", logger="lm_jax")
+  trainer.Trainer(_config(tmp_path / "w", keep_freed_memory=keep))
+  assert sum("malloc" in r.getMessage() for r in caplog.records) == 1, caplog.text
