@@ -2,6 +2,7 @@
 one-line errors with exit status 2, evaluation of text files, and a non-editable install."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -108,13 +109,25 @@ def test_a_plain_install_gives_the_three_commands(tmp_path):
   subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True,
                  timeout=120)
   python, bin_dir = venv / "bin" / "python", venv / "bin"
+  # Installed from a copy of what the package ships (no build/ or egg-info of this tree).
+  source = tmp_path / "source"
+  shutil.copytree(os.path.join(REPO, "lm_jax"), source / "lm_jax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    shutil.copy(os.path.join(REPO, name), source / name)
   install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
-                            "--no-build-isolation", REPO], capture_output=True, text=True,
+                            "--no-build-isolation", str(source)], capture_output=True, text=True,
                            timeout=300)
   assert install.returncode == 0, install.stderr[-3000:]
-  where = subprocess.run([str(python), "-c", "import lm_jax; print(lm_jax.__file__)"],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
-  assert where.stdout.startswith(str(venv)), where.stdout + where.stderr
+  # Every lm_jax module the commands import comes from the venv (an editable install of this
+  # tree in the system site-packages would otherwise fill in anything the copy lacks).
+  probe = ("import sys, lm_jax.commands.train, lm_jax.commands.evaluate, "
+           "lm_jax.commands.generate; print([m.__file__ for n, m in sys.modules.items() "
+           "if n.startswith('lm_jax') and getattr(m, '__file__', None)])")
+  where = subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=120)
+  files = eval(where.stdout.strip())  # pylint: disable=eval-used  (our own probe's list)
+  assert len(files) > 20 and all(f.startswith(str(venv)) for f in files), where.stdout + where.stderr
   (tmp_path / "mine.txt").write_text("hello world, hello lm_jax. " * 60)
   run = lambda *args: subprocess.run([str(bin_dir / args[0]), *args[1:]], capture_output=True,
                                      text=True, cwd=tmp_path, timeout=300)
@@ -127,3 +140,16 @@ def test_a_plain_install_gives_the_three_commands(tmp_path):
   assert generate.returncode == 0 and generate.stdout.startswith("hello"), generate.stderr[-3000:]
   bad = run("lm-jax-train", "--text_path=mine.txt", "--corpus=ptb")
   _assert_one_line_error(bad, "--corpus=ptb")
+
+
+def test_prompts_are_read_as_the_training_text_was(tmp_path):
+  """--lowercase --letters_only at training: the prompt's capitals and punctuation are folded
+  the same way, so no <unk> and no warning."""
+  (tmp_path / "t.txt").write_text("the cat sat on the mat " * 100)
+  result = _command("train", f"--text_path={tmp_path / 't.txt'}", f"--workdir={tmp_path / 'w'}",
+                    "--steps=4", "--lowercase", "--letters_only", *TINY)
+  assert result.returncode == 0, result.stderr[-3000:]
+  result = _command("generate", f"--workdir={tmp_path / 'w'}", "--prompt=The Cat, sat.",
+                    "--num_tokens=3")
+  assert result.returncode == 0 and "warning" not in result.stderr, result.stderr[-3000:]
+  assert result.stdout.startswith("the cat sat ")

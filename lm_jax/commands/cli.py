@@ -45,7 +45,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   def guarded(argv):
     try:
       return main(argv)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, app.UsageError) as e:
       fail(one_line(e))
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr, flush=True)

@@ -45,6 +45,11 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("give one or more text files to evaluate after the flags")
   logging.set_verbosity(logging.WARNING)
   args = flags.FLAGS
+  if args.batch_size < 0:
+    raise app.UsageError(f"--batch_size={args.batch_size} must be >= 0 (0: the run's)")
+  out = args.json_out or os.path.join(args.workdir, "evaluation.json")
+  if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+    raise app.UsageError(f"--json_out={out}: its directory does not exist")
   config, vocab, model, params = trainer.load_trained(args.workdir)
   rows = []
   for path in paths:
@@ -57,7 +62,6 @@ def main(argv: list[str]) -> None:
             "vocabulary and read as <unk> (perplexity is then optimistic)", file=sys.stderr)
     rows.append(row)
   print(format_table(rows))
-  out = args.json_out or os.path.join(args.workdir, "evaluation.json")
   with open(out, "w", encoding="utf-8") as f:
     json.dump({"workdir": args.workdir, "results": rows}, f, indent=1)
   print(f"wrote {out}")

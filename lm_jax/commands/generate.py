@@ -12,7 +12,6 @@ from absl import flags
 from absl import logging
 
 from lm_jax.commands import cli
-from lm_jax.data import text
 from lm_jax.models import generation
 from lm_jax.train import evaluation
 from lm_jax.train import trainer
@@ -32,11 +31,8 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax's INFO chatter off
   args = flags.FLAGS
   config, vocab, model, params = trainer.load_trained(args.workdir)
-  level = config.data.level if config.data.corpus == "text" else "word"
-  if config.data.corpus in ("timemachine", "tinyshakespeare"):
-    level = "char"
-  prompt = args.prompt.lower() if config.data.lowercase else args.prompt
-  prompt_tokens = text.tokenize(prompt, level) or ["<eos>"]
+  prompt_tokens, level = evaluation.prompt_tokens(config, args.prompt)
+  prompt_tokens = prompt_tokens or ["<eos>"]
   prompt_ids = vocab.to_ids(prompt_tokens)
   rate = evaluation.unk_rate(prompt_tokens, prompt_ids, vocab)
   if rate > 0:

@@ -411,6 +411,8 @@ def _data_problems(data: DataConfig) -> list[str]:
   if data.text_path and data.corpus != "text":
     problems.append(f"--text_path={data.text_path} selects the text corpus, but --corpus="
                     f"{data.corpus} names another: drop --corpus (or use --corpus=text)")
+  if data.level not in ("char", "word"):
+    problems.append(f"--level={data.level!r} must be char or word")
   if data.corpus == "text" and not data.text_path:
     problems.append("--corpus=text needs --text_path (your text file)")
   for name in ("valid_path", "test_path"):

@@ -16,25 +16,41 @@ from lm_jax.train.config import TrainConfig
 UNK_WARNING_RATE = 0.01
 
 
-def tokens_as_trained(config: TrainConfig, path: str | os.PathLike) -> list[str]:
-  """``path`` read and tokenized exactly as the run's corpus was (level, case, ``<eos>``).
+def reading_options(config: TrainConfig) -> dict[str, Any]:
+  """How the run's corpus read its text (``corpora.read_tokens`` keywords: level, ``<eos>``,
+  case, letters only), the presets' rules included (``corpora.load_corpus``).
 
-  Raises ``CorpusError`` for a model of the synthetic language (it reads no text) and for a
-  file that cannot be read."""
+  Raises ``CorpusError`` for a model of the synthetic language, which reads no text."""
   data = config.data
   if data.corpus == "synthetic":
     raise corpora.CorpusError(
         "this workdir's model was trained on the synthetic language (--corpus=synthetic), "
         "which has no text: train with --text_path (or ptb/wikitext2) to evaluate text files")
   if data.corpus in ("ptb", "wikitext2"):
-    return corpora.read_tokens(path, level="word", add_eos=True)
-  if data.corpus == "timemachine":  # the presets' reading (corpora.load_corpus)
-    return corpora.read_tokens(path, level="char", add_eos=False, lowercase=True,
-                               letters_only=True)
+    return dict(level="word", add_eos=True, lowercase=False, letters_only=False)
+  if data.corpus == "timemachine":
+    return dict(level="char", add_eos=False, lowercase=True, letters_only=True)
   if data.corpus == "tinyshakespeare":
-    return corpora.read_tokens(path, level="char", add_eos=False)
-  return corpora.read_tokens(path, level=data.level, add_eos=False, lowercase=data.lowercase,
-                             letters_only=data.letters_only)
+    return dict(level="char", add_eos=False, lowercase=False, letters_only=False)
+  return dict(level=data.level, add_eos=False, lowercase=data.lowercase,
+              letters_only=data.letters_only)
+
+
+def tokens_as_trained(config: TrainConfig, path: str | os.PathLike) -> list[str]:
+  """``path`` read and tokenized exactly as the run's corpus was (:func:`reading_options`)."""
+  return corpora.read_tokens(path, **reading_options(config))
+
+
+def prompt_tokens(config: TrainConfig, prompt: str) -> tuple[list[str], str]:
+  """``(tokens, level)``: a prompt tokenized as the training text was (no ``<eos>``
+  appended); the synthetic language's tokens (``s12``) are words."""
+  if config.data.corpus == "synthetic":
+    return text.tokenize(prompt, "word"), "word"
+  options = {**reading_options(config), "add_eos": False}
+  level = options.pop("level")
+  tokenizer = text.StreamTokenizer(level, **options)
+  tokenizer.feed(prompt)
+  return tokenizer.finish(), level
 
 
 def count_characters(path: str | os.PathLike) -> int:
@@ -58,7 +74,9 @@ def evaluate_text_file(config: TrainConfig, vocab: text.Vocab, model: Any, param
 
   Bits per character divide the summed bits by the file's characters, so models with other
   tokenizations of the same text compare (the first token, which is not predicted, is in
-  the characters but not in the bits: negligible for any real file).
+  the characters but not in the bits: negligible for any real file). They are per raw
+  character: a model that lower-cases or folds non-letters (``--letters_only``, the Time
+  Machine preset) models fewer distinct characters than the file holds.
   """
   tokens = tokens_as_trained(config, path)
   if len(tokens) < 2:

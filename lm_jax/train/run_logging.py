@@ -73,7 +73,9 @@ def check_or_save_vocab(workdir: str, vocab) -> None:
     if saved != vocab:
       raise CheckpointMismatchError(
           f"{path} (size {len(saved)}) differs from the vocabulary of this run's corpus "
-          f"(size {len(vocab)}); use a new --workdir or the original corpus flags")
+          f"(size {len(vocab)}); use a new --workdir or the original corpus flags (a "
+          "--text_path workdir trained before the 80/10/10 split, 2026-12-05, needs "
+          "--test_fraction=0)")
   else:
     vocab.save(path)
 
@@ -97,7 +99,7 @@ class MetricsWriter:
     self.kept: list[dict[str, Any]] = []
     self.tensorboard = TensorBoardWriter(
         os.path.join(os.path.dirname(path) or ".", "tensorboard"),
-        enabled=enabled and tensorboard)
+        enabled=enabled and tensorboard, resume_step=resume_step or None)
     if not enabled:
       return
     kept = []
@@ -129,8 +131,10 @@ class TensorBoardWriter:
   SCALARS = ("loss_nats", "perplexity", "bits_per_token", "bits_per_character", "lr",
              "grad_norm", "tokens_per_sec")
 
-  def __init__(self, logdir: str, *, enabled: bool = True):
+  def __init__(self, logdir: str, *, enabled: bool = True, resume_step: int | None = None):
     self.logdir, self.writer, self.summary_writer = logdir, None, None
+    # Resumed: events after the restored step are dropped, as metrics.jsonl's records are.
+    self.purge_step = None if resume_step is None else resume_step + 1
     if not enabled:
       return
     try:
@@ -145,7 +149,7 @@ class TensorBoardWriter:
     if self.summary_writer is None:
       return
     if self.writer is None:
-      self.writer = self.summary_writer(self.logdir)
+      self.writer = self.summary_writer(self.logdir, purge_step=self.purge_step)
     split, step = record.get("split", "train"), int(record.get("step", 0))
     for name in self.SCALARS:
       value = record.get(name)

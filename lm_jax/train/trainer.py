@@ -113,11 +113,12 @@ def check_data(config: TrainConfig, corpus: corpora.Corpus) -> int:
     steps_per_epoch = batching.num_batches(len(corpus.train), data.batch_size, data.bptt,
                                            data.batching)
   except ValueError as e:
-    raise ValueError(f"--batch_size={data.batch_size} and --bptt={data.bptt} are too "
-                     f"large for the train split of {corpus.name}: {e}") from None
+    raise FlagError([f"--batch_size={data.batch_size} and --bptt={data.bptt} are too "
+                     f"large for the train split of {corpus.name}: {e}"]) from None
   if len(corpus.valid) < 2:
-    raise ValueError(f"the valid split of {corpus.name} has {len(corpus.valid)} token(s); "
-                     "evaluation needs at least 2 (one target)")
+    raise FlagError([f"the valid split of {corpus.name} has {len(corpus.valid)} token(s); "
+                     "evaluation needs at least 2 (one target): a longer file or a larger "
+                     "--valid_fraction"])
   return steps_per_epoch
 
 
@@ -528,7 +529,10 @@ def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.Language
   if not os.path.exists(config_path):
     raise WorkdirError(f"{config_path} not found: is {workdir!r} a train_lm.py workdir?")
   with open(config_path) as f:
-    config = TrainConfig.from_flags(**json.load(f))
+    values = json.load(f)
+  if values.get("corpus") == "text":  # written before the 80/10/10 split: 90/10, no test
+    values.setdefault("test_fraction", 0.0)
+  config = TrainConfig.from_flags(**values)
   vocab = text.Vocab.load(os.path.join(workdir, "vocab.json"))
   counts = None
   counts_path = os.path.join(workdir, COUNTS_FILE)
