@@ -156,6 +156,11 @@ def read_tokens(path: str | os.PathLike, *, level: str = "word", add_eos: bool =
   return tokens
 
 
+def oov_count(tokens: list[str], ids: np.ndarray, vocab: text.Vocab) -> int:
+  """How many of ``tokens`` map to ``<unk>`` (``ids``) without being ``<unk>`` in the text."""
+  return int(np.count_nonzero(ids == vocab.unk_id)) - tokens.count("<unk>")
+
+
 def _encode(name: str, level: str, splits: Mapping[str, list[str] | None], *,
             vocab: text.Vocab | None = None, true_entropy_bits: float | None = None,
             **vocab_kwargs: Any) -> Corpus:
@@ -172,7 +177,7 @@ def _encode(name: str, level: str, splits: Mapping[str, list[str] | None], *,
       continue
     ids = vocab.to_ids(tokens)
     arrays[split] = ids
-    oov[split] = int(np.count_nonzero(ids == vocab.unk_id)) - tokens.count("<unk>")
+    oov[split] = oov_count(tokens, ids, vocab)
   return Corpus(name=name, vocab=vocab, train=arrays["train"], valid=arrays["valid"],
                 test=arrays.get("test"), level=level, true_entropy_bits=true_entropy_bits,
                 oov_counts=oov)

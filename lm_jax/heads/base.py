@@ -466,8 +466,7 @@ def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32,
                                               bias_V=params["bias_V"], where=where,
                                               implementation=implementation)
 
-  def log_prob(params, hidden_NxH, targets_N, *, tables=None):
-    return -loss(params, hidden_NxH, targets_N, tables=tables)
+  log_prob = log_prob_from_loss(loss)
 
   def log_probs(params, hidden_NxH, *, tables=None):
     del tables

@@ -23,7 +23,6 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import custom_batching
 
 from lm_jax.heads.base import _check_hidden
 from lm_jax.heads.base import log_prob_from_loss
@@ -32,6 +31,7 @@ from lm_jax.heads.base import RowSparse
 from lm_jax.heads.base import sample_by_walk
 from lm_jax.heads.base import with_target_contract
 from lm_jax.ops import platform
+from lm_jax.ops import predicates
 
 BINNINGS = ("mass", "sqrt", "equal")
 BACKWARDS = ("scan", "autodiff")
@@ -213,19 +213,6 @@ def _class_log_softmax_at(hidden_NxH, class_weight_CxH, class_bias_C, class_N, c
           - jnp.log(jnp.sum(jnp.exp(shifted_NxC), axis=-1)))
 
 
-@custom_batching.custom_vmap
-def _any_problem(valid):
-  """``valid`` (a bool scalar); under ``vmap`` one unbatched scalar, True when the item is
-  valid in any of the problems (so that ``lax.cond`` stays a conditional)."""
-  return valid
-
-
-@_any_problem.def_vmap
-def _any_problem_vmap(axis_size, in_batched, valid):
-  del axis_size
-  return (jnp.any(valid) if in_batched[0] else valid), False
-
-
 def _item_logits(weight_VxH, bias_V, hidden_KxH, start, mask_M, width, compute):
   """One item's window ``[M, H]`` (sliced in place) and its masked logits ``[M, K]``."""
   w_MxH = jax.lax.dynamic_slice_in_dim(weight_VxH, start, width, 0).astype(compute)
@@ -307,10 +294,10 @@ def _word_nll_bwd(width, residuals, g_N):
 
   def body(carry, x):
     # An empty item is skipped, the [V, H] carry untouched. The predicate stays unbatched
-    # under vmap (_any_problem): a batched one would make the cond a select of both
+    # under vmap (predicates.any_problem): a batched one would make the cond a select of both
     # branches' outputs, the whole [V, H] carry per item (2.8x B the temporaries of one
     # problem); an item empty in one problem but not another adds zeros there.
-    return jax.lax.cond(_any_problem(x[5][0]), add_item,
+    return jax.lax.cond(predicates.any_problem(x[5][0]), add_item,
                         lambda carry, x: (carry, no_grads(x)[2]), carry, x)
 
   zeros = (jnp.zeros(weight_VxH.shape, compute), jnp.zeros(bias_V.shape, compute))

@@ -56,11 +56,11 @@ from typing import NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import custom_batching
 from jax import lax
 
 from lm_jax.ops import labels as labels_lib
 from lm_jax.ops import platform
+from lm_jax.ops import predicates
 
 
 _TOKEN_CHUNK = 256
@@ -303,7 +303,7 @@ def _label_logits(hidden_NxH, weight_VxH, bias_V, labels_N, in_range_N, cap):
 
 
 def _in_range(labels_N, v):
-  return (labels_N >= 0) & (labels_N < v)
+  return labels_lib.in_range_int32(labels_N, v) >= 0
 
 
 def _loss(lse_N, zsum_N, hidden_NxH, weight_VxH, bias_V, labels_N, valid_N, opts):
@@ -416,27 +416,13 @@ def _per_token_fwd(tc, tv, opts, hidden_NxH, weight_VxH, bias_V, labels_N, valid
                   dbias_V, dhidden_NxH)
 
 
-def _is_one_number(g_N, used_N):
-  first = g_N[jnp.argmax(used_N)]
-  return jnp.all(jnp.where(used_N, g_N == first, True))
-
-
-@custom_batching.custom_vmap
 def _one_number(g_N, used_N):
-  """Whether ``g_N`` is one number on the ``used_N`` tokens (a bool scalar).
-
-  Under ``vmap`` it stays one unbatched scalar, True when every problem's cotangent is one
-  number: a ``lax.cond`` on a batched predicate would become a select that runs both
-  branches (the recomputing pass, and B copies of its ``[V, H]`` output) for every problem.
-  """
-  return _is_one_number(g_N, used_N)
-
-
-@_one_number.def_vmap
-def _one_number_vmap(axis_size, in_batched, g_N, used_N):
-  g_BxN, used_BxN = (x if batched else jnp.broadcast_to(x, (axis_size,) + x.shape)
-                     for x, batched in zip((g_N, used_N), in_batched))
-  return jnp.all(jax.vmap(_is_one_number)(g_BxN, used_BxN)), False
+  """Whether ``g_N`` is one number on the ``used_N`` tokens (a bool scalar); under ``vmap``
+  one unbatched scalar, True when every problem's is (:mod:`lm_jax.ops.predicates`), so the
+  backward's cond never runs the recomputing pass and B copies of its ``[V, H]`` output for
+  every problem."""
+  first = g_N[jnp.argmax(used_N)]
+  return predicates.every_problem(jnp.all(jnp.where(used_N, g_N == first, True)))
 
 
 def _per_token_bwd(tc, tv, opts, residuals, g_N):

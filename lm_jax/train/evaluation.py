@@ -61,8 +61,7 @@ def count_characters(path: str | os.PathLike) -> int:
 
 def unk_rate(tokens: list[str], ids, vocab: text.Vocab) -> float:
   """The share of ``tokens`` that map to ``<unk>`` without being ``<unk>`` in the text."""
-  unknown = int((ids == vocab.unk_id).sum()) - tokens.count("<unk>")
-  return unknown / max(len(tokens), 1)
+  return corpora.oov_count(tokens, ids, vocab) / max(len(tokens), 1)
 
 
 def evaluate_text_file(config: TrainConfig, vocab: text.Vocab, model: Any, params: Any,
