@@ -4,6 +4,9 @@ The unfused head computes ``hidden @ weight.T + bias`` and optax's integer-label
 cross-entropy; the "fused" row is ``lm_jax.heads.full_softmax``, which calls
 ``linear_softmax_cross_entropy`` when ``N * V > 2**24`` and otherwise materialises the
 logits and uses lm_jax's closed-form CE kernel. Same model, same batch, interleaved rounds.
+The "fused, bfloat16" row is the fused model under ``--dtype=bfloat16`` mixed precision
+(``make_language_model(dtype=jnp.bfloat16)``: float32 params, bfloat16 matmuls); on a CPU,
+XLA emulates bfloat16 arithmetic, so expect it slower there and faster on GPU/TPU.
 
   python experiments/bench_train_step.py                      # PTB sizes: 2x200 LSTM, V=10002
   python experiments/bench_train_step.py --cell=elman --layers=1 --bptt=35
@@ -55,7 +58,9 @@ def main(argv):
   models = {"fused": language_model.make_language_model(vocab_size=v, **kwargs),
             "unfused": language_model.make_language_model(vocab_size=v, head=unfused_head(v),
                                                           **kwargs),
-            "no head (V=2)": language_model.make_language_model(vocab_size=2, **kwargs)}
+            "no head (V=2)": language_model.make_language_model(vocab_size=2, **kwargs),
+            "fused, bfloat16": language_model.make_language_model(vocab_size=v, **kwargs,
+                                                                  dtype=jnp.bfloat16)}
   tokens = np.random.default_rng(0).integers(0, 2, size=(b, t + 1)).astype(np.int32)
   batch = {"inputs_BxT": jnp.asarray(tokens[:, :-1]), "targets_BxT": jnp.asarray(tokens[:, 1:]),
            "mask_BxT": jnp.ones((b, t), bool), "reset": jnp.asarray(False)}
@@ -74,9 +79,14 @@ def main(argv):
     rows.append({"model": name, "ms_per_step": ms, "tokens_per_sec": b * t / ms * 1e3})
   for row in rows:
     row["vs_unfused"] = row["ms_per_step"] / rows[1]["ms_per_step"]
-  print(f"B={b} T={t} H={_HIDDEN.value} layers={_LAYERS.value} cell={_CELL.value} V={v}")
-  benchmarking.print_table(rows, ["model", "ms_per_step", "tokens_per_sec", "vs_unfused"])
+    row["vs_fused_float32"] = row["ms_per_step"] / rows[0]["ms_per_step"]
+  facts = benchmarking.machine_facts()
+  print(f"B={b} T={t} H={_HIDDEN.value} layers={_LAYERS.value} cell={_CELL.value} V={v} "
+        f"on {facts.get('cpu_model', '?')} ({jax.default_backend()})")
+  benchmarking.print_table(rows, ["model", "ms_per_step", "tokens_per_sec", "vs_unfused",
+                                  "vs_fused_float32"])
   benchmarking.write_json(_JSON_OUT.value, {"benchmark": "bench_train_step", "rows": rows,
+                                            "machine": facts,
                                             "flags": {k: flags.FLAGS[k].value for k in (
                                                 "vocab_size", "hidden", "layers", "cell",
                                                 "batch_size", "bptt", "repeats")}})

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs lm_jax's checks on whatever accelerator JAX finds (GPU, TPU; the CPU otherwise) and
-# writes JSON: the test suite, bench_kernels.py and bench_heads.py, each under a time limit.
+# writes JSON: the test suite, bench_kernels.py, bench_heads.py and bench_train_step.py (float32
+# against --dtype=bfloat16 mixed precision), each under a time limit.
 #
 #   bash experiments/device_check.sh                 # everything, results in $OUT or results/device_check
 #   STAGES="kernels heads" bash experiments/device_check.sh
@@ -8,18 +9,18 @@
 #
 # Environment (all optional):
 #   OUT            output folder (default results/device_check)
-#   STAGES         which of "suite kernels heads" to run, in that order (default all three)
+#   STAGES         which of "suite kernels heads train_step" to run, in that order (default all)
 #   SUITE_ARGS     pytest arguments (default: the CI suite, -m "not slow")
-#   SUITE_LIMIT, KERNELS_LIMIT, HEADS_LIMIT   seconds each stage may run (240, 150, 180)
+#   SUITE_LIMIT, KERNELS_LIMIT, HEADS_LIMIT, STEP_LIMIT   seconds each stage may run (240, 150, 180, 90)
 #   KERNEL_SIZE    bench_kernels.py --size (default full: the sizes of record)
 #   HEAD_VOCABS    bench_heads.py --vocab_sizes (default 10000,100000)
 # Writes device.json (devices, jax and jaxlib versions, nvidia-smi), suite.xml (JUnit),
-# bench_kernels.json, bench_heads.json and .png, one log per stage, and summary.json (each
+# bench_kernels.json, bench_heads.json and .png, bench_train_step.json, one log per stage, and summary.json (each
 # stage's exit code and seconds; 124 means it ran out of its limit).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-results/device_check}"
-STAGES="${STAGES:-suite kernels heads}"
+STAGES="${STAGES:-suite kernels heads train_step}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -62,7 +63,11 @@ for stage in $STAGES; do
       run_stage heads "${HEADS_LIMIT:-180}" python3 experiments/bench_heads.py \
         --vocab_sizes="${HEAD_VOCABS:-10000,100000}" --repeats=3 \
         --json_out="$OUT/bench_heads.json" --plot_out="$OUT/bench_heads.png" ;;
-    *) echo "unknown stage $stage (expected suite, kernels, heads)"; exit 2 ;;
+    train_step)
+      run_stage train_step "${STEP_LIMIT:-90}" python3 experiments/bench_train_step.py \
+        --hidden=650 --batch_size=64 --bptt=35 --repeats=10 \
+        --json_out="$OUT/bench_train_step.json" ;;
+    *) echo "unknown stage $stage (expected suite, kernels, heads, train_step)"; exit 2 ;;
   esac
 done
 

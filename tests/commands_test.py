@@ -49,6 +49,8 @@ def trained(tmp_path_factory):
     (["--text_path=missing.txt"], ["missing.txt: cannot open corpus file"]),
     (["--valid_path=v.txt"], ["--valid_path needs --text_path"]),
     (["--hidden=0", "--dropout=2"], ["--hidden=0", "; ", "--dropout=2"]),  # problems joined
+    (["--text_path=my.txt", "--tokenizer=sentencepiece", "--level=word"],
+     ["--tokenizer='sentencepiece' is not one of"]),  # checked with the flags, before reading
 ])
 def test_train_errors_print_one_line_and_exit_2(tmp_path, args, fragments):
   _assert_one_line_error(_command("train", f"--workdir={tmp_path / 'w'}", *args,

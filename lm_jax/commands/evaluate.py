@@ -51,11 +51,13 @@ def main(argv: list[str]) -> None:
   if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
     raise app.UsageError(f"--json_out={out}: its directory does not exist")
   config, vocab, model, params = trainer.load_trained(args.workdir)
+  tokenizer = evaluation.load_tokenizer(args.workdir, config)
   rows = []
   for path in paths:
     if not os.path.isfile(path):
       raise corpora.CorpusError(f"{path}: no such file to evaluate")
     row = evaluation.evaluate_text_file(config, vocab, model, params, path,
+                                        tokenizer=tokenizer,
                                         batch_size=args.batch_size or None)
     if row["unk_rate"] > evaluation.UNK_WARNING_RATE:
       print(f"warning: {path}: {row['unk_rate']:.1%} of its tokens are not in the "

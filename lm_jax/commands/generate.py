@@ -31,7 +31,8 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # orbax's INFO chatter off
   args = flags.FLAGS
   config, vocab, model, params = trainer.load_trained(args.workdir)
-  prompt_tokens, level = evaluation.prompt_tokens(config, args.prompt)
+  tokenizer = evaluation.load_tokenizer(args.workdir, config)
+  prompt_tokens, detokenize = evaluation.prompt_tokens(config, tokenizer, args.prompt)
   prompt_tokens = prompt_tokens or ["<eos>"]
   prompt_ids = vocab.to_ids(prompt_tokens)
   rate = evaluation.unk_rate(prompt_tokens, prompt_ids, vocab)
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> None:
           "vocabulary and read as <unk>", file=sys.stderr)
   ids = generation.generate(model, params, prompt_ids, num_tokens=args.num_tokens,
                             key=jax.random.PRNGKey(args.seed), temperature=args.temperature)
-  print(generation.detokenize(prompt_tokens + vocab.to_tokens(ids), level))
+  print(detokenize(prompt_tokens + vocab.to_tokens(ids)))
 
 
 def run() -> None:

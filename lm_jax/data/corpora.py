@@ -23,19 +23,23 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import functools
 import hashlib
 import json
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from lm_jax.data import synthetic
 from lm_jax.data import text
+from lm_jax.data import tokenizers
 
 _CHUNK_BYTES = 1 << 20
 NAMES = ("synthetic", "ptb", "wikitext2", "text", "timemachine", "tinyshakespeare")
+# The tokenizer each of the older ``level`` values names.
+LEVEL_TOKENIZERS = {"char": "char", "word": "whitespace"}
+_NEXT_SPACE = re.compile(r"\s")
 
 
 class CorpusError(ValueError):
@@ -48,7 +52,11 @@ class Corpus:
 
   ``true_entropy_bits`` is the entropy rate of the source when known (synthetic);
   ``oov_counts`` maps each split to the number of its tokens mapped to ``<unk>``
-  because the vocabulary lacks them (a literal ``<unk>`` in the text is not counted).
+  because the vocabulary lacks them (a literal ``<unk>`` in the text is not counted);
+  ``characters`` maps each split to its characters (as the tokenizer read them: after
+  ``lowercase``/``letters_only``), the denominator of bits per character; absent for the
+  synthetic language. ``tokenizer``: the one that read a text corpus (``load_text``), to be
+  saved with a model; None for the word-level presets (PTB, WikiText-2) and synthetic.
   """
   name: str
   vocab: text.Vocab
@@ -58,6 +66,16 @@ class Corpus:
   level: str
   true_entropy_bits: float | None = None
   oov_counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  characters: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  tokenizer: tokenizers.TextTokenizer | None = None
+
+  def chars_per_token(self, split: str) -> float | None:
+    """Characters per token of ``split`` (bits per character = bits per token / this);
+    None when the corpus has no characters (synthetic)."""
+    ids = getattr(self, split)
+    if split not in self.characters or ids is None or not self.characters[split]:
+      return None
+    return self.characters[split] / len(ids)
 
   def __post_init__(self):
     for split in ("train", "valid", "test"):
@@ -105,28 +123,13 @@ def default_data_dir() -> str:
   return os.path.normpath(os.path.join(repo, "..", "shared", "data"))
 
 
-def read_tokens(path: str | os.PathLike, *, level: str = "word", add_eos: bool = True,
-                lowercase: bool = False, letters_only: bool = False,
-                chunk_bytes: int = _CHUNK_BYTES) -> list[str]:
-  """Reads a UTF-8 text file as tokens, streaming it in ``chunk_bytes`` binary chunks.
-
-  Args:
-    path: the file.
-    level: "word" or "char".
-    add_eos: end every line with ``<eos>`` (module docstring).
-    lowercase: lower-case the text.
-    letters_only: map runs of non-letters (not A-Z, a-z) to one space.
-    chunk_bytes: read size in bytes; memory use is bounded by it (plus the output).
-
-  Returns:
-    The tokens. Raises ``CorpusError`` naming the file when it is missing, empty, has
-    no tokens, or is not UTF-8 (then naming the byte offset of the first bad byte).
-  """
+def _pieces(path: str | os.PathLike, chunk_bytes: int = _CHUNK_BYTES) -> Iterator[str]:
+  """The text of a UTF-8 file, decoded in ``chunk_bytes`` binary chunks (a leading byte-order
+  mark dropped); ``CorpusError`` naming the file if it cannot be opened or is not UTF-8
+  (then with the byte offset of the first bad byte)."""
   path = os.fspath(path)
   if chunk_bytes < 1:
     raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
-  tokenizer = text.StreamTokenizer(level, add_eos=add_eos, lowercase=lowercase,
-                                    letters_only=letters_only)
   decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
   offset, at_start = 0, True
   try:
@@ -147,12 +150,48 @@ def read_tokens(path: str | os.PathLike, *, level: str = "word", add_eos: bool =
         if piece[0] == "\ufeff":
           piece = piece[1:]  # a byte-order mark is not text
       offset += len(chunk)
-      tokenizer.feed(piece)
+      if piece:
+        yield piece
       if not chunk:
-        break
+        return
+
+
+def read_text(path: str | os.PathLike, *, chunk_bytes: int = _CHUNK_BYTES) -> str:
+  """A whole UTF-8 file as one string (errors as :func:`read_tokens`)."""
+  return "".join(_pieces(path, chunk_bytes))
+
+
+def count_characters(path: str | os.PathLike) -> int:
+  """Unicode characters in a UTF-8 file (a byte-order mark not counted)."""
+  return sum(len(piece) for piece in _pieces(path))
+
+
+def read_tokens(path: str | os.PathLike, *, level: str = "word", add_eos: bool = True,
+                lowercase: bool = False, letters_only: bool = False,
+                chunk_bytes: int = _CHUNK_BYTES) -> list[str]:
+  """Reads a UTF-8 text file as tokens, streaming it in ``chunk_bytes`` binary chunks.
+
+  Args:
+    path: the file.
+    level: "word" or "char".
+    add_eos: end every line with ``<eos>`` (module docstring).
+    lowercase: lower-case the text.
+    letters_only: map runs of non-letters (not A-Z, a-z) to one space.
+    chunk_bytes: read size in bytes; memory use is bounded by it (plus the output).
+
+  Returns:
+    The tokens. Raises ``CorpusError`` naming the file when it is missing, empty, has
+    no tokens, or is not UTF-8 (then naming the byte offset of the first bad byte).
+  """
+  tokenizer = text.StreamTokenizer(level, add_eos=add_eos, lowercase=lowercase,
+                                    letters_only=letters_only)
+  empty = True
+  for piece in _pieces(path, chunk_bytes):
+    empty = False
+    tokenizer.feed(piece)
   tokens = tokenizer.finish()
   if not tokens:
-    raise CorpusError(f"{path}: no tokens ({'empty file' if offset == 0 else 'only blanks'})")
+    raise CorpusError(f"{os.fspath(path)}: no tokens ({'empty file' if empty else 'only blanks'})")
   return tokens
 
 
@@ -163,7 +202,8 @@ def oov_count(tokens: list[str], ids: np.ndarray, vocab: text.Vocab) -> int:
 
 def _encode(name: str, level: str, splits: Mapping[str, list[str] | None], *,
             vocab: text.Vocab | None = None, true_entropy_bits: float | None = None,
-            **vocab_kwargs: Any) -> Corpus:
+            characters: Mapping[str, int] | None = None,
+            tokenizer: tokenizers.TextTokenizer | None = None, **vocab_kwargs: Any) -> Corpus:
   """Builds the vocabulary from ``splits["train"]`` and maps every split to ids."""
   for split, tokens in splits.items():
     if tokens is not None and not tokens:
@@ -180,15 +220,17 @@ def _encode(name: str, level: str, splits: Mapping[str, list[str] | None], *,
     oov[split] = oov_count(tokens, ids, vocab)
   return Corpus(name=name, vocab=vocab, train=arrays["train"], valid=arrays["valid"],
                 test=arrays.get("test"), level=level, true_entropy_bits=true_entropy_bits,
-                oov_counts=oov)
+                oov_counts=oov, characters=dict(characters or {}), tokenizer=tokenizer)
 
 
 def _split_files(name: str, data_dir: str | None, files: tuple[str, str, str],
                  **vocab_kwargs: Any) -> Corpus:
   data_dir = default_data_dir() if data_dir is None else os.fspath(data_dir)
-  splits = {split: read_tokens(os.path.join(data_dir, f), level="word", add_eos=True)
-            for split, f in zip(("train", "valid", "test"), files)}
-  return _encode(name, "word", splits, **vocab_kwargs)
+  paths = {split: os.path.join(data_dir, f) for split, f in zip(("train", "valid", "test"), files)}
+  splits = {split: read_tokens(p, level="word", add_eos=True) for split, p in paths.items()}
+  return _encode(name, "word", splits,
+                 characters={split: count_characters(p) for split, p in paths.items()},
+                 **vocab_kwargs)
 
 
 def load_ptb(data_dir: str | os.PathLike | None = None, **vocab_kwargs: Any) -> Corpus:
@@ -215,42 +257,106 @@ def load_wikitext2(data_dir: str | os.PathLike | None = None, **vocab_kwargs: An
                       **vocab_kwargs)
 
 
-def load_text(path: str | os.PathLike, *, level: str = "char", valid_fraction: float = 0.1,
+def _word_boundary(text_: str, cut: int) -> int:
+  """``cut`` moved forward to the next whitespace, so no word is cut in two."""
+  found = _NEXT_SPACE.search(text_, cut)
+  return found.start() if found else cut
+
+
+def _text_vocab(tokenizer: tokenizers.TextTokenizer, train: list[str],
+                vocab_kwargs: dict[str, Any]) -> text.Vocab:
+  """The training split's vocabulary; for BPE every token of the model (count 0 allowed),
+  so that no UTF-8 text ever reads as ``<unk>``."""
+  if tokenizer.name != "bpe":
+    return text.Vocab.build(train, **vocab_kwargs)
+  if set(vocab_kwargs) & {"min_freq", "max_size"}:
+    raise CorpusError("min_freq / max_size do not apply to the BPE tokenizer: its size is "
+                      "bpe_vocab_size")
+  counts = dict.fromkeys(tokenizers.bpe_alphabet(tokenizer), 0)
+  for tok in train:
+    counts[tok] = counts.get(tok, 0) + 1
+  return text.Vocab.from_counts(counts, min_freq=0, **vocab_kwargs)
+
+
+def load_text(path: str | os.PathLike, *,
+              tokenizer: str | tokenizers.TextTokenizer | None = None,
+              level: str | None = None, valid_fraction: float = 0.1,
               test_fraction: float = 0.0, lowercase: bool = False, letters_only: bool = False,
-              add_eos: bool = False, name: str | None = None, max_tokens: int = 0,
+              name: str | None = None, max_tokens: int = 0,
               valid_path: str | os.PathLike | None = None,
-              test_path: str | os.PathLike | None = None, **vocab_kwargs: Any) -> Corpus:
+              test_path: str | os.PathLike | None = None, bpe_vocab_size: int = 1024,
+              **vocab_kwargs: Any) -> Corpus:
   """A plain text file, split contiguously: train first, then valid, then test.
 
-  Split sizes are ``round(n * fraction)`` tokens; ``test_fraction=0`` gives
-  ``test=None``. ``valid_path`` / ``test_path`` give those splits as files of their own (read
-  the same way; the fraction of that split is then not taken from ``path``). The
-  vocabulary comes from the training split only. The Time Machine in D2L's setting is
-  ``load_text(path, level="char", lowercase=True, letters_only=True)``; D2L (0.17)
-  also keeps only the first ``max_tokens=10000`` characters (of ``path``).
+  The (cleaned: ``lowercase``, ``letters_only``) text is cut by characters, ``round(n *
+  fraction)`` of them for valid and test; for the word and BPE tokenizers each cut moves on
+  to the next whitespace. ``test_fraction=0`` gives ``test=None``. ``valid_path`` /
+  ``test_path`` give those splits as files of their own (read the same way; the fraction of
+  that split is then not taken from ``path``). Each split is then tokenized by
+  ``tokenizer`` (a name of ``tokenizers.TOKENIZERS``, default "char", or a
+  ``TextTokenizer``; ``level`` "char"/"word" is the older name of "char"/"whitespace");
+  "bpe" learns a byte-level BPE of ``bpe_vocab_size`` tokens on the training split. The
+  vocabulary comes from the training split only (``vocab_kwargs``: ``min_freq``,
+  ``max_size``; not for BPE). The Time Machine in D2L's setting is ``load_text(path,
+  tokenizer="char", lowercase=True, letters_only=True)``; D2L (0.17) also keeps only the
+  first ``max_tokens=10000`` characters (char tokenizer only).
   """
+  if level is not None:
+    if level not in LEVEL_TOKENIZERS or tokenizer is not None:
+      raise CorpusError(f"level={level!r}: give tokenizer= (one of {tokenizers.TOKENIZERS}) "
+                        "or level= char|word, not both")
+    tokenizer = LEVEL_TOKENIZERS[level]
+  if not isinstance(tokenizer, tokenizers.TextTokenizer):
+    tokenizer = tokenizer or "char"
+    if tokenizer not in tokenizers.TOKENIZERS:
+      raise CorpusError(f"tokenizer={tokenizer!r} is not one of {tokenizers.TOKENIZERS}")
+    if tokenizer == "bpe":
+      clean = tokenizers.TextTokenizer("char", lowercase=lowercase, letters_only=letters_only)
+    else:
+      tokenizer = clean = tokenizers.TextTokenizer(tokenizer, lowercase=lowercase,
+                                                   letters_only=letters_only)
+  else:
+    clean = tokenizer
   if max_tokens < 0:
     raise CorpusError(f"max_tokens must be >= 0 (0: all), got {max_tokens}")
+  if max_tokens and clean.name != "char":
+    raise CorpusError(f"max_tokens={max_tokens} applies to the char tokenizer only (it "
+                      "counts characters)")
   valid_fraction = 0.0 if valid_path else valid_fraction
   test_fraction = 0.0 if test_path else test_fraction
   if not ((valid_path or 0.0 < valid_fraction < 1.0) and 0.0 <= test_fraction < 1.0
           and valid_fraction + test_fraction < 1.0):
     raise CorpusError(f"need 0 < valid_fraction < 1, 0 <= test_fraction < 1 and their sum "
                       f"< 1, got {valid_fraction} and {test_fraction}")
-  read = functools.partial(read_tokens, level=level, add_eos=add_eos, lowercase=lowercase,
-                           letters_only=letters_only)
-  tokens = read(path)
+  whole = clean.clean(read_text(path))
   if max_tokens:
-    tokens = tokens[:max_tokens]
-  n = len(tokens)
-  n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
-  n_train = n - n_valid - n_test
-  splits = {"train": tokens[:n_train],
-            "valid": read(valid_path) if valid_path else tokens[n_train:n_train + n_valid],
-            "test": (read(test_path) if test_path
-                     else tokens[n_train + n_valid:] if test_fraction > 0 else None)}
+    whole = whole[:max_tokens]
+  n = len(whole)
+  a = n - round(n * valid_fraction) - round(n * test_fraction)
+  b = a + round(n * valid_fraction)
+  if clean.name != "char":
+    a = _word_boundary(whole, a)
+    b = max(a, _word_boundary(whole, b))
+  texts = {"train": whole[:a],
+           "valid": clean.clean(read_text(valid_path)) if valid_path else whole[a:b],
+           "test": (clean.clean(read_text(test_path)) if test_path
+                    else whole[b:] if test_fraction > 0 else None)}
+  del whole
+  if tokenizer == "bpe":
+    tokenizer = tokenizers.train_bpe([texts["train"]], bpe_vocab_size, lowercase=lowercase,
+                                     letters_only=letters_only)
+  splits = {split: None if t is None else tokenizer.tokenize(t, cleaned=True)
+            for split, t in texts.items()}
+  for split, tokens in splits.items():
+    if tokens is not None and not tokens:
+      where = {"valid": valid_path, "test": test_path}.get(split) or path
+      raise CorpusError(f"{os.fspath(where)}: split {split!r} has no tokens (a longer file, "
+                        "or larger fractions)")
   name = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
-  return _encode(name, level, splits, **vocab_kwargs)
+  return _encode(name, "char" if tokenizer.name == "char" else "word", splits,
+                 vocab=_text_vocab(tokenizer, splits["train"], vocab_kwargs),
+                 characters={k: len(t) for k, t in texts.items() if t is not None},
+                 tokenizer=tokenizer)
 
 
 def load_synthetic(*, seed: int = 0, vocab_size: int = synthetic.DEFAULT_VOCAB_SIZE,

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lm_jax.ops import fused
+from lm_jax.ops import precision
 
 
 def _cluster_items(in_cluster_N, tokens_per_item):
@@ -221,6 +222,6 @@ def _cluster_nll_dense(proj_RxH, weight_WxR, hidden_NxH, relative_N, in_cluster_
   logits). ``O(N R (H + W))`` work for all ``N`` tokens, against the scan's tokens of the
   cluster only: cheap while ``R`` is small, and no loop over items."""
   compute = jnp.result_type(jnp.float32, hidden_NxH, proj_RxH)
-  z_NxR = jnp.matmul(hidden_NxH, proj_RxH.T, preferred_element_type=compute)
+  z_NxR = precision.matmul(hidden_NxH.astype(compute), proj_RxH.astype(compute).T)
   return fused.linear_softmax_cross_entropy(z_NxR, weight_WxR.astype(compute), relative_N,
                                             where=in_cluster_N, implementation="accelerator")

@@ -44,6 +44,7 @@ from lm_jax.ops import fused
 from lm_jax.ops import labels as labels_lib
 from lm_jax.ops import losses
 from lm_jax.ops import platform
+from lm_jax.ops import precision
 
 # Up to this many logits (64 MiB in float32) the full-softmax head materialises them.
 _UNFUSED_MAX_LOGITS = 2**24
@@ -459,7 +460,7 @@ def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32,
       # Small [N, V] (e.g. PTB: 400 x 10002): one matmul and the closed-form CE kernel are
       # faster than chunk streaming (a PTB train step 94 vs 70 ms, bench_train_step.py).
       dtype = _loss_dtype(hidden_NxH, params["weight_VxH"])  # bf16 in, float32 logits
-      logits_NxV = (jnp.matmul(hidden_NxH, params["weight_VxH"].T, preferred_element_type=dtype)
+      logits_NxV = (precision.matmul(hidden_NxH, params["weight_VxH"].T)
                     + params["bias_V"].astype(dtype))
       return losses.softmax_cross_entropy_with_integer_labels(logits_NxV, targets_N, where=where)
     return fused.linear_softmax_cross_entropy(hidden_NxH, params["weight_VxH"], targets_N,
@@ -472,7 +473,7 @@ def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32,
     del tables
     hidden_NxH, _ = _check_hidden(hidden_NxH)
     dtype = jnp.result_type(jnp.float32, hidden_NxH, params["weight_VxH"])
-    logits_NxV = jnp.matmul(hidden_NxH, params["weight_VxH"].T, preferred_element_type=dtype)
+    logits_NxV = precision.matmul(hidden_NxH, params["weight_VxH"].T)
     return jax.nn.log_softmax(logits_NxV + params["bias_V"].astype(dtype), axis=-1)
 
   def sample(params, hidden_NxH, key, *, temperature=1.0, tables=None):

@@ -27,6 +27,7 @@ from lm_jax.heads import base
 from lm_jax.ops import fused
 from lm_jax.ops import losses
 from lm_jax.ops import platform
+from lm_jax.ops import precision
 
 
 def parse_bands(spec: str) -> tuple[tuple[int, int], ...]:
@@ -106,7 +107,7 @@ def _rank_logits(params, hidden_NxH, tables):
                      f"shape {hidden_NxH.shape}")
   ctype = jnp.result_type(jnp.float32, hidden_NxH, *band_weights)
   offsets = np.cumsum((0,) + band_dims)
-  logits = [jnp.matmul(hidden_NxH[:, start:stop], w.T, preferred_element_type=ctype)
+  logits = [precision.matmul(hidden_NxH[:, start:stop], w.T)
             for start, stop, w in zip(offsets[:-1], offsets[1:], band_weights)]
   return (jnp.concatenate(logits, axis=-1)
           + params["bias_V"].astype(ctype)[tables["id_of_rank_V"]])

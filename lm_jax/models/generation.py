@@ -52,8 +52,3 @@ def _generate(model, params, prompt_1xT, key, num_tokens, temperature):
 
   _, tokens = lax.scan(step, (hidden_1xTxH[:, -1], state), jax.random.split(key, num_tokens))
   return tokens
-
-
-def detokenize(tokens: list[str], level: str) -> str:
-  joined = "".join(tokens) if level == "char" else " ".join(tokens)
-  return joined.replace(" <eos> ", "\n").replace("<eos>", "\n")

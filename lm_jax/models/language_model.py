@@ -91,7 +91,8 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                         dropout: float = 0.0, init_scale: float = 0.1,
                         head: Optional[heads_lib.OutputHead] = None,
                         tie_weights: bool = False,
-                        variational_dropout: bool = False) -> LanguageModel:
+                        variational_dropout: bool = False,
+                        dtype: Any = None) -> LanguageModel:
   r"""Builds an embedding + ``num_layers`` x ``cell`` + ``head`` language model.
 
   Params are ``{"embed_VxE", "layers": [cell params, ...], "head": head params}``, all
@@ -121,6 +122,12 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
       time step (:func:`inverted_dropout` with ``broadcast_dims=(1,)``; Gal and Ghahramani
       2016, Merity et al. 2018) instead of afresh per token. It draws ``T`` times fewer
       random numbers, which on CPU is most of dropout's cost.
+    dtype: the compute dtype; None (default) computes in the params' dtype. ``bfloat16``
+      is mixed precision: every call casts the floating params to it (their gradients
+      come back in float32), so the embedding output, the layers' inputs and outputs and
+      every matmul run in bfloat16 with float32 accumulation, while the params, the
+      optimizer state, the recurrent carry, the nonlinearities and the losses (the heads
+      reduce in float32) stay float32.
 
   Returns:
     A :class:`LanguageModel`.
@@ -145,6 +152,13 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
   if tie_weights and embed_size != hidden_size:
     raise ValueError(f"tie_weights needs embed_size == hidden_size, got {embed_size} and "
                      f"{hidden_size}")
+
+  def _compute(tree):
+    """``tree``'s floating leaves in the compute dtype (a no-op without ``dtype``)."""
+    if dtype is None:
+      return tree
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
   def init(key):
     k_embed, k_head, *k_layers = jax.random.split(key, num_layers + 2)
@@ -180,12 +194,12 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
   def _stack(params, emb_BxTxE, state, mask_BxT, keys, row_ids_B=None):
     if len(state) != num_layers:
       raise ValueError(f"state has {len(state)} layer carries, expected num_layers={num_layers}")
-    x_BxTxF = inverted_dropout(emb_BxTxE, rate, keys[0], row_ids=row_ids_B,
+    x_BxTxF = inverted_dropout(_compute(emb_BxTxE), rate, keys[0], row_ids=row_ids_B,
                                broadcast_dims=dropout_dims)
     new_state = []
     for layer_params, carry, key in zip(params["layers"], state, keys[1:num_layers + 1]):
-      x_BxTxF, carry = rnn.scan_layer(cell, layer_params, x_BxTxF, carry, mask_BxT)
-      x_BxTxF = inverted_dropout(x_BxTxF, rate, key, row_ids=row_ids_B,
+      x_BxTxF, carry = rnn.scan_layer(cell, _compute(layer_params), x_BxTxF, carry, mask_BxT)
+      x_BxTxF = inverted_dropout(_compute(x_BxTxF), rate, key, row_ids=row_ids_B,
                                  broadcast_dims=dropout_dims)
       new_state.append(carry)
     return x_BxTxF, tuple(new_state)
@@ -216,7 +230,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                                      row_ids_B)
     batch, steps, width = hidden_BxTxH.shape
     where_N = None if mask_BxT is None else jnp.asarray(mask_BxT, bool).reshape(batch * steps)
-    loss_N = head.loss(_head_params(params), hidden_BxTxH.reshape(batch * steps, width),
+    loss_N = head.loss(_compute(_head_params(params)), hidden_BxTxH.reshape(batch * steps, width),
                        targets_BxT.reshape(batch * steps), key=keys[-1], where=where_N,
                        **_tables(tables))
     return loss_N.reshape(batch, steps), new_state
@@ -225,7 +239,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
     targets_BxT = jnp.asarray(targets_BxT)
     hidden_BxTxH, new_state = hidden(params, inputs_BxT, state, mask_BxT=mask_BxT)
     batch, steps, width = hidden_BxTxH.shape
-    logp_N = head.log_prob(_head_params(params), hidden_BxTxH.reshape(batch * steps, width),
+    logp_N = head.log_prob(_compute(_head_params(params)), hidden_BxTxH.reshape(batch * steps, width),
                            targets_BxT.reshape(batch * steps), **_tables(tables))
     nll_BxT = -logp_N.reshape(batch, steps)
     if mask_BxT is not None:
@@ -233,8 +247,8 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
     return nll_BxT, new_state
 
   def log_probs(params, hidden_xH, *, tables=None):
-    hidden_xH = jnp.asarray(hidden_xH)
-    logp_NxV = head.log_probs(_head_params(params), hidden_xH.reshape(-1, hidden_xH.shape[-1]),
+    hidden_xH = _compute(jnp.asarray(hidden_xH))
+    logp_NxV = head.log_probs(_compute(_head_params(params)), hidden_xH.reshape(-1, hidden_xH.shape[-1]),
                               **_tables(tables))
     return logp_NxV.reshape(*hidden_xH.shape[:-1], logp_NxV.shape[-1])
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lm_jax.ops import precision
+
 Params = dict
 Carry = Any
 
@@ -61,8 +63,18 @@ def _input_projection(params, x_xE):
 def _recurrent(params, h_BxH, proj_BxG):
   """Returns ``proj + h W_hh`` in the compute dtype (float32, or float64 under x64)."""
   dtype = jnp.result_type(jnp.float32, h_BxH, proj_BxG, params["W_hh_HxG"])
-  rec_BxG = jnp.matmul(h_BxH, params["W_hh_HxG"], preferred_element_type=dtype)
+  rec_BxG = _recurrent_matmul(params, h_BxH, dtype)
   return jnp.asarray(proj_BxG, dtype) + rec_BxG
+
+
+def _recurrent_matmul(params, h_BxH, dtype):
+  """``h W_hh`` in ``dtype`` (float32 or wider). A carry wider than ``W_hh`` is cast to its
+  dtype first, so a bfloat16 ``W_hh`` (mixed precision) makes bfloat16 matmuls, forward and
+  backward (``precision.matmul``), even with a float32 carry."""
+  w_HxG = params["W_hh_HxG"]
+  if jnp.finfo(w_HxG.dtype).bits < jnp.finfo(h_BxH.dtype).bits:
+    h_BxH = h_BxH.astype(w_HxG.dtype)
+  return precision.matmul(h_BxH, w_HxG).astype(dtype)
 
 
 def _zeros(batch_size, hidden_size, dtype=jnp.float32):
@@ -135,7 +147,7 @@ def gru_cell() -> Cell:
 
   def step(params, h_BxH, proj_BxG):
     dtype = jnp.result_type(jnp.float32, h_BxH, proj_BxG, params["W_hh_HxG"])
-    rec_BxG = jnp.matmul(h_BxH, params["W_hh_HxG"], preferred_element_type=dtype)
+    rec_BxG = _recurrent_matmul(params, h_BxH, dtype)
     x_r, x_z, x_n = jnp.split(jnp.asarray(proj_BxG, dtype), 3, axis=-1)
     h_r, h_z, h_n = jnp.split(rec_BxG, 3, axis=-1)
     r = jax.nn.sigmoid(x_r + h_r)

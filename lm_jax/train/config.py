@@ -10,12 +10,15 @@ flat ``{flag: value}`` form that ``config.json`` keeps (older workdirs' files re
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from typing import Any
 
 from lm_jax import heads
 from lm_jax.data import batching
 from lm_jax.data import corpora
+from lm_jax.data import text
+from lm_jax.data import tokenizers
 from lm_jax.models import rnn
 from lm_jax.train import optimizers
 from lm_jax.train import parallel
@@ -35,18 +38,23 @@ HEAD_OPTION_FLAGS = {"num_classes": "head_classes", "binning": "head_binning",
 HEAD_OPTION_FIELDS = {head: {option: HEAD_OPTION_FLAGS[option] for option in options
                              if option != "implementation"}
                       for head, options in heads.HEAD_OPTIONS.items()}
+DTYPES = ("float32", "bfloat16")  # --dtype: the compute dtype (params stay float32)
 # Fingerprint entries of checkpoints written before these keys existed.
-FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}, "tie_weights": False}
+FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}, "tie_weights": False,
+                        "max_vocab": 0, "min_count": 1, "bpe_vocab_size": 1024,
+                        "dtype": "float32"}
 # The flags a resume must keep (model_fingerprint), besides head and data options.
 FINGERPRINT_FLAGS = (
     "corpus", "batch_size", "bptt", "batching", "eval_batch_size",
     "cell", "layers", "hidden", "embed", "dropout", "variational_dropout", "tie_weights",
     "init_scale", "head",
     "optimizer", "lr", "lr_schedule", "lr_decay_start", "lr_decay_factor", "clip",
-    "weight_decay", "grad_reduction", "seed")
+    "weight_decay", "grad_reduction", "seed", "dtype")
 # The data flags each corpus's loader reads (Trainer's load_corpus), fingerprinted with it.
-DATA_OPTION_FIELDS = {"text": ("level", "lowercase", "letters_only", "text_max_tokens",
-                               "valid_fraction", "test_fraction"),
+# ``level`` and ``tokenizer`` enter resolved (DataConfig.text_tokenizer).
+DATA_OPTION_FIELDS = {"text": ("level", "tokenizer", "lowercase", "letters_only",
+                               "text_max_tokens", "valid_fraction", "test_fraction",
+                               "max_vocab", "min_count", "bpe_vocab_size"),
                       "synthetic": ("synthetic_vocab_size", "synthetic_train_tokens")}
 
 
@@ -89,7 +97,24 @@ class DataConfig:
   test_fraction: float = flag(
       0.1, 'with --text_path and no --test_path: the share of the file held out for test '
       '(its end); 0: no test split')
-  level: str = flag("char", 'char or word, for --corpus=text')
+  tokenizer: str | None = flag(
+      None,
+      'with --text_path: char (default), whitespace (str.split), words (punctuation-aware '
+      'words, <eos> per line) or bpe (byte-level BPE learned on the training split, never '
+      "<unk>; pip install 'lm_jax[tokenizers]'). Saved in the workdir: lm-jax-evaluate and "
+      'lm-jax-generate read text the same way')
+  level: str | None = flag(
+      None, 'the older name of --tokenizer: char = --tokenizer=char, word = '
+      '--tokenizer=whitespace')
+  max_vocab: int = flag(
+      0, 'with --text_path, not bpe: keep this many token types at most, the 4 reserved '
+      '(<unk> <pad> <bos> <eos>) included; rarer tokens read as <unk> (0: no cap)')
+  min_count: int = flag(
+      1, 'with --text_path, not bpe: tokens seen fewer times in the training split read as '
+      '<unk>')
+  bpe_vocab_size: int = flag(
+      1024, '--tokenizer=bpe: BPE tokens including the 256 bytes (the model has 4 more: '
+      'the reserved tokens)')
   lowercase: bool = flag(False, 'lower-case the text (--corpus=text)')
   letters_only: bool = flag(
       False,
@@ -118,6 +143,10 @@ class DataConfig:
     if self.corpus is None:
       self.corpus = "text" if self.text_path else "synthetic"
 
+  def text_tokenizer(self) -> str:
+    """The tokenizer of a text corpus: --tokenizer, else --level's, else char."""
+    return self.tokenizer or corpora.LEVEL_TOKENIZERS.get(self.level or "char", "char")
+
 
 @dataclasses.dataclass
 class ModelConfig:
@@ -140,6 +169,13 @@ class ModelConfig:
       'share the embedding matrix with the output layer (needs --embed == --hidden and '
       'a head with a [V, H] weight: full, nce, neg, sampled)')
   init_scale: float = flag(0.1, 'parameters start uniform in [-init_scale, init_scale]')
+  dtype: str = flag(
+      "float32",
+      'compute dtype: float32, or bfloat16 for mixed precision (embeddings, activations and '
+      'matmuls, forward and backward, in bfloat16 with float32 accumulation; params, '
+      'optimizer state, the recurrent carry and the losses in float32; the class, classtree, '
+      'hsm, nce, neg, sampled and adaptive heads compute from the bfloat16 hidden state in '
+      'float32). Faster on GPU/TPU; on CPU XLA emulates bfloat16 (slower)')
   head: str = flag(
       "full",
       'output layer: full, class, hsm, dsoftmax, nce, neg, sampled, adaptive or classtree')
@@ -398,6 +434,8 @@ class TrainConfig:
     if model.tie_weights and model.head in ("class", "hsm", "dsoftmax", "adaptive", "classtree"):
       problems.append(f"--tie_weights needs a head with a [V, H] output matrix, not "
                       f"--head={model.head}")
+    if model.dtype not in DTYPES:
+      problems.append(f"--dtype={model.dtype!r} is not one of {DTYPES}")
     if opt.lr <= 0:
       problems.append(f"--lr={opt.lr} must be positive")
     if opt.clip < 0:
@@ -411,8 +449,7 @@ def _data_problems(data: DataConfig) -> list[str]:
   if data.text_path and data.corpus != "text":
     problems.append(f"--text_path={data.text_path} selects the text corpus, but --corpus="
                     f"{data.corpus} names another: drop --corpus (or use --corpus=text)")
-  if data.level not in ("char", "word"):
-    problems.append(f"--level={data.level!r} must be char or word")
+  problems += _tokenizer_problems(data)
   if data.corpus == "text" and not data.text_path:
     problems.append("--corpus=text needs --text_path (your text file)")
   for name in ("valid_path", "test_path"):
@@ -427,6 +464,51 @@ def _data_problems(data: DataConfig) -> list[str]:
   if valid + test >= 1.0:
     problems.append(f"--valid_fraction={data.valid_fraction} and --test_fraction="
                     f"{data.test_fraction} leave no training text (their sum must be < 1)")
+  return problems
+
+
+def _tokenizer_problems(data: DataConfig) -> list[str]:
+  problems = []
+  defaults = DataConfig()
+  if data.level is not None and data.level not in corpora.LEVEL_TOKENIZERS:
+    problems.append(f"--level={data.level!r} must be char or word (or use --tokenizer="
+                    f"{'|'.join(tokenizers.TOKENIZERS)})")
+  if data.tokenizer is not None and data.tokenizer not in tokenizers.TOKENIZERS:
+    problems.append(f"--tokenizer={data.tokenizer!r} is not one of {tokenizers.TOKENIZERS}")
+  if (data.level in corpora.LEVEL_TOKENIZERS and data.tokenizer is not None
+      and corpora.LEVEL_TOKENIZERS[data.level] != data.tokenizer):
+    problems.append(f"--level={data.level} and --tokenizer={data.tokenizer} disagree: drop "
+                    "--level (--tokenizer replaces it)")
+  changed = [f"--{name}={getattr(data, name)}" for name in
+             ("tokenizer", "level", "max_vocab", "min_count", "bpe_vocab_size",
+              "text_max_tokens") if getattr(data, name) != getattr(defaults, name)]
+  if data.corpus != "text":
+    if changed:
+      problems.append(f"{', '.join(changed)}: only for your own text (--text_path); "
+                      f"--corpus={data.corpus} has its own tokenization")
+    return problems
+  name = data.text_tokenizer()
+  if data.max_vocab < 0 or 0 < data.max_vocab <= len(text.RESERVED_TOKENS):
+    problems.append(f"--max_vocab={data.max_vocab} must be 0 (no cap) or more than the "
+                    f"{len(text.RESERVED_TOKENS)} reserved tokens")
+  if data.min_count < 1:
+    problems.append(f"--min_count={data.min_count} must be >= 1")
+  if name == "bpe":
+    for flag_name in ("max_vocab", "min_count"):
+      if getattr(data, flag_name) != getattr(defaults, flag_name):
+        problems.append(f"--{flag_name} does not apply to --tokenizer=bpe (every UTF-8 text "
+                        "encodes; set its size with --bpe_vocab_size)")
+    if data.bpe_vocab_size < 256:
+      problems.append(f"--bpe_vocab_size={data.bpe_vocab_size} must be >= 256 (the bytes)")
+    if importlib.util.find_spec("tokenizers") is None:
+      problems.append(f"--tokenizer=bpe needs HF tokenizers: {tokenizers.INSTALL_HINT}")
+  elif data.bpe_vocab_size != defaults.bpe_vocab_size:
+    problems.append(f"--bpe_vocab_size has no effect with --tokenizer={name} (only bpe)")
+  if data.text_max_tokens and name != "char":
+    problems.append(f"--text_max_tokens counts characters: it needs --tokenizer=char, not "
+                    f"{name}")
+  if data.text_max_tokens < 0:
+    problems.append(f"--text_max_tokens={data.text_max_tokens} must be >= 0 (0: all)")
   return problems
 
 
@@ -454,6 +536,9 @@ def model_fingerprint(config: TrainConfig, vocab_size: int, *,
   fingerprint = {"vocab_size": vocab_size, "head_options": config.head_options(),
                  **{k: flags[k] for k in FINGERPRINT_FLAGS},
                  **{k: flags[k] for k in DATA_OPTION_FIELDS.get(config.data.corpus, ())}}
+  if config.data.corpus == "text":  # resolved: --level=word and --tokenizer=whitespace agree
+    fingerprint["tokenizer"] = config.data.text_tokenizer()
+    fingerprint["level"] = "char" if fingerprint["tokenizer"] == "char" else "word"
   if data_sha256 is not None:
     fingerprint["data_sha256"] = data_sha256
   return fingerprint

@@ -2,13 +2,13 @@
 perplexity, bits per token and per character, and the ``<unk>`` rate."""
 from __future__ import annotations
 
-import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 from lm_jax.data import batching
 from lm_jax.data import corpora
 from lm_jax.data import text
+from lm_jax.data import tokenizers
 from lm_jax.train import training
 from lm_jax.train.config import TrainConfig
 
@@ -16,47 +16,62 @@ from lm_jax.train.config import TrainConfig
 UNK_WARNING_RATE = 0.01
 
 
+TOKENIZER_FILE = "tokenizer.json"  # in a workdir: how the run read its text
+
+
 def reading_options(config: TrainConfig) -> dict[str, Any]:
-  """How the run's corpus read its text (``corpora.read_tokens`` keywords: level, ``<eos>``,
-  case, letters only), the presets' rules included (``corpora.load_corpus``).
+  """How a PTB or WikiText-2 run read its text (``corpora.read_tokens`` keywords: words,
+  ``<eos>`` per line); the other text corpora save their tokenizer (:func:`load_tokenizer`).
 
   Raises ``CorpusError`` for a model of the synthetic language, which reads no text."""
-  data = config.data
-  if data.corpus == "synthetic":
+  if config.data.corpus == "synthetic":
     raise corpora.CorpusError(
         "this workdir's model was trained on the synthetic language (--corpus=synthetic), "
         "which has no text: train with --text_path (or ptb/wikitext2) to evaluate text files")
-  if data.corpus in ("ptb", "wikitext2"):
-    return dict(level="word", add_eos=True, lowercase=False, letters_only=False)
-  if data.corpus == "timemachine":
-    return dict(level="char", add_eos=False, lowercase=True, letters_only=True)
-  if data.corpus == "tinyshakespeare":
-    return dict(level="char", add_eos=False, lowercase=False, letters_only=False)
-  return dict(level=data.level, add_eos=False, lowercase=data.lowercase,
-              letters_only=data.letters_only)
+  return dict(level="word", add_eos=True, lowercase=False, letters_only=False)
 
 
-def tokens_as_trained(config: TrainConfig, path: str | os.PathLike) -> list[str]:
-  """``path`` read and tokenized exactly as the run's corpus was (:func:`reading_options`)."""
-  return corpora.read_tokens(path, **reading_options(config))
+def load_tokenizer(workdir: str | os.PathLike, config: TrainConfig
+                   ) -> tokenizers.TextTokenizer | None:
+  """The tokenizer a run saved in its workdir (``tokenizer.json``); for a text workdir from
+  before it was saved, the one its flags name; None for PTB, WikiText-2 and synthetic."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    return tokenizers.TextTokenizer.load(path)
+  data = config.data
+  presets = {"timemachine": dict(name="char", lowercase=True, letters_only=True),
+             "tinyshakespeare": dict(name="char")}
+  if data.corpus in presets:
+    return tokenizers.TextTokenizer(**presets[data.corpus])
+  if data.corpus != "text":
+    return None
+  if data.text_tokenizer() == "bpe":
+    raise corpora.CorpusError(f"{path} not found: a BPE run saves its tokenizer there")
+  return tokenizers.TextTokenizer(data.text_tokenizer(), lowercase=data.lowercase,
+                                  letters_only=data.letters_only)
 
 
-def prompt_tokens(config: TrainConfig, prompt: str) -> tuple[list[str], str]:
-  """``(tokens, level)``: a prompt tokenized as the training text was (no ``<eos>``
-  appended); the synthetic language's tokens (``s12``) are words."""
-  if config.data.corpus == "synthetic":
-    return text.tokenize(prompt, "word"), "word"
-  options = {**reading_options(config), "add_eos": False}
-  level = options.pop("level")
-  tokenizer = text.StreamTokenizer(level, **options)
-  tokenizer.feed(prompt)
-  return tokenizer.finish(), level
+def tokens_as_trained(config: TrainConfig, tokenizer: tokenizers.TextTokenizer | None,
+                      path: str | os.PathLike) -> tuple[list[str], int]:
+  """``(tokens, characters)``: ``path`` read and tokenized exactly as the run's corpus was,
+  and its characters as the tokenizer reads them (after ``lowercase``/``letters_only``)."""
+  if tokenizer is None:
+    return (corpora.read_tokens(path, **reading_options(config)),
+            corpora.count_characters(path))
+  cleaned = tokenizer.clean(corpora.read_text(path))
+  return tokenizer.tokenize(cleaned, cleaned=True), len(cleaned)
 
 
-def count_characters(path: str | os.PathLike) -> int:
-  """Unicode characters in a UTF-8 file (the denominator of bits per character)."""
-  with open(path, encoding="utf-8") as f:
-    return sum(len(chunk) for chunk in iter(lambda: f.read(1 << 20), ""))
+def prompt_tokens(config: TrainConfig, tokenizer: tokenizers.TextTokenizer | None,
+                  prompt: str) -> tuple[list[str], Callable[[list[str]], str]]:
+  """``(tokens, detokenize)``: a prompt tokenized as the training text was (its last line
+  gets no ``<eos>``), and the function that turns tokens back into text."""
+  if tokenizer is not None:
+    return tokenizer.tokenize(prompt, end_last_line=False), tokenizer.detokenize
+  words = tokenizers.TextTokenizer("whitespace")
+  if config.data.corpus != "synthetic":  # PTB, WikiText-2: words, <eos> per line
+    reading_options(config)
+  return text.tokenize(prompt, "word"), words.detokenize
 
 
 def unk_rate(tokens: list[str], ids, vocab: text.Vocab) -> float:
@@ -65,19 +80,20 @@ def unk_rate(tokens: list[str], ids, vocab: text.Vocab) -> float:
 
 
 def evaluate_text_file(config: TrainConfig, vocab: text.Vocab, model: Any, params: Any,
-                       path: str | os.PathLike, *, batch_size: int | None = None
-                       ) -> dict[str, Any]:
+                       path: str | os.PathLike, *,
+                       tokenizer: tokenizers.TextTokenizer | None = None,
+                       batch_size: int | None = None) -> dict[str, Any]:
   """Perplexity, bits per token, bits per character, ``<unk>`` rate and token count of a
   text file under a trained model (every token after the first predicted once, the state
   carried, as the trainer's evaluation).
 
-  Bits per character divide the summed bits by the file's characters, so models with other
-  tokenizations of the same text compare (the first token, which is not predicted, is in
-  the characters but not in the bits: negligible for any real file). They are per raw
-  character: a model that lower-cases or folds non-letters (``--letters_only``, the Time
-  Machine preset) models fewer distinct characters than the file holds.
+  Bits per character are bits per token times tokens per character (the trainer's
+  reports use the same rule), so models with other tokenizations of the same text compare.
+  Characters are counted as the tokenizer reads the text: the file's own for PTB,
+  WikiText-2 and any run without ``--lowercase``/``--letters_only``; a model that folds
+  non-letters (the Time Machine preset) is scored per character of the folded text.
   """
-  tokens = tokens_as_trained(config, path)
+  tokens, characters = tokens_as_trained(config, tokenizer, path)
   if len(tokens) < 2:
     raise corpora.CorpusError(f"{path}: {len(tokens)} token(s); evaluation needs at least 2")
   ids = vocab.to_ids(tokens)
@@ -85,10 +101,8 @@ def evaluate_text_file(config: TrainConfig, vocab: text.Vocab, model: Any, param
   summary = training.evaluate(
       params, batching.eval_batches(ids, batch_size=batch_size, bptt=config.data.bptt),
       model=model, batch_size=batch_size)
-  characters = count_characters(path)
-  bits = summary["loss_nats"] * summary["tokens"] / math.log(2)
   return {"file": os.fspath(path), "tokens": len(tokens), "predicted_tokens": summary["tokens"],
           "characters": characters, "loss_nats": summary["loss_nats"],
           "perplexity": summary["perplexity"], "bits_per_token": summary["bits_per_token"],
-          "bits_per_character": bits / max(characters, 1),
+          "bits_per_character": summary["bits_per_token"] * len(tokens) / max(characters, 1),
           "unk_rate": unk_rate(tokens, ids, vocab)}

@@ -46,6 +46,7 @@ from lm_jax.data import text
 from lm_jax.models import language_model as lm_lib
 from lm_jax.ops import allocator
 from lm_jax.train import checkpointing
+from lm_jax.train import evaluation
 from lm_jax.train import faults
 from lm_jax.train import optimizers
 from lm_jax.train import parallel
@@ -77,10 +78,15 @@ def load_corpus(config: TrainConfig) -> corpora.Corpus:
   elif data.corpus == "text":
     if not data.text_path:
       raise ValueError("--corpus=text needs --text_path")
-    kwargs = dict(path=data.text_path, level=data.level, lowercase=data.lowercase,
-                  letters_only=data.letters_only, max_tokens=data.text_max_tokens,
-                  valid_path=data.valid_path, test_path=data.test_path,
-                  valid_fraction=data.valid_fraction, test_fraction=data.test_fraction)
+    kwargs = dict(path=data.text_path, tokenizer=data.text_tokenizer(),
+                  lowercase=data.lowercase, letters_only=data.letters_only,
+                  max_tokens=data.text_max_tokens, valid_path=data.valid_path,
+                  test_path=data.test_path, valid_fraction=data.valid_fraction,
+                  test_fraction=data.test_fraction)
+    if data.text_tokenizer() == "bpe":
+      kwargs["bpe_vocab_size"] = data.bpe_vocab_size
+    else:
+      kwargs.update(min_freq=data.min_count, max_size=data.max_vocab or None)
   return corpora.load_corpus(data.corpus, data.data_dir, **kwargs)
 
 
@@ -96,7 +102,8 @@ def build_model(config: TrainConfig, vocab_size: int, counts: Any = None, *,
       vocab_size=vocab_size, embed_size=model.embed, hidden_size=model.hidden,
       num_layers=model.layers, cell=model.cell, dropout=model.dropout,
       init_scale=model.init_scale, head=head, tie_weights=model.tie_weights,
-      variational_dropout=model.variational_dropout)
+      variational_dropout=model.variational_dropout,
+      dtype=None if model.dtype == "float32" else model.dtype)
 
 
 def build_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -168,9 +175,12 @@ class Trainer:
     self.corpus = corpus = load_corpus(config)
     self.steps_per_epoch = check_data(config, corpus)
     run_logging.logger.info(
-        "corpus %s: %d types, train/valid/test tokens %d/%d/%s; OOV mapped to <unk>: %s",
-        corpus.name, len(corpus.vocab), len(corpus.train), len(corpus.valid),
-        "-" if corpus.test is None else len(corpus.test), dict(corpus.oov_counts))
+        "corpus %s%s: %d types, train/valid/test tokens %d/%d/%s%s; OOV mapped to <unk>: %s",
+        corpus.name, f" ({corpus.tokenizer.name} tokenizer)" if corpus.tokenizer else "",
+        len(corpus.vocab), len(corpus.train), len(corpus.valid),
+        "-" if corpus.test is None else len(corpus.test),
+        f", {corpus.chars_per_token('train'):.2f} characters/token"
+        if corpus.chars_per_token("train") else "", dict(corpus.oov_counts))
     self.counts = np.bincount(corpus.train, minlength=len(corpus.vocab))
     self.model = build_model(config, len(corpus.vocab), self.counts)
     optimizer = build_optimizer(config)
@@ -215,6 +225,8 @@ class Trainer:
     os.makedirs(self.workdir, exist_ok=True)
     if self.is_writer:
       run_logging.check_or_save_vocab(self.workdir, self.corpus.vocab)
+      if self.corpus.tokenizer is not None:  # lm-jax-evaluate / -generate read text with it
+        self.corpus.tokenizer.save(os.path.join(self.workdir, evaluation.TOKENIZER_FILE))
     self.manager = checkpointing.make_manager(os.path.join(self.workdir, "checkpoints"))
     restored = checkpointing.restore_latest(self.manager, self.dp.get_state(self.state),
                                             self.fingerprint)
@@ -405,6 +417,8 @@ class Trainer:
               "grad_norm": window.grad_norm / window.steps if window.steps else math.nan,
               "skipped_steps": int(window.skipped), "wall_time": time.time() - self.t_start,
               "train_time": self.training_time()}
+    if cpt := self.corpus.chars_per_token("train"):
+      record["bits_per_character"] = summary["bits_per_token"] / cpt
     self.writer.write(record)
     skipped = (f" | skipped {int(window.skipped)} (total {self.skipped_total})"
                if self.config.run.skip_nonfinite else "")
@@ -413,10 +427,12 @@ class Trainer:
       skipped += f" | trained {record['train_time']:.0f} of {self.config.run.time_budget:.0f} s"
       eta = min(eta, max(self.config.run.time_budget - record["train_time"], 0.0))
 
+    bpc = (f" bpc {record['bits_per_character']:.3f}" if "bits_per_character" in record
+           else "")
     run_logging.logger.info(
-        "step %d/%d epoch %d | loss %.4f ppl %s | %s tok/s | lr %.4g | gnorm %.3g%s | ETA %s",
+        "step %d/%d epoch %d | loss %.4f ppl %s%s | %s tok/s | lr %.4g | gnorm %.3g%s | ETA %s",
         self.step, self.total_steps, epoch, summary["loss_nats"],
-        run_logging.format_perplexity(summary["perplexity"]),
+        run_logging.format_perplexity(summary["perplexity"]), bpc,
         f"{rate:.0f}" if math.isfinite(rate) else "n/a (first step: compiling)",
         window.lr, record["grad_norm"], skipped,
         run_logging.format_eta(eta))
@@ -430,13 +446,17 @@ class Trainer:
     summary = self.last_eval[(self.step, split)] = parallel.evaluate(
         self.dp, self.state.params, tokens, initial_state=self.model.initial_state,
         batch_size=self.config.data.eval_batch_size, bptt=self.config.data.bptt)
+    if cpt := self.corpus.chars_per_token(split):  # comparable across tokenizers
+      summary["bits_per_character"] = summary["bits_per_token"] / cpt
     self.writer.write({"step": self.step, "epoch": epoch, "split": split, **summary,
                        "wall_time": time.time() - self.t_start,
                        "train_time": self.training_time()})
-    run_logging.logger.info("step %d %s: loss %.4f nats, perplexity %s, %.4f bits/token",
+    bpc = (f", {summary['bits_per_character']:.4f} bits/char"
+           if "bits_per_character" in summary else "")
+    run_logging.logger.info("step %d %s: loss %.4f nats, perplexity %s, %.4f bits/token%s",
                             self.step, split, summary["loss_nats"],
                             run_logging.format_perplexity(summary["perplexity"]),
-                            summary["bits_per_token"])
+                            summary["bits_per_token"], bpc)
     return summary
 
   def plot(self) -> None:
@@ -477,6 +497,8 @@ class Trainer:
       results.update({f"{split}_perplexity": summary["perplexity"],
                       f"{split}_bits_per_token": summary["bits_per_token"],
                       f"{split}_loss_nats": summary["loss_nats"]})
+      if "bits_per_character" in summary:
+        results[f"{split}_bits_per_character"] = summary["bits_per_character"]
     if corpus.true_entropy_bits is not None:
       results["true_entropy_bits_per_token"] = corpus.true_entropy_bits
       results["valid_gap_to_entropy"] = (results["valid_bits_per_token"]

@@ -1,5 +1,6 @@
 """Tests for lm_jax.models.language_model: reference maths, causality, state carrying, masking, dropout."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -308,3 +309,57 @@ def test_generation_from_a_non_finite_model_says_so():
   bad = jax.tree.map(lambda x: x * np.nan, params)
   with pytest.raises(ValueError, match="hidden state became non-finite .* at generated token 0"):
     generation.generate(model, bad, np.array([1, 2]), num_tokens=4, key=jax.random.PRNGKey(1))
+
+
+def _dot_dtypes(jaxpr):
+  """The operand dtypes of every dot_general in a (closed) jaxpr, sub-jaxprs included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _dot_dtypes(sub)
+  return found
+
+
+# Heads whose every matmul is plain and so runs in bfloat16 under --dtype=bfloat16; the
+# others (class, hsm, sampled, ...) upcast the bfloat16 hidden state and compute in float32.
+BFLOAT16_HEADS = ("full", "dsoftmax")
+
+
+@pytest.mark.parametrize("cell,head", [("lstm", h) for h in heads.HEAD_NAMES]
+                         + [("gru", "full"), ("elman", "full")])
+def test_bfloat16_compute_keeps_float32_params_grads_and_losses(cell, head):
+  """--dtype=bfloat16: the matmuls of the loss and its gradient take bfloat16 operands (the
+  embedding and layers always; the head's too for BFLOAT16_HEADS), never a bfloat16 operand
+  promoted beside a float32 one; the params, their gradients and the loss stay float32, and
+  the loss is the float32 model's within bfloat16's rounding (8 bits of mantissa)."""
+  counts = np.arange(20, 0, -1) * 3
+  options = {"bands": "10:8,-1:8"} if head == "dsoftmax" else {}
+  kwargs = dict(vocab_size=20, embed_size=8, hidden_size=16, num_layers=2, cell=cell,
+                head=heads.make_head(head, vocab_size=20, counts=counts, **options))
+  f32 = lm.make_language_model(**kwargs)
+  bf16 = lm.make_language_model(**kwargs, dtype=jnp.bfloat16)
+  params = f32.init(jax.random.PRNGKey(0))
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (3, 7), 0, 20)
+
+  def mean_loss(model, p):  # the same noise samples for both (sampled heads)
+    return model.loss(p, tokens, tokens, model.initial_state(3),
+                      dropout_key=jax.random.PRNGKey(2))[0].mean()
+
+  jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda p: mean_loss(bf16, p)))(params)
+  dots = _dot_dtypes(jaxpr.jaxpr)
+  assert ("bfloat16", "bfloat16") in dots
+  assert all(len(set(d)) == 1 for d in dots), dots  # no silent promotion
+  if head in BFLOAT16_HEADS:
+    assert all(d == ("bfloat16", "bfloat16") for d in dots), dots
+  (loss16, grads16), (loss32, grads32) = (jax.value_and_grad(lambda p: mean_loss(m, p))(params)
+                                          for m in (bf16, f32))
+  assert loss16.dtype == jnp.float32
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads16))
+  np.testing.assert_allclose(loss16, loss32, rtol=1e-2)
+  dot = sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)))
+  norms = [jnp.sqrt(sum(jnp.vdot(a, a) for a in jax.tree.leaves(g))) for g in (grads16, grads32)]
+  assert dot / (norms[0] * norms[1]) > 0.99  # the same descent direction
+  nll16 = bf16.nll(params, tokens, tokens, bf16.initial_state(3))[0]
+  assert nll16.dtype == jnp.float32

@@ -59,7 +59,8 @@ def test_train_lm_defines_exactly_the_config_flags_with_their_help():
 # Issue 22: every flag is either in the resume fingerprint or deliberately not, with a reason.
 FINGERPRINTED = {
     "corpus", "level", "lowercase", "letters_only", "text_max_tokens", "valid_fraction",
-    "test_fraction", "synthetic_vocab_size",
+    "test_fraction", "tokenizer", "max_vocab", "min_count", "bpe_vocab_size", "dtype",
+    "synthetic_vocab_size",
     "synthetic_train_tokens", "batch_size", "bptt", "batching", "eval_batch_size",
     "cell", "layers", "hidden", "embed", "dropout", "variational_dropout", "tie_weights",
     "init_scale", "head", "head_classes", "head_binning", "head_tree", "head_samples",
@@ -81,9 +82,9 @@ NOT_FINGERPRINTED = {
 }
 # A different valid value for each fingerprinted string flag (bool: not; int: +1; float:
 # x2 + 1; other strings and None: "elsewhere").
-OTHER_STRING = {"corpus": "ptb", "batching": "random", "cell": "gru", "head": "hsm",
+OTHER_STRING = {"corpus": "ptb", "dtype": "bfloat16", "batching": "random", "cell": "gru", "head": "hsm",
                 "optimizer": "sgd", "lr_schedule": "zaremba", "grad_reduction": "sum_over_time",
-                "level": "word", "head_binning": "mass", "head_tree": "balanced",
+                "level": "word", "tokenizer": "words", "head_binning": "mass", "head_tree": "balanced",
                 "head_noise": "uniform", "head_bands": "2:4", "head_log_z": "0.0",
                 "head_cutoffs": "4,8"}
 
