@@ -81,8 +81,10 @@ def main(argv):
     row["vs_unfused"] = row["ms_per_step"] / rows[1]["ms_per_step"]
     row["vs_fused_float32"] = row["ms_per_step"] / rows[0]["ms_per_step"]
   facts = benchmarking.machine_facts()
+  where = (facts["cpu_model"] if facts["backend"] == "cpu"
+           else f"{facts['device']} (host CPU {facts['cpu_model']})")
   print(f"B={b} T={t} H={_HIDDEN.value} layers={_LAYERS.value} cell={_CELL.value} V={v} "
-        f"on {facts.get('cpu_model', '?')} ({jax.default_backend()})")
+        f"on {where}")
   benchmarking.print_table(rows, ["model", "ms_per_step", "tokens_per_sec", "vs_unfused",
                                   "vs_fused_float32"])
   benchmarking.write_json(_JSON_OUT.value, {"benchmark": "bench_train_step", "rows": rows,

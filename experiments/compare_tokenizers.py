@@ -88,15 +88,17 @@ def plot(rows: list[dict], path: str) -> None:
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
   for row in rows:
     times, bpc = zip(*row["curve"]) if row["curve"] else ((), ())
+    lossy = (f"; a lower bound: no spacing, {row['valid_unk_rate']:.1%} <unk>"
+             if row["tokenizer"] in ("whitespace", "words") else "")
     ax.plot(times, bpc, marker="o", label=f"{row['tokenizer']} (V={row['vocab']}, "
-                                          f"{row['chars_per_token']:.2f} chars/token)")
+                                          f"{row['chars_per_token']:.2f} chars/token{lossy})")
   ax.set_xlabel("training time (s)")
   ax.set_ylabel("validation bits per character")
   where = os.path.join(*os.path.normpath(_TEXT.value).split(os.sep)[-2:])
   ax.set_title(f"{where}: one LSTM-{_HIDDEN.value}, {_BUDGET.value:.0f} s of training each",
                fontsize=10)
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=8)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -8,6 +8,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from lm_jax.ops.precision import cast_floating  # pylint: disable=unused-import  (re-exported)
+
 
 def leaf_name(path) -> str:
   """``"band_weights/0"`` for the key path ``('band_weights', 0)`` of a params pytree."""
@@ -91,14 +93,6 @@ def resolve_param_init(param_init, kernel_init, bias_init):
   warnings.warn("param_init is deprecated: use kernel_init (matrices, drawn with their true "
                 "fan-in) and bias_init (vectors)", DeprecationWarning, stacklevel=3)
   return kernel_init or param_init, bias_init or param_init
-
-
-def cast_floating(tree: Any, dtype) -> Any:
-  """Floating leaves of ``tree`` cast to ``dtype`` (None: unchanged); integer leaves kept."""
-  if dtype is None:
-    return tree
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
 
 
 def flatten_hidden(hidden_xH: Any, in_features: int, dtype) -> tuple[jax.Array, tuple]:

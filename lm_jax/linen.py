@@ -170,5 +170,5 @@ class RNNLayer(nn.Module):
     inputs_BxTxE = cast_floating(jnp.asarray(inputs_BxTxE), self.dtype)
     if carry is None:
       carry = self.initial_carry(inputs_BxTxE.shape[0])
-    return rnn.scan_layer(rnn.get_cell(self.cell_name), cast_floating(self.params_tree, self.dtype),
-                          inputs_BxTxE, carry, mask_BxT, unroll=self.unroll)
+    return rnn.scan_layer(rnn.get_cell(self.cell_name), self.params_tree, inputs_BxTxE, carry,
+                          mask_BxT, unroll=self.unroll, dtype=self.dtype)

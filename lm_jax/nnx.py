@@ -204,5 +204,5 @@ class RNNLayer(nnx.Module):
     inputs_BxTxE = cast_floating(jnp.asarray(inputs_BxTxE), self.dtype)
     if carry is None:
       carry = self.initial_carry(inputs_BxTxE.shape[0])
-    return rnn.scan_layer(self.cell, cast_floating(_values(self.params), self.dtype), inputs_BxTxE,
-                          carry, mask_BxT, unroll=self.unroll)
+    return rnn.scan_layer(self.cell, _values(self.params), inputs_BxTxE, carry, mask_BxT,
+                          unroll=self.unroll, dtype=self.dtype)

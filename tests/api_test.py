@@ -59,7 +59,7 @@ ALLOWED = {
     "train": {"train", "models", "heads", "ops", "data"},
     "nnx": {"heads", "models", "ops", "_layer_util"},
     "linen": {"heads", "models", "ops", "_layer_util"},
-    "_layer_util": set(),
+    "_layer_util": {"ops"},
     "commands": {"commands", "train", "models", "heads", "ops", "data"},
 }
 

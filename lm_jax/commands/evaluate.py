@@ -3,8 +3,10 @@
   lm-jax-evaluate --workdir=runs/book held_out.txt other.txt --json_out=eval.json
 
 For each file: perplexity, bits per token, bits per character (comparable across
-tokenizations), the ``<unk>`` rate and the token count, as a table and as JSON. A file more
-than 1% of whose tokens read as ``<unk>`` gets a warning with the rate.
+tokenizations that encode all of the text, char and BPE; a lower bound for the word
+tokenizers, which drop spacing and score ``<unk>`` as one token), the ``<unk>`` rate and
+the token count, as a table and as JSON, read with the workdir's own tokenizer. A file
+more than 1% of whose tokens read as ``<unk>`` gets a warning with the rate.
 """
 import json
 import os

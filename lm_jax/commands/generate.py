@@ -32,8 +32,9 @@ def main(argv: list[str]) -> None:
   args = flags.FLAGS
   config, vocab, model, params = trainer.load_trained(args.workdir)
   tokenizer = evaluation.load_tokenizer(args.workdir, config)
-  prompt_tokens, detokenize = evaluation.prompt_tokens(config, tokenizer, args.prompt)
-  prompt_tokens = prompt_tokens or ["<eos>"]
+  prompt_tokens, detokenize = evaluation.prompt_tokens(config, args.prompt, tokenizer=tokenizer)
+  if not args.prompt and not all(t in vocab for t in prompt_tokens):
+    prompt_tokens = ["<eos>"]  # the text had no line break to start from
   prompt_ids = vocab.to_ids(prompt_tokens)
   rate = evaluation.unk_rate(prompt_tokens, prompt_ids, vocab)
   if rate > 0:
@@ -41,7 +42,8 @@ def main(argv: list[str]) -> None:
           "vocabulary and read as <unk>", file=sys.stderr)
   ids = generation.generate(model, params, prompt_ids, num_tokens=args.num_tokens,
                             key=jax.random.PRNGKey(args.seed), temperature=args.temperature)
-  print(detokenize(prompt_tokens + vocab.to_tokens(ids)))
+  shown = prompt_tokens if args.prompt else []  # no prompt: the line break it starts from
+  print(detokenize(shown + vocab.to_tokens(ids)))
 
 
 def run() -> None:

@@ -1,12 +1,15 @@
 r"""Corpora: streaming readers, the standard benchmarks and the synthetic default.
 
 A :class:`Corpus` holds a vocabulary and whole-split token streams (``np.int32`` ids).
-Readers stream files in bounded binary chunks through an incremental UTF-8 decoder,
-so a file of any size, or a single line of any length, never needs one giant
-``read()``; invalid UTF-8 raises :class:`CorpusError` naming the file and the byte
-offset of the first bad byte.
+Readers stream files in bounded binary chunks through an incremental UTF-8 decoder
+(invalid UTF-8 raises :class:`CorpusError` naming the file and the byte offset of the first
+bad byte); ``read_tokens`` (PTB, WikiText-2) tokenizes as it reads, so a single line of any
+length never needs one giant ``read()``. ``load_text`` (your own file) holds the decoded
+text, about one to four bytes a character beside the token list: it cuts the text into its
+splits before tokenizing them (BPE is learned on the training part) and counts their
+characters for bits per character.
 
-Tokenization follows ``text.StreamTokenizer``, the usual setups' conventions, so token
+Word-level tokenization of the benchmarks follows ``text.StreamTokenizer``, the usual setups' conventions, so token
 counts match the literature: with ``add_eos`` every line, blank lines included, ends
 with one ``<eos>`` (PyTorch's ``word_language_model``; the data README counts this way:
 on WikiText-2 each blank line between paragraphs gives a lone ``<eos>`` and the
@@ -40,6 +43,7 @@ NAMES = ("synthetic", "ptb", "wikitext2", "text", "timemachine", "tinyshakespear
 # The tokenizer each of the older ``level`` values names.
 LEVEL_TOKENIZERS = {"char": "char", "word": "whitespace"}
 _NEXT_SPACE = re.compile(r"\s")
+_WORDS = re.compile(r"\S+")
 
 
 class CorpusError(ValueError):
@@ -263,6 +267,24 @@ def _word_boundary(text_: str, cut: int) -> int:
   return found.start() if found else cut
 
 
+def _token_cuts(text_: str, name: str, counts: tuple[int, ...]) -> tuple[int, ...]:
+  """The character offsets where tokens number ``counts[0]``, ``counts[1]``, ... start
+  (``len(text_)`` past the last token), for the char and whitespace tokenizers, which cut
+  their splits by token counts (one pass, no list of all tokens)."""
+  if name == "char":
+    return tuple(min(c, len(text_)) for c in counts)
+  cuts, wanted = [], sorted(counts)
+  for i, match in enumerate(_WORDS.finditer(text_)):
+    while wanted and wanted[0] == i:
+      cuts.append(match.start())
+      wanted.pop(0)
+    if not wanted:
+      break
+  cuts += [len(text_)] * len(wanted)
+  order = {c: cut for c, cut in zip(sorted(counts), cuts)}
+  return tuple(order[c] for c in counts)
+
+
 def _text_vocab(tokenizer: tokenizers.TextTokenizer, train: list[str],
                 vocab_kwargs: dict[str, Any]) -> text.Vocab:
   """The training split's vocabulary; for BPE every token of the model (count 0 allowed),
@@ -272,7 +294,7 @@ def _text_vocab(tokenizer: tokenizers.TextTokenizer, train: list[str],
   if set(vocab_kwargs) & {"min_freq", "max_size"}:
     raise CorpusError("min_freq / max_size do not apply to the BPE tokenizer: its size is "
                       "bpe_vocab_size")
-  counts = dict.fromkeys(tokenizers.bpe_alphabet(tokenizer), 0)
+  counts = dict.fromkeys(tokenizers.bpe_vocabulary(tokenizer), 0)
   for tok in train:
     counts[tok] = counts.get(tok, 0) + 1
   return text.Vocab.from_counts(counts, min_freq=0, **vocab_kwargs)
@@ -288,10 +310,12 @@ def load_text(path: str | os.PathLike, *,
               **vocab_kwargs: Any) -> Corpus:
   """A plain text file, split contiguously: train first, then valid, then test.
 
-  The (cleaned: ``lowercase``, ``letters_only``) text is cut by characters, ``round(n *
-  fraction)`` of them for valid and test; for the word and BPE tokenizers each cut moves on
-  to the next whitespace. ``test_fraction=0`` gives ``test=None``. ``valid_path`` /
-  ``test_path`` give those splits as files of their own (read the same way; the fraction of
+  The (cleaned: ``lowercase``, ``letters_only``) text is cut into ``round(n * fraction)``
+  tokens for valid and test for the char and whitespace tokenizers (as the older levels
+  did), and into as many characters for words and BPE (whose tokens are only known once the
+  split is, BPE being learned on the training part), each cut moved on to the next
+  whitespace so that no word is cut in two. ``test_fraction=0`` gives ``test=None``.
+  ``valid_path`` / ``test_path`` give those splits as files of their own (read the same way; the fraction of
   that split is then not taken from ``path``). Each split is then tokenized by
   ``tokenizer`` (a name of ``tokenizers.TOKENIZERS``, default "char", or a
   ``TextTokenizer``; ``level`` "char"/"word" is the older name of "char"/"whitespace");
@@ -299,7 +323,7 @@ def load_text(path: str | os.PathLike, *,
   vocabulary comes from the training split only (``vocab_kwargs``: ``min_freq``,
   ``max_size``; not for BPE). The Time Machine in D2L's setting is ``load_text(path,
   tokenizer="char", lowercase=True, letters_only=True)``; D2L (0.17) also keeps only the
-  first ``max_tokens=10000`` characters (char tokenizer only).
+  first ``max_tokens=10000`` tokens (char and whitespace tokenizers only).
   """
   if level is not None:
     if level not in LEVEL_TOKENIZERS or tokenizer is not None:
@@ -317,11 +341,13 @@ def load_text(path: str | os.PathLike, *,
                                                    letters_only=letters_only)
   else:
     clean = tokenizer
+  name_of = tokenizer if isinstance(tokenizer, str) else tokenizer.name
   if max_tokens < 0:
     raise CorpusError(f"max_tokens must be >= 0 (0: all), got {max_tokens}")
-  if max_tokens and clean.name != "char":
-    raise CorpusError(f"max_tokens={max_tokens} applies to the char tokenizer only (it "
-                      "counts characters)")
+  by_tokens = name_of in ("char", "whitespace")  # the older levels: split by token counts
+  if max_tokens and not by_tokens:
+    raise CorpusError(f"max_tokens={max_tokens} applies to the char and whitespace "
+                      "tokenizers only")
   valid_fraction = 0.0 if valid_path else valid_fraction
   test_fraction = 0.0 if test_path else test_fraction
   if not ((valid_path or 0.0 < valid_fraction < 1.0) and 0.0 <= test_fraction < 1.0
@@ -329,14 +355,18 @@ def load_text(path: str | os.PathLike, *,
     raise CorpusError(f"need 0 < valid_fraction < 1, 0 <= test_fraction < 1 and their sum "
                       f"< 1, got {valid_fraction} and {test_fraction}")
   whole = clean.clean(read_text(path))
-  if max_tokens:
-    whole = whole[:max_tokens]
-  n = len(whole)
-  a = n - round(n * valid_fraction) - round(n * test_fraction)
-  b = a + round(n * valid_fraction)
-  if clean.name != "char":
-    a = _word_boundary(whole, a)
-    b = max(a, _word_boundary(whole, b))
+  if by_tokens:
+    if max_tokens:
+      whole = whole[:_token_cuts(whole, clean.name, (max_tokens,))[0]]
+    n = len(whole) if clean.name == "char" else sum(1 for _ in _WORDS.finditer(whole))
+  else:
+    n = len(whole)
+  n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
+  if by_tokens:
+    a, b = _token_cuts(whole, clean.name, (n - n_valid - n_test, n - n_test))
+  else:
+    a = _word_boundary(whole, n - n_valid - n_test)
+    b = max(a, _word_boundary(whole, n - n_test))
   texts = {"train": whole[:a],
            "valid": clean.clean(read_text(valid_path)) if valid_path else whole[a:b],
            "test": (clean.clean(read_text(test_path)) if test_path
@@ -344,7 +374,7 @@ def load_text(path: str | os.PathLike, *,
   del whole
   if tokenizer == "bpe":
     tokenizer = tokenizers.train_bpe([texts["train"]], bpe_vocab_size, lowercase=lowercase,
-                                     letters_only=letters_only)
+                                     letters_only=letters_only, cleaned=True)
   splits = {split: None if t is None else tokenizer.tokenize(t, cleaned=True)
             for split, t in texts.items()}
   for split, tokens in splits.items():

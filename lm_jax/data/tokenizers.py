@@ -14,7 +14,8 @@ name                    tokens                                                  
 ======================  ===========================================================  ======
 
 ``lowercase`` and ``letters_only`` (every run of characters other than A-Z, a-z becomes one
-space, D2L's Time Machine rule; line breaks survive it for ``words``) clean the text first.
+space, D2L's Time Machine rule, line breaks included, for every tokenizer alike: the
+characters that bits per character count are then the same) clean the text first.
 
 >>> t = TextTokenizer("words")
 >>> t.tokenize("Don't panic, Arthur.\nNo.\n")
@@ -31,13 +32,14 @@ import re
 from typing import Any, Iterable
 
 TOKENIZERS = ("char", "whitespace", "words", "bpe")
-# Words with inner apostrophes or hyphens stay whole; every other non-space character is a
-# token of its own ("value." -> "value", "."; "3.14" -> "3", ".", "14").
-WORD_PATTERN = re.compile(r"[^\W_]+(?:['\u2019\-][^\W_]+)*|[^\w\s]|_+")
+# Numbers with inner . , : stay whole ("3.14", "1,000", "10:30"), as do words with inner
+# apostrophes or hyphens; every other non-space character is a token of its own
+# ("value." -> "value", ".").
+WORD_PATTERN = re.compile(r"\d+(?:[.,:]\d+)+|[^\W_]+(?:['\u2019\-][^\W_]+)*|[^\w\s]|_+")
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}%'\u2019")
 _NO_SPACE_AFTER = frozenset("([{$")
 _NON_LETTERS = re.compile(r"[^A-Za-z]+")
-_NON_LETTERS_KEEP_LINES = re.compile(r"[^A-Za-z\n]+")
+_RESERVED = frozenset(("<unk>", "<pad>", "<bos>", "<eos>"))
 _FORMAT = "lm_jax.TextTokenizer"
 _VERSION = 1
 INSTALL_HINT = "pip install 'lm_jax[tokenizers]' (HF tokenizers) for --tokenizer=bpe"
@@ -92,7 +94,7 @@ class TextTokenizer:
   def clean(self, text: str) -> str:
     """``text`` with ``letters_only`` (first, as D2L) and ``lowercase`` applied."""
     if self.letters_only:
-      text = (_NON_LETTERS_KEEP_LINES if self.ends_lines else _NON_LETTERS).sub(" ", text)
+      text = _NON_LETTERS.sub(" ", text)
     return text.lower() if self.lowercase else text
 
   def tokenize(self, text: str, *, end_last_line: bool = True,
@@ -114,14 +116,26 @@ class TextTokenizer:
         tokens.append("<eos>")
     return tokens
 
+  @property
+  def line_break(self) -> list[str]:
+    """The tokens of one line break (what generation starts from without a prompt); empty
+    for ``whitespace``, which drops line breaks."""
+    if self.name == "words":
+      return ["<eos>"]
+    return [] if self.name == "whitespace" else self.tokenize("\n")
+
   def detokenize(self, tokens: Iterable[str]) -> str:
     """Text for tokens: the inverse of ``tokenize`` up to spacing (``whitespace`` and
-    ``words`` do not keep it: one space between words, none before ``.,;:!?)``)."""
+    ``words`` do not keep it: one space between words, none before ``.,;:!?)``). A
+    sampled ``<eos>`` is a line break; the other reserved tokens (``<unk>``, ``<pad>``,
+    ``<bos>``) are written as they are, except by BPE, whose text has none (dropped)."""
     tokens = list(tokens)
     if self.name == "char":
       return "".join("\n" if t == "<eos>" else t for t in tokens)
     if self.name == "bpe":
-      return self.bpe.decoder.decode(tokens)
+      newline = self.line_break
+      pieces = [newline if t == "<eos>" else [] if t in _RESERVED else [t] for t in tokens]
+      return self.bpe.decoder.decode([t for piece in pieces for t in piece])
     out, prev = [], "<eos>"
     for tok in tokens:
       space = prev != "<eos>" and tok != "<eos>" and not (
@@ -139,9 +153,11 @@ class TextTokenizer:
     return payload
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the tokenizer as versioned JSON."""
-    with open(path, "w", encoding="utf-8") as f:
+    """Writes the tokenizer as versioned JSON, atomically (a temporary file, then a rename)."""
+    path = os.fspath(path)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
       json.dump(self.config(), f, ensure_ascii=False)
+    os.replace(path + ".tmp", path)
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "TextTokenizer":
@@ -169,11 +185,12 @@ class TextTokenizer:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, lowercase: bool = False,
-              letters_only: bool = False) -> TextTokenizer:
+              letters_only: bool = False, cleaned: bool = False) -> TextTokenizer:
   """A byte-level BPE (GPT-2's byte alphabet and pre-tokenizer, HF ``tokenizers``) learned on
   ``texts``, ``vocab_size`` tokens including the 256 bytes, so any UTF-8 text encodes.
 
-  Deterministic for the same texts (the merges are chosen by count, ties by HF's order)."""
+  ``cleaned``: the texts are already cleaned (``TextTokenizer.clean``). Deterministic for
+  the same texts (the merges are chosen by count, ties by HF's order)."""
   hf = _hf()
   if vocab_size < 256:
     raise TokenizerError(f"bpe_vocab_size={vocab_size} must be >= 256 (the byte alphabet)")
@@ -183,12 +200,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, lowercase: bool = False,
   trainer = hf.trainers.BpeTrainer(
       vocab_size=vocab_size, show_progress=False,
       initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
-  cleaner = TextTokenizer("char", lowercase=lowercase, letters_only=letters_only)
-  model.train_from_iterator((line for t in texts for line in lines_with_ends(cleaner.clean(t))),
-                            trainer)
+  clean = TextTokenizer("char", lowercase=lowercase, letters_only=letters_only).clean
+  model.train_from_iterator(
+      (line for t in texts for line in lines_with_ends(t if cleaned else clean(t))), trainer)
   return TextTokenizer("bpe", lowercase=lowercase, letters_only=letters_only, bpe=model)
 
 
-def bpe_alphabet(tokenizer: TextTokenizer) -> list[str]:
-  """Every token of a BPE tokenizer's model (the 256 bytes and the merges)."""
+def bpe_vocabulary(tokenizer: TextTokenizer) -> list[str]:
+  """Every token of a BPE tokenizer's model (the 256 bytes and the merges), sorted."""
   return sorted(tokenizer.bpe.get_vocab())

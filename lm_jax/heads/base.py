@@ -86,7 +86,14 @@ class OutputHead(NamedTuple):
   ``tables=head.tables`` through your jitted function's arguments (``jax.jit(f)(params,
   head.tables, ...)``) so that they reach the compiled program as arguments: left at
   ``None`` they are read from the head and, under ``jit``, embedded in the program as
-  constants (megabytes of StableHLO at ``V = 1M``, and a recompile per head)."""
+  constants (megabytes of StableHLO at ``V = 1M``, and a recompile per head).
+
+  ``mixed_precision``: True when the head computes in its params' dtype, so bfloat16
+  matrices and a bfloat16 hidden state give bfloat16 matmuls (float32 accumulation and
+  losses): a mixed-precision model (``make_language_model(dtype=jnp.bfloat16)``) then casts
+  the head's matrices. False: the head computes in float32 from any input, and such a model
+  leaves its params float32 (casting would only round them and, for the sampled heads, cost
+  a ``[V, H]`` cast a step)."""
   init: Callable[..., Params]
   loss: Callable[..., jax.Array]
   log_prob: Callable[..., jax.Array]
@@ -94,6 +101,7 @@ class OutputHead(NamedTuple):
   sample: Callable[..., jax.Array]
   sparse: Optional[RowSparse] = None
   tables: Optional[dict] = None
+  mixed_precision: bool = False
 
   # Hashed and compared by the identity of each field, as the functions always were, so a
   # head (or a model holding one) stays usable as a static argument of jax.jit despite the
@@ -310,7 +318,8 @@ def with_target_contract(head: OutputHead, vocab_size: int) -> OutputHead:
       return poison(loss_N.astype(_loss_dtype(loss_N)), counted_bad_N)
 
     sparse = RowSparse(gather, sparse_loss)
-  return OutputHead(head.init, loss, log_prob, log_probs, sample, sparse, own_tables)
+  return OutputHead(head.init, loss, log_prob, log_probs, sample, sparse, own_tables,
+                    head.mixed_precision)
 
 
 def frequency_rank_tables(counts_V) -> dict[str, jax.Array]:
@@ -480,4 +489,5 @@ def full_softmax(vocab_size: int, *, init_scale: float = 0.1, dtype=jnp.float32,
     return sample_from_log_probs(log_probs(params, hidden_NxH, tables=tables), key,
                                  temperature=temperature)
 
-  return with_target_contract(OutputHead(init, loss, log_prob, log_probs, sample), vocab_size)
+  return with_target_contract(
+      OutputHead(init, loss, log_prob, log_probs, sample, mixed_precision=True), vocab_size)

@@ -234,5 +234,5 @@ def differentiated_softmax(counts: Any, bands: Optional[Sequence[tuple[int, int]
   return base.with_target_contract(
       base.OutputHead(functools.partial(_init, words, dims, init_scale, dtype),
                       functools.partial(_loss, log_prob), log_prob, _log_probs, _sample,
-                      tables=tables),
+                      tables=tables, mixed_precision=True),
       vocab_size)

@@ -52,3 +52,10 @@ def _generate(model, params, prompt_1xT, key, num_tokens, temperature):
 
   _, tokens = lax.scan(step, (hidden_1xTxH[:, -1], state), jax.random.split(key, num_tokens))
   return tokens
+
+
+def detokenize(tokens: list[str], level: str) -> str:
+  """Text for tokens of the older levels: ``char`` joined, ``word`` spaced; ``<eos>`` is a
+  line break (``lm_jax.data.tokenizers.TextTokenizer.detokenize`` covers all four)."""
+  joined = "".join(tokens) if level == "char" else " ".join(tokens)
+  return joined.replace(" <eos> ", "\n").replace("<eos>", "\n")

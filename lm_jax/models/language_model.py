@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from lm_jax import heads as heads_lib
 from lm_jax.models import rnn
+from lm_jax.ops import precision
 
 Params = Any
 State = tuple
@@ -123,11 +124,14 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
       2016, Merity et al. 2018) instead of afresh per token. It draws ``T`` times fewer
       random numbers, which on CPU is most of dropout's cost.
     dtype: the compute dtype; None (default) computes in the params' dtype. ``bfloat16``
-      is mixed precision: every call casts the floating params to it (their gradients
-      come back in float32), so the embedding output, the layers' inputs and outputs and
-      every matmul run in bfloat16 with float32 accumulation, while the params, the
-      optimizer state, the recurrent carry, the nonlinearities and the losses (the heads
-      reduce in float32) stay float32.
+      is mixed precision: the params stay float32 and are cast where they are used (their
+      gradients come back float32; the recurrent weights' are summed over time in float32,
+      :func:`lm_jax.models.rnn.scan_layer`), so the embedding output, the layers' inputs
+      and outputs and their matmuls run in bfloat16 with float32 accumulation, while the
+      optimizer state, the recurrent carry, the nonlinearities and the losses stay
+      float32. The head's matrices are cast when it computes in its params' dtype
+      (``head.mixed_precision``: the full softmax and the D-softmax); the other heads take
+      the bfloat16 hidden state and compute in float32 from float32 params.
 
   Returns:
     A :class:`LanguageModel`.
@@ -155,10 +159,14 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
 
   def _compute(tree):
     """``tree``'s floating leaves in the compute dtype (a no-op without ``dtype``)."""
-    if dtype is None:
-      return tree
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    return precision.cast_floating(tree, dtype)
+
+  def _head_compute(head_params):
+    """The head's matrices in the compute dtype if it computes in its params' dtype
+    (``head.mixed_precision``); its vectors and scalars (biases, ``log_z``) stay as they are."""
+    if dtype is None or not head.mixed_precision:
+      return head_params
+    return jax.tree.map(lambda x: _compute(x) if jnp.ndim(x) >= 2 else x, head_params)
 
   def init(key):
     k_embed, k_head, *k_layers = jax.random.split(key, num_layers + 2)
@@ -198,7 +206,8 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                                broadcast_dims=dropout_dims)
     new_state = []
     for layer_params, carry, key in zip(params["layers"], state, keys[1:num_layers + 1]):
-      x_BxTxF, carry = rnn.scan_layer(cell, _compute(layer_params), x_BxTxF, carry, mask_BxT)
+      x_BxTxF, carry = rnn.scan_layer(cell, layer_params, x_BxTxF, carry, mask_BxT,
+                                      dtype=dtype)
       x_BxTxF = inverted_dropout(_compute(x_BxTxF), rate, key, row_ids=row_ids_B,
                                  broadcast_dims=dropout_dims)
       new_state.append(carry)
@@ -230,7 +239,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                                      row_ids_B)
     batch, steps, width = hidden_BxTxH.shape
     where_N = None if mask_BxT is None else jnp.asarray(mask_BxT, bool).reshape(batch * steps)
-    loss_N = head.loss(_compute(_head_params(params)), hidden_BxTxH.reshape(batch * steps, width),
+    loss_N = head.loss(_head_compute(_head_params(params)), hidden_BxTxH.reshape(batch * steps, width),
                        targets_BxT.reshape(batch * steps), key=keys[-1], where=where_N,
                        **_tables(tables))
     return loss_N.reshape(batch, steps), new_state
@@ -239,7 +248,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
     targets_BxT = jnp.asarray(targets_BxT)
     hidden_BxTxH, new_state = hidden(params, inputs_BxT, state, mask_BxT=mask_BxT)
     batch, steps, width = hidden_BxTxH.shape
-    logp_N = head.log_prob(_compute(_head_params(params)), hidden_BxTxH.reshape(batch * steps, width),
+    logp_N = head.log_prob(_head_compute(_head_params(params)), hidden_BxTxH.reshape(batch * steps, width),
                            targets_BxT.reshape(batch * steps), **_tables(tables))
     nll_BxT = -logp_N.reshape(batch, steps)
     if mask_BxT is not None:
@@ -248,7 +257,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
 
   def log_probs(params, hidden_xH, *, tables=None):
     hidden_xH = _compute(jnp.asarray(hidden_xH))
-    logp_NxV = head.log_probs(_compute(_head_params(params)), hidden_xH.reshape(-1, hidden_xH.shape[-1]),
+    logp_NxV = head.log_probs(_head_compute(_head_params(params)), hidden_xH.reshape(-1, hidden_xH.shape[-1]),
                               **_tables(tables))
     return logp_NxV.reshape(*hidden_xH.shape[:-1], logp_NxV.shape[-1])
 

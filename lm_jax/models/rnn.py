@@ -56,8 +56,27 @@ def _uniform_params(key, input_size, hidden_size, gates, init_scale, dtype):
           "b_G": uniform(k_b, (g,))}
 
 
+def _narrow(dtype) -> bool:
+  """Whether ``dtype`` is bfloat16 (mixed precision: sums are kept in float32)."""
+  return jnp.dtype(dtype) == jnp.bfloat16
+
+
+def _add_bias(y_xG, b_G):
+  """``y + b``; for bfloat16 added in float32 and rounded once, so that ``b``'s gradient, a
+  sum over every row, is summed in float32."""
+  if not _narrow(jnp.result_type(y_xG, b_G)):
+    return y_xG + b_G
+  return (y_xG.astype(jnp.float32) + b_G.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
 def _input_projection(params, x_xE):
-  return jnp.matmul(x_xE, params["W_xh_ExG"]) + params["b_G"]
+  w_ExG = params["W_xh_ExG"]
+  x_xE = jnp.asarray(x_xE)
+  if not _narrow(jnp.result_type(x_xE, w_ExG)):
+    return jnp.matmul(x_xE, w_ExG) + params["b_G"]
+  # bfloat16: one [rows, E] x [E, G] matmul, bfloat16 both ways with float32 accumulation.
+  y_NxG = precision.matmul(x_xE.reshape(-1, x_xE.shape[-1]), w_ExG)
+  return _add_bias(y_NxG.reshape(*x_xE.shape[:-1], -1), params["b_G"])
 
 
 def _recurrent(params, h_BxH, proj_BxG):
@@ -72,7 +91,7 @@ def _recurrent_matmul(params, h_BxH, dtype):
   dtype first, so a bfloat16 ``W_hh`` (mixed precision) makes bfloat16 matmuls, forward and
   backward (``precision.matmul``), even with a float32 carry."""
   w_HxG = params["W_hh_HxG"]
-  if jnp.finfo(w_HxG.dtype).bits < jnp.finfo(h_BxH.dtype).bits:
+  if jnp.finfo(w_HxG.dtype).bits < 32 <= jnp.finfo(h_BxH.dtype).bits:
     h_BxH = h_BxH.astype(w_HxG.dtype)
   return precision.matmul(h_BxH, w_HxG).astype(dtype)
 
@@ -120,7 +139,7 @@ def elman_cell(activation: str = "tanh", *, input_matrix: bool = True) -> Cell:
     return new_h, new_h
 
   def add_input(params, x_xE):
-    return jnp.asarray(x_xE) + params["b_G"]
+    return _add_bias(jnp.asarray(x_xE), params["b_G"])
 
   return Cell(init, _input_projection if input_matrix else add_input, step, _zeros)
 
@@ -233,13 +252,17 @@ def _check(params, inputs_BxTxE, carry, mask_BxT):
   return inputs_BxTxE, mask_BxT
 
 
-def _scan(cell, params, xs_TxBxF, carry, mask_BxT, project, unroll):
-  """One ``lax.scan`` over time-major ``xs``; ``project`` maps an ``xs`` slice to ``proj_BxG``."""
+def _scan(cell, params, xs_TxBxF, carry, mask_BxT, project, unroll, dtype=None):
+  """One ``lax.scan`` over time-major ``xs``; ``project`` maps an ``xs`` slice to ``proj_BxG``.
+
+  The params enter the scan as they are and are cast to ``dtype`` inside the step (XLA
+  hoists the cast): a constant of a scan has its gradient summed over ``T`` in its own
+  dtype, so float32 params keep a float32 sum under a bfloat16 ``dtype``."""
   keep_TxB = None if mask_BxT is None else jnp.swapaxes(mask_BxT, 0, 1)
 
   def body(carry, xs):
     x_BxF, keep_B = xs
-    new_carry, h_BxH = cell.step(params, carry, project(x_BxF))
+    new_carry, h_BxH = cell.step(precision.cast_floating(params, dtype), carry, project(x_BxF))
     if keep_B is not None:
       new_carry = jax.tree_util.tree_map(
           lambda new, old: jnp.where(keep_B[:, None], new, old), new_carry, carry)
@@ -251,7 +274,8 @@ def _scan(cell, params, xs_TxBxF, carry, mask_BxT, project, unroll):
 
 
 def scan_layer(cell: Cell, params: Params, inputs_BxTxE: jax.typing.ArrayLike, carry: Carry,
-               mask_BxT: Optional[jax.typing.ArrayLike] = None, *, unroll: int = 1):
+               mask_BxT: Optional[jax.typing.ArrayLike] = None, *, unroll: int = 1,
+               dtype: Any = None):
   r"""Runs ``cell`` over ``T`` steps: the input projection hoisted, then one ``lax.scan``.
 
   .. math::
@@ -269,6 +293,9 @@ def scan_layer(cell: Cell, params: Params, inputs_BxTxE: jax.typing.ArrayLike, c
     carry: initial carry, e.g. ``cell.initial_carry(B, H)``; leaves are ``[B, H]``.
     mask_BxT: optional ``[B, T]``, True on real tokens.
     unroll: passed to ``lax.scan``.
+    dtype: the compute dtype of the matmuls (None: the params'); e.g. ``jnp.bfloat16`` with
+      float32 params (mixed precision). The params are cast inside the scan's step, so
+      the recurrent weights' gradients are summed over ``T`` in their own dtype.
 
   Returns:
     ``(outputs_BxTxH, final_carry)``.
@@ -283,15 +310,17 @@ def scan_layer(cell: Cell, params: Params, inputs_BxTxE: jax.typing.ArrayLike, c
   """
   inputs_BxTxE, mask_BxT = _check(params, inputs_BxTxE, carry, mask_BxT)
   # Transpose the narrower inputs (E wide), not the projections (G wide), to time-major.
-  proj_TxBxG = cell.input_projection(params, jnp.swapaxes(inputs_BxTxE, 0, 1))
-  return _scan(cell, params, proj_TxBxG, carry, mask_BxT, lambda p: p, unroll)
+  proj_TxBxG = cell.input_projection(precision.cast_floating(params, dtype),
+                                     jnp.swapaxes(inputs_BxTxE, 0, 1))
+  return _scan(cell, params, proj_TxBxG, carry, mask_BxT, lambda p: p, unroll, dtype)
 
 
 def scan_layer_unhoisted(cell: Cell, params: Params, inputs_BxTxE: jax.typing.ArrayLike,
                          carry: Carry, mask_BxT: Optional[jax.typing.ArrayLike] = None, *,
-                         unroll: int = 1):
+                         unroll: int = 1, dtype: Any = None):
   """Same maths as :func:`scan_layer` with the input projection inside the scan (naive baseline)."""
   inputs_BxTxE, mask_BxT = _check(params, inputs_BxTxE, carry, mask_BxT)
   x_TxBxE = jnp.swapaxes(inputs_BxTxE, 0, 1)
   return _scan(cell, params, x_TxBxE, carry, mask_BxT,
-               lambda x_BxE: cell.input_projection(params, x_BxE), unroll)
+               lambda x_BxE: cell.input_projection(precision.cast_floating(params, dtype), x_BxE),
+               unroll, dtype)

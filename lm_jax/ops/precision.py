@@ -11,50 +11,61 @@ float32):
   C = A B \text{ (float32)}, \qquad
   \bar A = \mathrm{bf16}(\bar C)\, B^\top, \quad \bar B = A^\top \mathrm{bf16}(\bar C)
 
-(each accumulated in float32, returned in the operand's dtype). For float32 (or wider)
-operands it is ``jnp.matmul`` with ``preferred_element_type``, autodiff unchanged.
+(each accumulated in float32, returned in the operand's dtype). For any other operands
+(float32, float64, float16, mixed) it is ``jnp.matmul`` with ``preferred_element_type``,
+autodiff unchanged.
 """
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
+def cast_floating(tree: Any, dtype) -> Any:
+  """Floating leaves of ``tree`` cast to ``dtype`` (None: unchanged); integer leaves kept."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _narrow_matmul(a_NxK, b_KxM, dtype):
-  return jnp.matmul(a_NxK, b_KxM, preferred_element_type=dtype)
+def _narrow_matmul(a, b, dtype):
+  return jnp.matmul(a, b, preferred_element_type=dtype)
 
 
-def _narrow_fwd(a_NxK, b_KxM, dtype):
-  return _narrow_matmul(a_NxK, b_KxM, dtype), (a_NxK, b_KxM)
+def _narrow_fwd(a, b, dtype):
+  return _narrow_matmul(a, b, dtype), (a, b)
 
 
-def _narrow_bwd(dtype, residuals, ct_NxM):
-  a_NxK, b_KxM = residuals
-  ct_NxM = ct_NxM.astype(jnp.promote_types(a_NxK.dtype, b_KxM.dtype))
-  da_NxK = jnp.matmul(ct_NxM, b_KxM.T, preferred_element_type=dtype).astype(a_NxK.dtype)
-  db_KxM = jnp.matmul(a_NxK.T, ct_NxM, preferred_element_type=dtype).astype(b_KxM.dtype)
-  return da_NxK, db_KxM
+def _narrow_bwd(dtype, residuals, ct):
+  a, b = residuals
+  ct = ct.astype(jnp.promote_types(a.dtype, b.dtype))
+  da = jnp.matmul(ct, b.T, preferred_element_type=dtype).astype(a.dtype)
+  db = jnp.matmul(a.T, ct, preferred_element_type=dtype).astype(b.dtype)
+  return da, db
 
 
 _narrow_matmul.defvjp(_narrow_fwd, _narrow_bwd)
 
 
-def matmul(a_NxK: jax.typing.ArrayLike, b_KxM: jax.typing.ArrayLike) -> jax.Array:
-  """``a @ b`` of two matrices, accumulated and returned in ``result_type(float32, a, b)``;
-  with bfloat16 (or float16) operands the gradient matmuls take that dtype too (module
-  docstring).
+def matmul(a: jax.typing.ArrayLike, b: jax.typing.ArrayLike) -> jax.Array:
+  """``a @ b`` of two matrices (``[n, k]`` and ``[k, m]``), accumulated and returned in
+  ``result_type(float32, a, b)``; with bfloat16 operands the gradient matmuls take bfloat16
+  too (module docstring). float16 operands keep autodiff's float32 cotangent: float16's
+  exponent range would flush a mean's small gradients to zero (bfloat16 has float32's).
 
   >>> a = jnp.ones((2, 3), jnp.bfloat16)
   >>> matmul(a, a.T).dtype, jax.grad(lambda a: matmul(a, a.T).sum())(a).dtype
   (dtype('float32'), dtype(bfloat16))
   """
-  a_NxK, b_KxM = jnp.asarray(a_NxK), jnp.asarray(b_KxM)
-  if a_NxK.ndim != 2 or b_KxM.ndim != 2:
-    raise ValueError(f"matmul takes two matrices, got shapes {a_NxK.shape} and {b_KxM.shape}")
-  dtype = jnp.result_type(jnp.float32, a_NxK, b_KxM)
-  if jnp.promote_types(a_NxK.dtype, b_KxM.dtype) == dtype:
-    return jnp.matmul(a_NxK, b_KxM, preferred_element_type=dtype)
-  return _narrow_matmul(a_NxK, b_KxM, dtype)
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  if a.ndim != 2 or b.ndim != 2:
+    raise ValueError(f"matmul takes two matrices, got shapes {a.shape} and {b.shape}")
+  dtype = jnp.result_type(jnp.float32, a, b)
+  if jnp.promote_types(a.dtype, b.dtype) != jnp.bfloat16:
+    return jnp.matmul(a, b, preferred_element_type=dtype)
+  return _narrow_matmul(a, b, dtype)

@@ -30,6 +30,7 @@ import msgpack
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lm_jax.data.corpora import LEVEL_TOKENIZERS as LEVELS
 from lm_jax.train.config import FINGERPRINT_DEFAULTS
 
 
@@ -219,6 +220,8 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
   no corpus, so no ``data_sha256``).
   """
   saved = {**{k: v for k, v in FINGERPRINT_DEFAULTS.items() if k in current}, **saved}
+  if "tokenizer" in current and "tokenizer" not in saved and saved.get("level") in LEVELS:
+    saved["tokenizer"] = LEVELS[saved["level"]]  # written before --tokenizer: --level's
   unknown = sorted(k for k in current if k not in saved)
   if unknown:
     logging.warning("the checkpoint predates fingerprint fields %s; their values cannot be "

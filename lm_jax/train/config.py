@@ -481,7 +481,8 @@ def _tokenizer_problems(data: DataConfig) -> list[str]:
                     "--level (--tokenizer replaces it)")
   changed = [f"--{name}={getattr(data, name)}" for name in
              ("tokenizer", "level", "max_vocab", "min_count", "bpe_vocab_size",
-              "text_max_tokens") if getattr(data, name) != getattr(defaults, name)]
+              "text_max_tokens", "lowercase", "letters_only", "valid_fraction",
+              "test_fraction") if getattr(data, name) != getattr(defaults, name)]
   if data.corpus != "text":
     if changed:
       problems.append(f"{', '.join(changed)}: only for your own text (--text_path); "
@@ -504,9 +505,9 @@ def _tokenizer_problems(data: DataConfig) -> list[str]:
       problems.append(f"--tokenizer=bpe needs HF tokenizers: {tokenizers.INSTALL_HINT}")
   elif data.bpe_vocab_size != defaults.bpe_vocab_size:
     problems.append(f"--bpe_vocab_size has no effect with --tokenizer={name} (only bpe)")
-  if data.text_max_tokens and name != "char":
-    problems.append(f"--text_max_tokens counts characters: it needs --tokenizer=char, not "
-                    f"{name}")
+  if data.text_max_tokens and name not in ("char", "whitespace"):
+    problems.append(f"--text_max_tokens needs --tokenizer=char or whitespace (the older "
+                    f"levels), not {name}")
   if data.text_max_tokens < 0:
     problems.append(f"--text_max_tokens={data.text_max_tokens} must be >= 0 (0: all)")
   return problems

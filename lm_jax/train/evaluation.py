@@ -51,10 +51,12 @@ def load_tokenizer(workdir: str | os.PathLike, config: TrainConfig
                                   letters_only=data.letters_only)
 
 
-def tokens_as_trained(config: TrainConfig, tokenizer: tokenizers.TextTokenizer | None,
-                      path: str | os.PathLike) -> tuple[list[str], int]:
-  """``(tokens, characters)``: ``path`` read and tokenized exactly as the run's corpus was,
-  and its characters as the tokenizer reads them (after ``lowercase``/``letters_only``)."""
+def read_as_trained(config: TrainConfig, path: str | os.PathLike, *,
+                    tokenizer: tokenizers.TextTokenizer | None = None
+                    ) -> tuple[list[str], int]:
+  """``(tokens, characters)``: ``path`` read and tokenized exactly as the run's corpus was
+  (``tokenizer``: :func:`load_tokenizer`'s), and its characters as that tokenizer reads
+  them (after ``lowercase``/``letters_only``; PTB and WikiText-2: the file's)."""
   if tokenizer is None:
     return (corpora.read_tokens(path, **reading_options(config)),
             corpora.count_characters(path))
@@ -62,16 +64,30 @@ def tokens_as_trained(config: TrainConfig, tokenizer: tokenizers.TextTokenizer |
   return tokenizer.tokenize(cleaned, cleaned=True), len(cleaned)
 
 
-def prompt_tokens(config: TrainConfig, tokenizer: tokenizers.TextTokenizer | None,
-                  prompt: str) -> tuple[list[str], Callable[[list[str]], str]]:
+def tokens_as_trained(config: TrainConfig, path: str | os.PathLike, *,
+                      tokenizer: tokenizers.TextTokenizer | None = None) -> list[str]:
+  """``path`` read and tokenized exactly as the run's corpus was (:func:`read_as_trained`)."""
+  return read_as_trained(config, path, tokenizer=tokenizer)[0]
+
+
+count_characters = corpora.count_characters
+
+
+def prompt_tokens(config: TrainConfig, prompt: str, *,
+                  tokenizer: tokenizers.TextTokenizer | None = None
+                  ) -> tuple[list[str], Callable[[list[str]], str]]:
   """``(tokens, detokenize)``: a prompt tokenized as the training text was (its last line
-  gets no ``<eos>``), and the function that turns tokens back into text."""
+  gets no ``<eos>``), and the function that turns tokens back into text. An empty prompt
+  gives the tokens of a line break (``<eos>`` where the text has none), so that generation
+  starts as at the beginning of a line. BPE prompts lose trailing spaces: ``"The "`` would
+  end on a lone space token, rare in training, where the next word's token carries it."""
   if tokenizer is not None:
-    return tokenizer.tokenize(prompt, end_last_line=False), tokenizer.detokenize
+    if tokenizer.name == "bpe":
+      prompt = prompt.rstrip(" ")
+    tokens = tokenizer.tokenize(prompt, end_last_line=False)
+    return tokens or tokenizer.line_break or ["<eos>"], tokenizer.detokenize
   words = tokenizers.TextTokenizer("whitespace")
-  if config.data.corpus != "synthetic":  # PTB, WikiText-2: words, <eos> per line
-    reading_options(config)
-  return text.tokenize(prompt, "word"), words.detokenize
+  return text.tokenize(prompt, "word") or ["<eos>"], words.detokenize
 
 
 def unk_rate(tokens: list[str], ids, vocab: text.Vocab) -> float:
@@ -93,7 +109,7 @@ def evaluate_text_file(config: TrainConfig, vocab: text.Vocab, model: Any, param
   WikiText-2 and any run without ``--lowercase``/``--letters_only``; a model that folds
   non-letters (the Time Machine preset) is scored per character of the folded text.
   """
-  tokens, characters = tokens_as_trained(config, tokenizer, path)
+  tokens, characters = read_as_trained(config, path, tokenizer=tokenizer)
   if len(tokens) < 2:
     raise corpora.CorpusError(f"{path}: {len(tokens)} token(s); evaluation needs at least 2")
   ids = vocab.to_ids(tokens)

@@ -225,8 +225,6 @@ class Trainer:
     os.makedirs(self.workdir, exist_ok=True)
     if self.is_writer:
       run_logging.check_or_save_vocab(self.workdir, self.corpus.vocab)
-      if self.corpus.tokenizer is not None:  # lm-jax-evaluate / -generate read text with it
-        self.corpus.tokenizer.save(os.path.join(self.workdir, evaluation.TOKENIZER_FILE))
     self.manager = checkpointing.make_manager(os.path.join(self.workdir, "checkpoints"))
     restored = checkpointing.restore_latest(self.manager, self.dp.get_state(self.state),
                                             self.fingerprint)
@@ -251,6 +249,9 @@ class Trainer:
                          "a new --workdir"])
     if self.is_writer:  # only now: a checkpoint that does not match stopped the run above
       run_logging.write_json(os.path.join(self.workdir, "config.json"), self.config.flags())
+      if self.corpus.tokenizer is not None:  # lm-jax-evaluate / -generate read text with it
+        run_logging.write_json(os.path.join(self.workdir, evaluation.TOKENIZER_FILE),
+                               self.corpus.tokenizer.config())
       # The head (tree, classes, noise) is built from these; generate.py reads them.
       run_logging.write_json(os.path.join(self.workdir, COUNTS_FILE), self.counts.tolist())
     # Evaluations recorded in the restored checkpoint are not repeated (nor re-logged).

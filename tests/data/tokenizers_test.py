@@ -15,13 +15,14 @@ TEXT = "It's a well-known fact: value. Don't panic!\n\n(3.14) x_y\n"
 
 @pytest.fixture(scope="module")
 def bpe():
+  pytest.importorskip("tokenizers")  # the 'tokenizers' extra (in 'test')
   return tokenizers.train_bpe([TEXT * 20 + "the cat sat on the mat\n" * 30], 300)
 
 
 def test_words_split_punctuation_and_end_lines():
   assert TextTokenizer("words").tokenize(TEXT) == [
       "It's", "a", "well-known", "fact", ":", "value", ".", "Don't", "panic", "!", "<eos>",
-      "<eos>", "(", "3", ".", "14", ")", "x", "_", "y", "<eos>"]
+      "<eos>", "(", "3.14", ")", "x", "_", "y", "<eos>"]
   # A prompt's unfinished last line gets no <eos>; a finished one does.
   assert TextTokenizer("words").tokenize("a b.\nc", end_last_line=False) == [
       "a", "b", ".", "<eos>", "c"]
@@ -34,11 +35,15 @@ def test_whitespace_and_char_are_the_older_levels():
   assert corpora.LEVEL_TOKENIZERS == {"char": "char", "word": "whitespace"}
 
 
-def test_cleaning_keeps_lines_for_words_only():
-  words = TextTokenizer("words", lowercase=True, letters_only=True)
-  assert words.tokenize("Ab, C!\nD.") == ["ab", "c", "<eos>", "d", "<eos>"]
-  chars = TextTokenizer("char", lowercase=True, letters_only=True)
-  assert "".join(chars.tokenize("Ab, C!\nD.")) == "ab c d "  # D2L: newline is a non-letter
+def test_letters_only_is_one_rule_for_every_tokenizer():
+  """D2L's rule (a newline is a non-letter too) for all, so bits per character count the
+  same characters whatever the tokenizer."""
+  text = "Ab, C!\nD."
+  cleaned = {n: TextTokenizer(n, lowercase=True, letters_only=True).clean(text)
+             for n in ("char", "whitespace", "words")}
+  assert set(cleaned.values()) == {"ab c d "}
+  assert TextTokenizer("words", lowercase=True, letters_only=True).tokenize(text) == [
+      "ab", "c", "d", "<eos>"]
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -55,12 +60,22 @@ def test_whitespace_and_char_detokenize():
   assert TextTokenizer("char").detokenize(list("ab\nc")) == "ab\nc"
 
 
+def test_line_break_tokens_and_reserved_tokens_in_bpe_text(bpe):
+  assert TextTokenizer("words").line_break == ["<eos>"]
+  assert TextTokenizer("char").line_break == ["\n"]
+  assert TextTokenizer("whitespace").line_break == []
+  assert bpe.detokenize(bpe.line_break) == "\n"
+  # A sampled reserved token: <eos> is a line break, the others are not text.
+  tokens = bpe.tokenize("the cat") + ["<eos>", "<pad>", "<unk>"] + bpe.tokenize("sat")
+  assert bpe.detokenize(tokens) == "the cat\nsat"
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.text(max_size=40))
 def test_bpe_encodes_any_text_without_unk_and_decodes_it_exactly(bpe, s):
   """Byte-level: every UTF-8 string maps to tokens of the model and back, losslessly."""
   tokens = bpe.tokenize(s)
-  vocab = set(tokenizers.bpe_alphabet(bpe))
+  vocab = set(tokenizers.bpe_vocabulary(bpe))
   assert all(t in vocab for t in tokens)
   assert bpe.detokenize(tokens) == s
 
@@ -126,6 +141,7 @@ def test_load_text_splits_by_characters_at_word_boundaries(tmp_path):
 
 
 def test_load_text_bpe_never_reads_unk(tmp_path):
+  pytest.importorskip("tokenizers")
   path = _write(tmp_path, "book.txt", "the cat sat on the mat.\n" * 50)
   valid = _write(tmp_path, "valid.txt", "Ünïcödé 🙂 ∑ never seen\n")
   corpus = corpora.load_text(path, tokenizer="bpe", valid_path=valid, bpe_vocab_size=280)
@@ -145,7 +161,26 @@ def test_load_text_max_vocab_and_min_count(tmp_path):
   rare = corpora.load_text(path, tokenizer="whitespace", min_freq=15, valid_fraction=0.05)
   assert rare.vocab.tokens[4:] == ("a", "b", "c")  # d: 9 in train, now <unk>
   assert int(rare.vocab.counts[rare.vocab.unk_id]) == 9
-  with pytest.raises(corpora.CorpusError, match="max_tokens=5 applies to the char tokenizer"):
+  with pytest.raises(corpora.CorpusError, match="max_tokens=5 applies to the char and "):
     corpora.load_text(path, tokenizer="words", max_tokens=5)
   with pytest.raises(corpora.CorpusError, match="give tokenizer= .* or level="):
     corpora.load_text(path, tokenizer="words", level="word")
+
+
+def test_char_and_whitespace_split_by_token_counts_as_the_older_levels(tmp_path):
+  """--level=char/word workdirs resume: their splits are cut by token counts as before
+  (a 'line i' text: the valid split starts at a token, whatever the character count)."""
+  text = "".join(f"w{i} {'x' * (i % 7)}\n" for i in range(50))
+  path = _write(tmp_path, "lines.txt", text)
+  words = text.split()
+  corpus = corpora.load_text(path, level="word", valid_fraction=0.2, test_fraction=0.1)
+  n_valid, n_test = round(len(words) * 0.2), round(len(words) * 0.1)
+  n_train = len(words) - n_valid - n_test
+  for split, expected in (("valid", words[n_train:n_train + n_valid]),
+                          ("test", words[n_train + n_valid:])):
+    ids = getattr(corpus, split)
+    assert len(ids) == len(expected)
+    assert corpus.vocab.to_tokens(ids) == [w if w in corpus.vocab else "<unk>" for w in expected]
+  assert sum(corpus.characters.values()) == len(text)
+  capped = corpora.load_text(path, tokenizer="whitespace", max_tokens=20)
+  assert len(capped.train) + len(capped.valid) == 20

@@ -220,7 +220,8 @@ def test_variational_dropout_model_reuses_masks_over_time(monkeypatch):
   # What the layer reads from a constant embedding sequence: the same dropped features at every t.
   seen = []
   scan_layer = rnn.scan_layer
-  monkeypatch.setattr(rnn, "scan_layer", lambda *a: seen.append(a[2]) or scan_layer(*a))
+  monkeypatch.setattr(rnn, "scan_layer",
+                      lambda *a, **k: seen.append(a[2]) or scan_layer(*a, **k))
   model = _model(cell="rnn_tanh", num_layers=1, dropout=0.5, variational_dropout=True)
   model.hidden_from_embeddings(params, jnp.ones((B, T, E)), model.initial_state(B),
                                dropout_key=key)
@@ -338,6 +339,7 @@ def test_bfloat16_compute_keeps_float32_params_grads_and_losses(cell, head):
   options = {"bands": "10:8,-1:8"} if head == "dsoftmax" else {}
   kwargs = dict(vocab_size=20, embed_size=8, hidden_size=16, num_layers=2, cell=cell,
                 head=heads.make_head(head, vocab_size=20, counts=counts, **options))
+  assert kwargs["head"].mixed_precision == (head in BFLOAT16_HEADS)
   f32 = lm.make_language_model(**kwargs)
   bf16 = lm.make_language_model(**kwargs, dtype=jnp.bfloat16)
   params = f32.init(jax.random.PRNGKey(0))

@@ -167,3 +167,18 @@ def test_corpus_content_hash_names_the_data_not_its_path(tmp_path):
   hashes = [corpora.content_sha256(corpora.load_text(tmp_path / f"{n}.txt"))
             for n in ("a", "b", "c")]
   assert hashes[0] == hashes[1] != hashes[2] and len(hashes[0]) == 64
+
+
+def test_old_text_checkpoints_have_their_tokenizer_from_their_level(caplog):
+  """A text checkpoint from before --tokenizer: its --level says which it was."""
+  for level, other in (("word", "words"), ("char", "whitespace")):
+    current = config_lib.model_fingerprint(
+        TrainConfig.from_flags(text_path="t.txt", level=level), 10)
+    old = {k: v for k, v in current.items()
+           if k not in ("tokenizer", "max_vocab", "min_count", "bpe_vocab_size", "dtype")}
+    caplog.clear()
+    assert checkpointing.config_differences(old, current) == []
+    assert "predates" not in caplog.text
+    changed = config_lib.model_fingerprint(
+        TrainConfig.from_flags(text_path="t.txt", tokenizer=other), 10)
+    assert any(d.startswith("tokenizer:") for d in checkpointing.config_differences(old, changed))

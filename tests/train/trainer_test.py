@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm_jax.data import corpora
 from lm_jax.models import generation
 from lm_jax.train import checkpointing
 from lm_jax.train import evaluation
@@ -202,7 +203,8 @@ def test_nan_loss_stops_with_the_step_named(tmp_path):
     (dict(corpus=None, text_path="t.txt", max_vocab=3), "--max_vocab=3 must be 0"),
     (dict(corpus=None, text_path="t.txt", min_count=0), "--min_count=0 must be >= 1"),
     (dict(corpus=None, text_path="t.txt", tokenizer="words", text_max_tokens=10),
-     "--text_max_tokens counts characters"),
+     "--text_max_tokens needs --tokenizer=char or whitespace"),
+    (dict(corpus="ptb", lowercase=True), "--lowercase=True: only for your own text"),
     (dict(tokenizer="words"), "--tokenizer=words: only for your own text"),
     (dict(dtype="float16"), "--dtype='float16' is not one of")])
 def test_bad_flags_fail_before_any_work(tmp_path, overrides, flag):
@@ -383,18 +385,38 @@ def test_tokenizer_is_saved_and_evaluation_reads_text_as_training_did(tmp_path, 
   np.testing.assert_allclose(row["bits_per_token"], results["test_bits_per_token"], rtol=1e-6)
   train_records = [r for r in run_logging.read_metrics(str(tmp_path / "w" / "metrics.jsonl"))
                    if r["split"] == "train"]
-  assert all(r["bits_per_character"] < r["bits_per_token"] for r in train_records)
+  corpus = trainer.load_corpus(config)  # bits per character = bits per token x tokens / chars
+  for r in train_records:
+    np.testing.assert_allclose(r["bits_per_character"] * corpus.characters["train"],
+                               r["bits_per_token"] * len(corpus.train), rtol=1e-9)
   if tokenizer == "words":  # 9 types: the 4 reserved and the 5 most frequent
     assert len(vocab) == 9 and row["unk_rate"] > 0
   # Generation reads the prompt with the same tokenizer and writes text back with it.
   prompt = "Ünï 🙂 The cat" if tokenizer == "bpe" else "The cat"
-  tokens, detokenize = evaluation.prompt_tokens(loaded_config, saved, prompt)
+  tokens, detokenize = evaluation.prompt_tokens(loaded_config, prompt, tokenizer=saved)
   ids = vocab.to_ids(tokens)
   if tokenizer == "bpe":  # byte-level: nothing is <unk>, whatever the characters
     assert evaluation.unk_rate(tokens, ids, vocab) == 0.0
   assert tokens[-1] != "<eos>"  # the prompt's line stays open
   out = generation.generate(model, params, ids, num_tokens=5, key=jax.random.PRNGKey(0))
   assert detokenize(tokens + vocab.to_tokens(out)).startswith(prompt)
+
+
+def test_load_tokenizer_of_older_workdirs_and_presets(tmp_path):
+  """Without tokenizer.json (workdirs from before it), the flags say how text was read."""
+  def tokenizer(**flags):
+    return evaluation.load_tokenizer(str(tmp_path), TrainConfig.from_flags(**flags))
+  old = tokenizer(text_path="t.txt", level="word", lowercase=True)
+  assert (old.name, old.lowercase, old.letters_only) == ("whitespace", True, False)
+  assert tokenizer(text_path="t.txt").name == "char"
+  tm = tokenizer(corpus="timemachine")
+  assert (tm.name, tm.lowercase, tm.letters_only) == ("char", True, True)
+  assert tokenizer(corpus="ptb") is None  # words, <eos> per line: corpora.read_tokens
+  with pytest.raises(corpora.CorpusError, match="tokenizer.json not found: a BPE run"):
+    tokenizer(text_path="t.txt", tokenizer="bpe")
+  saved = evaluation.tokenizers.TextTokenizer("words", letters_only=True)
+  saved.save(tmp_path / "tokenizer.json")
+  assert tokenizer(text_path="t.txt").config() == saved.config()  # the file wins
 
 
 def test_eval_rows_beyond_the_split_still_count_every_token(tmp_path):
