@@ -29,6 +29,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("batch_size", 0, "evaluation rows (0: the run's --eval_batch_size)")
   flags.DEFINE_string("json_out", "", "also write the results here (default: "
                       "<workdir>/evaluation.json)")
+  flags.DEFINE_enum("dtype", "", ["", "float32", "bfloat16"], "compute dtype (empty: the "
+                    "run's --dtype); a bfloat16 run's float32 params score in float32 too")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -52,7 +54,7 @@ def main(argv: list[str]) -> None:
   out = args.json_out or os.path.join(args.workdir, "evaluation.json")
   if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
     raise app.UsageError(f"--json_out={out}: its directory does not exist")
-  config, vocab, model, params = trainer.load_trained(args.workdir)
+  config, vocab, model, params = trainer.load_trained(args.workdir, dtype=args.dtype or None)
   tokenizer = evaluation.load_tokenizer(args.workdir, config)
   rows = []
   for path in paths:

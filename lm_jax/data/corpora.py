@@ -9,11 +9,11 @@ text, about one to four bytes a character beside the token list: it cuts the tex
 splits before tokenizing them (BPE is learned on the training part) and counts their
 characters for bits per character.
 
-Word-level tokenization of the benchmarks follows ``text.StreamTokenizer``, the usual setups' conventions, so token
-counts match the literature: with ``add_eos`` every line, blank lines included, ends
-with one ``<eos>`` (PyTorch's ``word_language_model``; the data README counts this way:
-on WikiText-2 each blank line between paragraphs gives a lone ``<eos>`` and the
-`` = Heading = `` lines are kept). Vocabularies come from the training split only;
+Word-level tokenization of the benchmarks follows ``text.StreamTokenizer``, the usual
+setups' conventions, so token counts match the literature: with ``add_eos`` every line,
+blank lines included, ends with one ``<eos>`` (PyTorch's ``word_language_model``; the data
+README counts this way: on WikiText-2 each blank line between paragraphs gives a lone
+``<eos>`` and the `` = Heading = `` lines are kept). Vocabularies come from the training split only;
 tokens of other splits that it lacks become ``<unk>``, counted in ``Corpus.oov_counts``.
 
 Vocabulary sizes: ``len(vocab)`` counts the four reserved tokens, so the real PTB gives
@@ -315,8 +315,8 @@ def load_text(path: str | os.PathLike, *,
   did), and into as many characters for words and BPE (whose tokens are only known once the
   split is, BPE being learned on the training part), each cut moved on to the next
   whitespace so that no word is cut in two. ``test_fraction=0`` gives ``test=None``.
-  ``valid_path`` / ``test_path`` give those splits as files of their own (read the same way; the fraction of
-  that split is then not taken from ``path``). Each split is then tokenized by
+  ``valid_path`` / ``test_path`` give those splits as files of their own (read the same
+  way; the fraction of that split is then not taken from ``path``). Each split is then tokenized by
   ``tokenizer`` (a name of ``tokenizers.TOKENIZERS``, default "char", or a
   ``TextTokenizer``; ``level`` "char"/"word" is the older name of "char"/"whitespace");
   "bpe" learns a byte-level BPE of ``bpe_vocab_size`` tokens on the training split. The
@@ -371,12 +371,15 @@ def load_text(path: str | os.PathLike, *,
            "valid": clean.clean(read_text(valid_path)) if valid_path else whole[a:b],
            "test": (clean.clean(read_text(test_path)) if test_path
                     else whole[b:] if test_fraction > 0 else None)}
+  # A piece that ends inside the file's text does not end its last line (no <eos> there).
+  ends_text = {"train": a >= len(whole), "valid": bool(valid_path) or b >= len(whole),
+               "test": True}
   del whole
   if tokenizer == "bpe":
     tokenizer = tokenizers.train_bpe([texts["train"]], bpe_vocab_size, lowercase=lowercase,
                                      letters_only=letters_only, cleaned=True)
-  splits = {split: None if t is None else tokenizer.tokenize(t, cleaned=True)
-            for split, t in texts.items()}
+  splits = {split: None if t is None else tokenizer.tokenize(
+      t, cleaned=True, end_last_line=ends_text[split]) for split, t in texts.items()}
   for split, tokens in splits.items():
     if tokens is not None and not tokens:
       where = {"valid": valid_path, "test": test_path}.get(split) or path

@@ -290,16 +290,7 @@ class Vocab:
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Vocab":
     """Reads a file written by ``save``; a malformed file raises ValueError naming it."""
-    try:
-      with open(path, encoding="utf-8") as f:
-        payload = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ValueError(f"{path}: not a vocabulary JSON file ({e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-      raise ValueError(f"{path}: not a vocabulary file (expected \"format\": {_FORMAT!r})")
-    if payload.get("version") != _VERSION:
-      raise ValueError(f"{path}: vocabulary format version {payload.get('version')!r} is not "
-                       f"supported (this code reads version {_VERSION})")
+    payload = read_versioned_json(path, _FORMAT, _VERSION, "vocabulary")
     missing = {"tokens", "counts", "reserved"} - set(payload)
     if missing:
       raise ValueError(f"{path}: vocabulary file lacks {sorted(missing)}")
@@ -312,3 +303,20 @@ class Vocab:
                  reserved=tuple(payload["reserved"]))
     except (ValueError, TypeError) as e:
       raise ValueError(f"{path}: malformed vocabulary: {e}") from None
+
+
+def read_versioned_json(path: str | os.PathLike, format_name: str, version: int, what: str,
+                        error: type[ValueError] = ValueError) -> dict:
+  """The JSON object of a file written with ``{"format": format_name, "version": version}``;
+  ``error`` naming the file (and ``what`` it should be) if it is not that."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      payload = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{path}: not a {what} JSON file ({e})") from None
+  if not isinstance(payload, dict) or payload.get("format") != format_name:
+    raise error(f"{path}: not a {what} file (expected \"format\": {format_name!r})")
+  if payload.get("version") != version:
+    raise error(f"{path}: {what} format version {payload.get('version')!r} is not "
+                f"supported (this code reads version {version})")
+  return payload

@@ -31,6 +31,8 @@ import os
 import re
 from typing import Any, Iterable
 
+from lm_jax.data import text as text_lib
+
 TOKENIZERS = ("char", "whitespace", "words", "bpe")
 # Numbers with inner . , : stay whole ("3.14", "1,000", "10:30"), as do words with inner
 # apostrophes or hyphens; every other non-space character is a token of its own
@@ -162,16 +164,7 @@ class TextTokenizer:
   @classmethod
   def load(cls, path: str | os.PathLike) -> "TextTokenizer":
     """Reads a file written by ``save``; a malformed one raises TokenizerError naming it."""
-    try:
-      with open(path, encoding="utf-8") as f:
-        payload = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise TokenizerError(f"{path}: not a tokenizer JSON file ({e})") from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-      raise TokenizerError(f"{path}: not a tokenizer file (expected \"format\": {_FORMAT!r})")
-    if payload.get("version") != _VERSION:
-      raise TokenizerError(f"{path}: tokenizer format version {payload.get('version')!r} is "
-                           f"not supported (this code reads version {_VERSION})")
+    payload = text_lib.read_versioned_json(path, _FORMAT, _VERSION, "tokenizer", TokenizerError)
     bpe = None
     if payload.get("name") == "bpe":
       try:

@@ -149,6 +149,9 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
       raise ValueError(f"{name} must be >= 1, got {value}")
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+  if dtype is not None and jnp.dtype(dtype) == jnp.float16:
+    raise ValueError("dtype=float16 needs loss scaling, which lm_jax does not do: use "
+                     "bfloat16 (float32's exponent range) for mixed precision")
   cell = rnn.get_cell(cell) if isinstance(cell, str) else cell
   head = heads_lib.full_softmax(vocab_size, init_scale=init_scale) if head is None else head
   rate = dropout
@@ -164,9 +167,14 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
   def _head_compute(head_params):
     """The head's matrices in the compute dtype if it computes in its params' dtype
     (``head.mixed_precision``); its vectors and scalars (biases, ``log_z``) stay as they are."""
-    if dtype is None or not head.mixed_precision:
+    if not head.mixed_precision:
       return head_params
-    return jax.tree.map(lambda x: _compute(x) if jnp.ndim(x) >= 2 else x, head_params)
+    return precision.cast_floating(head_params, dtype, matrices_only=True)
+
+  def _head_params(params):
+    """What the head's functions take: its params (with tied weights, the embedding as
+    ``weight_VxH``), matrices in the compute dtype for a mixed-precision head."""
+    return _head_compute(_head_tree(params))
 
   def init(key):
     k_embed, k_head, *k_layers = jax.random.split(key, num_layers + 2)
@@ -182,7 +190,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                                  init_scale=init_scale) for i, k in enumerate(k_layers)],
             "head": head_params}
 
-  def _head_params(params):
+  def _head_tree(params):
     if not tie_weights:
       return params["head"]
     return {**params["head"], "weight_VxH": params["embed_VxE"]}
@@ -239,7 +247,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
                                      row_ids_B)
     batch, steps, width = hidden_BxTxH.shape
     where_N = None if mask_BxT is None else jnp.asarray(mask_BxT, bool).reshape(batch * steps)
-    loss_N = head.loss(_head_compute(_head_params(params)), hidden_BxTxH.reshape(batch * steps, width),
+    loss_N = head.loss(_head_params(params), hidden_BxTxH.reshape(batch * steps, width),
                        targets_BxT.reshape(batch * steps), key=keys[-1], where=where_N,
                        **_tables(tables))
     return loss_N.reshape(batch, steps), new_state
@@ -248,7 +256,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
     targets_BxT = jnp.asarray(targets_BxT)
     hidden_BxTxH, new_state = hidden(params, inputs_BxT, state, mask_BxT=mask_BxT)
     batch, steps, width = hidden_BxTxH.shape
-    logp_N = head.log_prob(_head_compute(_head_params(params)), hidden_BxTxH.reshape(batch * steps, width),
+    logp_N = head.log_prob(_head_params(params), hidden_BxTxH.reshape(batch * steps, width),
                            targets_BxT.reshape(batch * steps), **_tables(tables))
     nll_BxT = -logp_N.reshape(batch, steps)
     if mask_BxT is not None:
@@ -257,7 +265,7 @@ def make_language_model(*, vocab_size: int, embed_size: int, hidden_size: int,
 
   def log_probs(params, hidden_xH, *, tables=None):
     hidden_xH = _compute(jnp.asarray(hidden_xH))
-    logp_NxV = head.log_probs(_head_compute(_head_params(params)), hidden_xH.reshape(-1, hidden_xH.shape[-1]),
+    logp_NxV = head.log_probs(_head_params(params), hidden_xH.reshape(-1, hidden_xH.shape[-1]),
                               **_tables(tables))
     return logp_NxV.reshape(*hidden_xH.shape[:-1], logp_NxV.shape[-1])
 

@@ -61,39 +61,51 @@ def _narrow(dtype) -> bool:
   return jnp.dtype(dtype) == jnp.bfloat16
 
 
-def _add_bias(y_xG, b_G):
-  """``y + b``; for bfloat16 added in float32 and rounded once, so that ``b``'s gradient, a
-  sum over every row, is summed in float32."""
-  if not _narrow(jnp.result_type(y_xG, b_G)):
-    return y_xG + b_G
-  return (y_xG.astype(jnp.float32) + b_G.astype(jnp.float32)).astype(jnp.bfloat16)
+def _add_bias(y_xG, b_G, out_dtype):
+  """``y + b`` added in float32 (or wider) and rounded once to ``out_dtype``, so that under
+  mixed precision ``b``'s gradient, a sum over every row, is summed in float32."""
+  wide = jnp.result_type(jnp.float32, y_xG, b_G)
+  return (y_xG.astype(wide) + b_G.astype(wide)).astype(out_dtype)
 
 
 def _input_projection(params, x_xE):
   w_ExG = params["W_xh_ExG"]
   x_xE = jnp.asarray(x_xE)
-  if not _narrow(jnp.result_type(x_xE, w_ExG)):
+  if not _narrow(jnp.promote_types(x_xE.dtype, w_ExG.dtype)):
     return jnp.matmul(x_xE, w_ExG) + params["b_G"]
-  # bfloat16: one [rows, E] x [E, G] matmul, bfloat16 both ways with float32 accumulation.
+  # bfloat16 inputs and weights: one [rows, E] x [E, G] matmul, bfloat16 both ways with
+  # float32 accumulation; the bias added in float32; the projection stored in bfloat16.
   y_NxG = precision.matmul(x_xE.reshape(-1, x_xE.shape[-1]), w_ExG)
-  return _add_bias(y_NxG.reshape(*x_xE.shape[:-1], -1), params["b_G"])
+  return _add_bias(y_NxG.reshape(*x_xE.shape[:-1], w_ExG.shape[1]), params["b_G"],
+                   jnp.bfloat16)
+
+
+def _add_input(params, x_xE):
+  """Elman without ``W_xh``: the input plus the bias (in float32 for a bfloat16 input)."""
+  x_xE = jnp.asarray(x_xE)
+  if not _narrow(x_xE.dtype):
+    return x_xE + params["b_G"]
+  return _add_bias(x_xE, params["b_G"], jnp.bfloat16)
 
 
 def _recurrent(params, h_BxH, proj_BxG):
   """Returns ``proj + h W_hh`` in the compute dtype (float32, or float64 under x64)."""
   dtype = jnp.result_type(jnp.float32, h_BxH, proj_BxG, params["W_hh_HxG"])
-  rec_BxG = _recurrent_matmul(params, h_BxH, dtype)
+  rec_BxG = _recurrent_matmul(params, h_BxH, proj_BxG, dtype)
   return jnp.asarray(proj_BxG, dtype) + rec_BxG
 
 
-def _recurrent_matmul(params, h_BxH, dtype):
-  """``h W_hh`` in ``dtype`` (float32 or wider). A carry wider than ``W_hh`` is cast to its
-  dtype first, so a bfloat16 ``W_hh`` (mixed precision) makes bfloat16 matmuls, forward and
-  backward (``precision.matmul``), even with a float32 carry."""
+def _recurrent_matmul(params, h_BxH, proj_BxG, dtype):
+  """``h W_hh`` in ``dtype`` (float32 or wider). Mixed precision (a bfloat16 ``W_hh`` and a
+  bfloat16 input projection, as ``scan_layer(dtype=jnp.bfloat16)`` makes them): the float32
+  carry is rounded to bfloat16 for the matmul, bfloat16 forward and backward with float32
+  accumulation (``precision.matmul``). Otherwise the operands promote as usual (a float32
+  carry or input with bfloat16 params: a float32 matmul)."""
   w_HxG = params["W_hh_HxG"]
-  if jnp.finfo(w_HxG.dtype).bits < 32 <= jnp.finfo(h_BxH.dtype).bits:
-    h_BxH = h_BxH.astype(w_HxG.dtype)
-  return precision.matmul(h_BxH, w_HxG).astype(dtype)
+  if _narrow(w_HxG.dtype) and _narrow(jnp.result_type(proj_BxG)):
+    h_BxH = h_BxH.astype(jnp.bfloat16)
+    return precision.matmul(h_BxH, w_HxG).astype(dtype)
+  return jnp.matmul(h_BxH, w_HxG, preferred_element_type=dtype)
 
 
 def _zeros(batch_size, hidden_size, dtype=jnp.float32):
@@ -138,10 +150,8 @@ def elman_cell(activation: str = "tanh", *, input_matrix: bool = True) -> Cell:
     new_h = phi(_recurrent(params, h_BxH, proj_BxG)).astype(h_BxH.dtype)
     return new_h, new_h
 
-  def add_input(params, x_xE):
-    return _add_bias(jnp.asarray(x_xE), params["b_G"])
 
-  return Cell(init, _input_projection if input_matrix else add_input, step, _zeros)
+  return Cell(init, _input_projection if input_matrix else _add_input, step, _zeros)
 
 
 def gru_cell() -> Cell:
@@ -166,7 +176,7 @@ def gru_cell() -> Cell:
 
   def step(params, h_BxH, proj_BxG):
     dtype = jnp.result_type(jnp.float32, h_BxH, proj_BxG, params["W_hh_HxG"])
-    rec_BxG = _recurrent_matmul(params, h_BxH, dtype)
+    rec_BxG = _recurrent_matmul(params, h_BxH, proj_BxG, dtype)
     x_r, x_z, x_n = jnp.split(jnp.asarray(proj_BxG, dtype), 3, axis=-1)
     h_r, h_z, h_n = jnp.split(rec_BxG, 3, axis=-1)
     r = jax.nn.sigmoid(x_r + h_r)
@@ -255,14 +265,17 @@ def _check(params, inputs_BxTxE, carry, mask_BxT):
 def _scan(cell, params, xs_TxBxF, carry, mask_BxT, project, unroll, dtype=None):
   """One ``lax.scan`` over time-major ``xs``; ``project`` maps an ``xs`` slice to ``proj_BxG``.
 
-  The params enter the scan as they are and are cast to ``dtype`` inside the step (XLA
-  hoists the cast): a constant of a scan has its gradient summed over ``T`` in its own
-  dtype, so float32 params keep a float32 sum under a bfloat16 ``dtype``."""
+  The params enter the scan as they are and their matrices are cast to ``dtype`` inside the
+  step: a constant of a scan has its gradient summed over ``T`` in its own dtype, so float32
+  params keep a float32 sum under a bfloat16 ``dtype``. (Under ``grad`` JAX's partial
+  evaluation of the scan moves the cast out of the loop; a forward pass leaves it to XLA's
+  loop-invariant code motion.)"""
   keep_TxB = None if mask_BxT is None else jnp.swapaxes(mask_BxT, 0, 1)
 
   def body(carry, xs):
     x_BxF, keep_B = xs
-    new_carry, h_BxH = cell.step(precision.cast_floating(params, dtype), carry, project(x_BxF))
+    new_carry, h_BxH = cell.step(precision.cast_floating(params, dtype, matrices_only=True),
+                                 carry, project(x_BxF))
     if keep_B is not None:
       new_carry = jax.tree_util.tree_map(
           lambda new, old: jnp.where(keep_B[:, None], new, old), new_carry, carry)
@@ -294,8 +307,10 @@ def scan_layer(cell: Cell, params: Params, inputs_BxTxE: jax.typing.ArrayLike, c
     mask_BxT: optional ``[B, T]``, True on real tokens.
     unroll: passed to ``lax.scan``.
     dtype: the compute dtype of the matmuls (None: the params'); e.g. ``jnp.bfloat16`` with
-      float32 params (mixed precision). The params are cast inside the scan's step, so
-      the recurrent weights' gradients are summed over ``T`` in their own dtype.
+      float32 params (mixed precision). The inputs and the weight matrices are cast to it
+      (the matrices inside the scan's step, so the recurrent weights' gradients are summed
+      over ``T`` in their own dtype; biases stay as they are, added in float32); the carry
+      keeps its dtype.
 
   Returns:
     ``(outputs_BxTxH, final_carry)``.
@@ -310,7 +325,8 @@ def scan_layer(cell: Cell, params: Params, inputs_BxTxE: jax.typing.ArrayLike, c
   """
   inputs_BxTxE, mask_BxT = _check(params, inputs_BxTxE, carry, mask_BxT)
   # Transpose the narrower inputs (E wide), not the projections (G wide), to time-major.
-  proj_TxBxG = cell.input_projection(precision.cast_floating(params, dtype),
+  inputs_BxTxE = precision.cast_floating(inputs_BxTxE, dtype)
+  proj_TxBxG = cell.input_projection(precision.cast_floating(params, dtype, matrices_only=True),
                                      jnp.swapaxes(inputs_BxTxE, 0, 1))
   return _scan(cell, params, proj_TxBxG, carry, mask_BxT, lambda p: p, unroll, dtype)
 
@@ -320,7 +336,7 @@ def scan_layer_unhoisted(cell: Cell, params: Params, inputs_BxTxE: jax.typing.Ar
                          unroll: int = 1, dtype: Any = None):
   """Same maths as :func:`scan_layer` with the input projection inside the scan (naive baseline)."""
   inputs_BxTxE, mask_BxT = _check(params, inputs_BxTxE, carry, mask_BxT)
-  x_TxBxE = jnp.swapaxes(inputs_BxTxE, 0, 1)
+  x_TxBxE = jnp.swapaxes(precision.cast_floating(inputs_BxTxE, dtype), 0, 1)
+  matrices = lambda: precision.cast_floating(params, dtype, matrices_only=True)
   return _scan(cell, params, x_TxBxE, carry, mask_BxT,
-               lambda x_BxE: cell.input_projection(precision.cast_floating(params, dtype), x_BxE),
-               unroll, dtype)
+               lambda x_BxE: cell.input_projection(matrices(), x_BxE), unroll, dtype)

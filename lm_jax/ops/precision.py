@@ -24,12 +24,20 @@ import jax
 import jax.numpy as jnp
 
 
-def cast_floating(tree: Any, dtype) -> Any:
-  """Floating leaves of ``tree`` cast to ``dtype`` (None: unchanged); integer leaves kept."""
+def cast_floating(tree: Any, dtype, *, matrices_only: bool = False) -> Any:
+  """Floating leaves of ``tree`` cast to ``dtype`` (None: unchanged); integer leaves kept.
+  ``matrices_only``: only leaves of rank >= 2 (mixed precision keeps biases and scalars as
+  they are: they are added, not multiplied, and their gradients are sums)."""
   if dtype is None:
     return tree
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
+
+  def cast(x):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating) or (
+        matrices_only and jnp.ndim(x) < 2):
+      return x
+    return jnp.asarray(x).astype(dtype)
+
+  return jax.tree.map(cast, tree)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -41,15 +41,14 @@ HEAD_OPTION_FIELDS = {head: {option: HEAD_OPTION_FLAGS[option] for option in opt
 DTYPES = ("float32", "bfloat16")  # --dtype: the compute dtype (params stay float32)
 # Fingerprint entries of checkpoints written before these keys existed.
 FINGERPRINT_DEFAULTS = {"head": "full", "head_options": {}, "tie_weights": False,
-                        "max_vocab": 0, "min_count": 1, "bpe_vocab_size": 1024,
-                        "dtype": "float32"}
+                        "max_vocab": 0, "min_count": 1, "bpe_vocab_size": 1024}
 # The flags a resume must keep (model_fingerprint), besides head and data options.
 FINGERPRINT_FLAGS = (
     "corpus", "batch_size", "bptt", "batching", "eval_batch_size",
     "cell", "layers", "hidden", "embed", "dropout", "variational_dropout", "tie_weights",
     "init_scale", "head",
     "optimizer", "lr", "lr_schedule", "lr_decay_start", "lr_decay_factor", "clip",
-    "weight_decay", "grad_reduction", "seed", "dtype")
+    "weight_decay", "grad_reduction", "seed")
 # The data flags each corpus's loader reads (Trainer's load_corpus), fingerprinted with it.
 # ``level`` and ``tokenizer`` enter resolved (DataConfig.text_tokenizer).
 DATA_OPTION_FIELDS = {"text": ("level", "tokenizer", "lowercase", "letters_only",
@@ -175,7 +174,8 @@ class ModelConfig:
       'matmuls, forward and backward, in bfloat16 with float32 accumulation; params, '
       'optimizer state, the recurrent carry and the losses in float32; the class, classtree, '
       'hsm, nce, neg, sampled and adaptive heads compute from the bfloat16 hidden state in '
-      'float32). Faster on GPU/TPU; on CPU XLA emulates bfloat16 (slower)')
+      'float32). Faster on GPU/TPU; on CPU XLA emulates bfloat16 (slower for small '
+      'models). Not part of the checkpoint: a run may resume in the other dtype')
   head: str = flag(
       "full",
       'output layer: full, class, hsm, dsoftmax, nce, neg, sampled, adaptive or classtree')

@@ -21,23 +21,24 @@ TOKENIZER_FILE = "tokenizer.json"  # in a workdir: how the run read its text
 
 def reading_options(config: TrainConfig) -> dict[str, Any]:
   """How a PTB or WikiText-2 run read its text (``corpora.read_tokens`` keywords: words,
-  ``<eos>`` per line); the other text corpora save their tokenizer (:func:`load_tokenizer`).
+  ``<eos>`` per line); the other text corpora have a tokenizer (:func:`config_tokenizer`).
 
-  Raises ``CorpusError`` for a model of the synthetic language, which reads no text."""
+  Raises ``CorpusError`` for a model of the synthetic language, which reads no text, and
+  ``ValueError`` for the corpora with a tokenizer."""
   if config.data.corpus == "synthetic":
     raise corpora.CorpusError(
         "this workdir's model was trained on the synthetic language (--corpus=synthetic), "
         "which has no text: train with --text_path (or ptb/wikitext2) to evaluate text files")
+  if config.data.corpus not in ("ptb", "wikitext2"):
+    raise ValueError(f"--corpus={config.data.corpus} reads text with a tokenizer "
+                     "(config_tokenizer / load_tokenizer), not with reading options")
   return dict(level="word", add_eos=True, lowercase=False, letters_only=False)
 
 
-def load_tokenizer(workdir: str | os.PathLike, config: TrainConfig
-                   ) -> tokenizers.TextTokenizer | None:
-  """The tokenizer a run saved in its workdir (``tokenizer.json``); for a text workdir from
-  before it was saved, the one its flags name; None for PTB, WikiText-2 and synthetic."""
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(path):
-    return tokenizers.TextTokenizer.load(path)
+def config_tokenizer(config: TrainConfig) -> tokenizers.TextTokenizer | None:
+  """The tokenizer a run's flags describe (a workdir's ``tokenizer.json`` is the record:
+  :func:`load_tokenizer`); None for PTB, WikiText-2 (:func:`reading_options`) and synthetic.
+  A BPE tokenizer is learned from the data, so the flags cannot give it: CorpusError."""
   data = config.data
   presets = {"timemachine": dict(name="char", lowercase=True, letters_only=True),
              "tinyshakespeare": dict(name="char")}
@@ -46,17 +47,33 @@ def load_tokenizer(workdir: str | os.PathLike, config: TrainConfig
   if data.corpus != "text":
     return None
   if data.text_tokenizer() == "bpe":
-    raise corpora.CorpusError(f"{path} not found: a BPE run saves its tokenizer there")
+    raise corpora.CorpusError(f"a BPE tokenizer is learned from the training text: read it "
+                              f"from the run's workdir ({TOKENIZER_FILE})")
   return tokenizers.TextTokenizer(data.text_tokenizer(), lowercase=data.lowercase,
                                   letters_only=data.letters_only)
+
+
+def load_tokenizer(workdir: str | os.PathLike, config: TrainConfig
+                   ) -> tokenizers.TextTokenizer | None:
+  """The tokenizer a run saved in its workdir (``tokenizer.json``); for a workdir from
+  before it was saved, the one its flags name (:func:`config_tokenizer`)."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if os.path.exists(path):
+    return tokenizers.TextTokenizer.load(path)
+  try:
+    return config_tokenizer(config)
+  except corpora.CorpusError:
+    raise corpora.CorpusError(f"{path} not found: a BPE run saves its tokenizer there") from None
 
 
 def read_as_trained(config: TrainConfig, path: str | os.PathLike, *,
                     tokenizer: tokenizers.TextTokenizer | None = None
                     ) -> tuple[list[str], int]:
   """``(tokens, characters)``: ``path`` read and tokenized exactly as the run's corpus was
-  (``tokenizer``: :func:`load_tokenizer`'s), and its characters as that tokenizer reads
-  them (after ``lowercase``/``letters_only``; PTB and WikiText-2: the file's)."""
+  (``tokenizer``: :func:`load_tokenizer`'s; default: :func:`config_tokenizer`'s), and its
+  characters as that tokenizer reads them (after ``lowercase``/``letters_only``; PTB and
+  WikiText-2: the file's)."""
+  tokenizer = tokenizer or config_tokenizer(config)
   if tokenizer is None:
     return (corpora.read_tokens(path, **reading_options(config)),
             corpora.count_characters(path))
@@ -81,6 +98,7 @@ def prompt_tokens(config: TrainConfig, prompt: str, *,
   gives the tokens of a line break (``<eos>`` where the text has none), so that generation
   starts as at the beginning of a line. BPE prompts lose trailing spaces: ``"The "`` would
   end on a lone space token, rare in training, where the next word's token carries it."""
+  tokenizer = tokenizer or config_tokenizer(config)
   if tokenizer is not None:
     if tokenizer.name == "bpe":
       prompt = prompt.rstrip(" ")

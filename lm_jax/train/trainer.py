@@ -545,9 +545,11 @@ def train_and_evaluate(config: TrainConfig) -> dict[str, Any]:
   return Trainer(config).run()
 
 
-def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.LanguageModel, Any]:
+def load_trained(workdir: str, *, dtype: str | None = None
+                 ) -> tuple[TrainConfig, text.Vocab, lm_lib.LanguageModel, Any]:
   """Config, vocabulary, model and the newest decodable checkpoint's parameters of a workdir
-  (read-only: a damaged checkpoint is skipped, never moved)."""
+  (read-only: a damaged checkpoint is skipped, never moved). ``dtype``: compute in it
+  instead of the run's ``--dtype`` (the parameters are float32 either way)."""
   config_path = os.path.join(workdir, "config.json")
   if not os.path.exists(config_path):
     raise WorkdirError(f"{config_path} not found: is {workdir!r} a train_lm.py workdir?")
@@ -555,6 +557,8 @@ def load_trained(workdir: str) -> tuple[TrainConfig, text.Vocab, lm_lib.Language
     values = json.load(f)
   if values.get("corpus") == "text":  # written before the 80/10/10 split: 90/10, no test
     values.setdefault("test_fraction", 0.0)
+  if dtype:
+    values["dtype"] = dtype
   config = TrainConfig.from_flags(**values)
   vocab = text.Vocab.load(os.path.join(workdir, "vocab.json"))
   counts = None

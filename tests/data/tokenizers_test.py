@@ -2,8 +2,10 @@
 import json
 import sys
 
+import numpy as np
+
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lm_jax.data import corpora
@@ -125,15 +127,22 @@ def _write(tmp_path, name, text):
 
 
 def test_load_text_splits_by_characters_at_word_boundaries(tmp_path):
-  text = "the cat sat on a mat.\n" * 40
+  text = "the cat sat on a mat.\n" * 40  # 0.21 of it ends inside "on"
   path = _write(tmp_path, "book.txt", text)
-  for name in ("whitespace", "words"):
-    corpus = corpora.load_text(path, tokenizer=name, valid_fraction=0.21, test_fraction=0.1)
+  for name in ("words", "bpe"):
+    if name == "bpe":
+      pytest.importorskip("tokenizers")
+    corpus = corpora.load_text(path, tokenizer=name, valid_fraction=0.21, test_fraction=0.1,
+                               **({"bpe_vocab_size": 260} if name == "bpe" else {}))
     assert sum(corpus.characters.values()) == len(text)
-    # No word cut in two: a piece of a word would be a type the training split lacks.
-    assert corpus.oov_counts == {"train": 0, "valid": 0, "test": 0}
     assert corpus.characters["valid"] == pytest.approx(0.21 * len(text), abs=8)
     assert corpus.tokenizer.name == name and corpus.level == "word"
+    # No word cut in two: each held-out piece starts at a space (a piece of a word would
+    # also be a type the training split lacks).
+    assert corpus.oov_counts["valid"] == 0
+    if name == "bpe":  # BPE's text is exact: it starts at the space after "on"
+      valid_text = corpus.tokenizer.detokenize(corpus.vocab.to_tokens(corpus.valid))
+      assert valid_text.startswith(" a mat."), valid_text[:10]
   char = corpora.load_text(path, valid_fraction=0.2, test_fraction=0.1)
   assert char.characters == {"train": len(char.train), "valid": len(char.valid),
                              "test": len(char.test)}  # char: one token per character
@@ -184,3 +193,36 @@ def test_char_and_whitespace_split_by_token_counts_as_the_older_levels(tmp_path)
   assert sum(corpus.characters.values()) == len(text)
   capped = corpora.load_text(path, tokenizer="whitespace", max_tokens=20)
   assert len(capped.train) + len(capped.valid) == 20
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet="ab Zq\n\n\t\r.,-\u00e9\u65e5\u20ac", min_size=20, max_size=120),
+       st.sampled_from(["char", "word"]), st.booleans(), st.booleans(),
+       st.sampled_from([0, 15]))
+def test_older_levels_load_as_the_token_count_split_of_read_tokens(
+    tmp_path, s, level, lowercase, letters_only, max_tokens):
+  """The specification of --level=char/word text corpora before tokenizers existed:
+  read_tokens' tokens, the first max_tokens kept, round(n f) tokens for valid and test."""
+  path = _write(tmp_path, "t.txt", s)
+  kwargs = dict(lowercase=lowercase, letters_only=letters_only)
+  try:
+    tokens = corpora.read_tokens(path, level=level, add_eos=False, **kwargs)
+  except corpora.CorpusError:
+    return  # only blanks: load_text raises too
+  tokens = tokens[:max_tokens] if max_tokens else tokens
+  n = len(tokens)
+  n_valid, n_test = round(n * 0.2), round(n * 0.1)
+  n_train = n - n_valid - n_test
+  expected = {"train": tokens[:n_train], "valid": tokens[n_train:n_train + n_valid],
+              "test": tokens[n_train + n_valid:]}
+  try:
+    corpus = corpora.load_text(path, level=level, valid_fraction=0.2, test_fraction=0.1,
+                               max_tokens=max_tokens, **kwargs)
+  except corpora.CorpusError as e:
+    assert "has no tokens" in str(e) and not all(expected.values())
+    return
+  vocab = corpora.text.Vocab.build(expected["train"])
+  assert corpus.vocab == vocab
+  for split, split_tokens in expected.items():
+    np.testing.assert_array_equal(getattr(corpus, split), vocab.to_ids(split_tokens))

@@ -59,7 +59,7 @@ def test_train_lm_defines_exactly_the_config_flags_with_their_help():
 # Issue 22: every flag is either in the resume fingerprint or deliberately not, with a reason.
 FINGERPRINTED = {
     "corpus", "level", "lowercase", "letters_only", "text_max_tokens", "valid_fraction",
-    "test_fraction", "tokenizer", "max_vocab", "min_count", "bpe_vocab_size", "dtype",
+    "test_fraction", "tokenizer", "max_vocab", "min_count", "bpe_vocab_size",
     "synthetic_vocab_size",
     "synthetic_train_tokens", "batch_size", "bptt", "batching", "eval_batch_size",
     "cell", "layers", "hidden", "embed", "dropout", "variational_dropout", "tie_weights",
@@ -77,6 +77,8 @@ NOT_FINGERPRINTED = {
     "eval_every_seconds": "reporting", "log_every": "reporting", "tensorboard": "reporting",
     "skip_nonfinite": "recovery",  # resuming a run stopped by a NaN with it is the remedy
     "keep_freed_memory": "memory",
+    # The state is float32 either way: a bfloat16 run may resume or be evaluated in float32.
+    "dtype": "precision",
     "parallel": "devices", "coordinator_address": "devices", "num_processes": "devices",
     "process_id": "devices",
 }
@@ -175,7 +177,7 @@ def test_old_text_checkpoints_have_their_tokenizer_from_their_level(caplog):
     current = config_lib.model_fingerprint(
         TrainConfig.from_flags(text_path="t.txt", level=level), 10)
     old = {k: v for k, v in current.items()
-           if k not in ("tokenizer", "max_vocab", "min_count", "bpe_vocab_size", "dtype")}
+           if k not in ("tokenizer", "max_vocab", "min_count", "bpe_vocab_size")}
     caplog.clear()
     assert checkpointing.config_differences(old, current) == []
     assert "predates" not in caplog.text
