@@ -10,6 +10,8 @@
   ``$LM_JAX_TEST_CACHE_DIR``) makes a second run of the suite skip most compilation. It is
   set through the environment so that subprocesses (the experiment scripts) share it. It
   changes no result: a cached executable is the one XLA would compile.
+* A ``dot_dtypes`` fixture: the operand dtypes of every matmul in a function's jaxpr (the
+  mixed-precision tests).
 * Nothing else: tests run at XLA's default optimisation level and JAX's default matmul
   precision, as users run them. A test that needs float64 or ``highest`` precision sets it
   itself, locally (``jax.enable_x64``, ``jax.default_matmul_precision``).
@@ -28,5 +30,29 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+
+
+def _dot_dtypes(fn, *args):
+  """The operand dtypes of every ``dot_general`` in ``fn(*args)``'s jaxpr, sub-jaxprs
+  (scans, conds, custom_vjp rules) included."""
+  import jax.extend  # pylint: disable=import-outside-toplevel
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.fixture
+def dot_dtypes():
+  """:func:`_dot_dtypes`: ``dot_dtypes(fn, *args)``."""
+  return _dot_dtypes

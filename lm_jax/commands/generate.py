@@ -20,7 +20,7 @@ from lm_jax.train import trainer
 def define_flags() -> None:
   flags.DEFINE_string("workdir", "runs/default", "a lm-jax-train (train_lm.py) workdir")
   flags.DEFINE_string("prompt", "", "text to continue (tokenized like the corpus); empty "
-                      "starts from <eos>")
+                      "starts from a line break (<eos> where the text has none)")
   flags.DEFINE_integer("num_tokens", 100, "tokens to generate")
   flags.DEFINE_float("temperature", 1.0, "softmax temperature; 0 = greedy")
   flags.DEFINE_integer("seed", 0, "sampling seed")

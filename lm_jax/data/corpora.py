@@ -42,8 +42,23 @@ _CHUNK_BYTES = 1 << 20
 NAMES = ("synthetic", "ptb", "wikitext2", "text", "timemachine", "tinyshakespeare")
 # The tokenizer each of the older ``level`` values names.
 LEVEL_TOKENIZERS = {"char": "char", "word": "whitespace"}
+# The text presets: their file under the data folder and how it is read (char tokenizer).
+PRESETS = {"timemachine": ("timemachine/timemachine.txt",
+                           {"lowercase": True, "letters_only": True}),
+           "tinyshakespeare": ("tinyshakespeare/input.txt", {})}
 _NEXT_SPACE = re.compile(r"\s")
 _WORDS = re.compile(r"\S+")
+
+
+def token_level(tokenizer_name: str) -> str:
+  """``Corpus.level`` of a tokenizer: "char" for ``char``, else "word"."""
+  return "char" if tokenizer_name == "char" else "word"
+
+
+def bits_per_character(bits_per_token: float, tokens: int, characters: int) -> float:
+  """Bits per token x tokens / characters: the one rule of the trainer's reports and of
+  ``lm-jax-evaluate``, so that models of other tokenizations of the same text compare."""
+  return bits_per_token * tokens / max(characters, 1)
 
 
 class CorpusError(ValueError):
@@ -74,12 +89,19 @@ class Corpus:
   tokenizer: tokenizers.TextTokenizer | None = None
 
   def chars_per_token(self, split: str) -> float | None:
-    """Characters per token of ``split`` (bits per character = bits per token / this);
-    None when the corpus has no characters (synthetic)."""
+    """Characters per token of ``split``; None when the corpus has no characters
+    (synthetic)."""
     ids = getattr(self, split)
     if split not in self.characters or ids is None or not self.characters[split]:
       return None
     return self.characters[split] / len(ids)
+
+  def bits_per_character(self, split: str, bits_per_token: float) -> float | None:
+    """:func:`bits_per_character` of ``split``; None when it has no characters."""
+    if not self.chars_per_token(split):
+      return None
+    return bits_per_character(bits_per_token, len(getattr(self, split)),
+                              self.characters[split])
 
   def __post_init__(self):
     for split in ("train", "valid", "test"):
@@ -330,21 +352,18 @@ def load_text(path: str | os.PathLike, *,
       raise CorpusError(f"level={level!r}: give tokenizer= (one of {tokenizers.TOKENIZERS}) "
                         "or level= char|word, not both")
     tokenizer = LEVEL_TOKENIZERS[level]
-  if not isinstance(tokenizer, tokenizers.TextTokenizer):
-    tokenizer = tokenizer or "char"
-    if tokenizer not in tokenizers.TOKENIZERS:
-      raise CorpusError(f"tokenizer={tokenizer!r} is not one of {tokenizers.TOKENIZERS}")
-    if tokenizer == "bpe":
-      clean = tokenizers.TextTokenizer("char", lowercase=lowercase, letters_only=letters_only)
-    else:
-      tokenizer = clean = tokenizers.TextTokenizer(tokenizer, lowercase=lowercase,
-                                                   letters_only=letters_only)
+  if isinstance(tokenizer, tokenizers.TextTokenizer):  # given: it also says how to clean
+    kind, lowercase, letters_only = tokenizer.name, tokenizer.lowercase, tokenizer.letters_only
   else:
-    clean = tokenizer
-  name_of = tokenizer if isinstance(tokenizer, str) else tokenizer.name
+    kind = tokenizer or "char"
+    if kind not in tokenizers.TOKENIZERS:
+      raise CorpusError(f"tokenizer={kind!r} is not one of {tokenizers.TOKENIZERS}")
+    # BPE is learned below, on the training part.
+    tokenizer = None if kind == "bpe" else tokenizers.TextTokenizer(
+        kind, lowercase=lowercase, letters_only=letters_only)
   if max_tokens < 0:
     raise CorpusError(f"max_tokens must be >= 0 (0: all), got {max_tokens}")
-  by_tokens = name_of in ("char", "whitespace")  # the older levels: split by token counts
+  by_tokens = kind in ("char", "whitespace")  # the older levels: split by token counts
   if max_tokens and not by_tokens:
     raise CorpusError(f"max_tokens={max_tokens} applies to the char and whitespace "
                       "tokenizers only")
@@ -354,28 +373,31 @@ def load_text(path: str | os.PathLike, *,
           and valid_fraction + test_fraction < 1.0):
     raise CorpusError(f"need 0 < valid_fraction < 1, 0 <= test_fraction < 1 and their sum "
                       f"< 1, got {valid_fraction} and {test_fraction}")
-  whole = clean.clean(read_text(path))
+  def read(file):
+    return text.clean(read_text(file), lowercase=lowercase, letters_only=letters_only)
+
+  whole = read(path)
   if by_tokens:
     if max_tokens:
-      whole = whole[:_token_cuts(whole, clean.name, (max_tokens,))[0]]
-    n = len(whole) if clean.name == "char" else sum(1 for _ in _WORDS.finditer(whole))
+      whole = whole[:_token_cuts(whole, kind, (max_tokens,))[0]]
+    n = len(whole) if kind == "char" else sum(1 for _ in _WORDS.finditer(whole))
   else:
     n = len(whole)
   n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
   if by_tokens:
-    a, b = _token_cuts(whole, clean.name, (n - n_valid - n_test, n - n_test))
+    a, b = _token_cuts(whole, kind, (n - n_valid - n_test, n - n_test))
   else:
     a = _word_boundary(whole, n - n_valid - n_test)
     b = max(a, _word_boundary(whole, n - n_test))
   texts = {"train": whole[:a],
-           "valid": clean.clean(read_text(valid_path)) if valid_path else whole[a:b],
-           "test": (clean.clean(read_text(test_path)) if test_path
+           "valid": read(valid_path) if valid_path else whole[a:b],
+           "test": (read(test_path) if test_path
                     else whole[b:] if test_fraction > 0 else None)}
   # A piece that ends inside the file's text does not end its last line (no <eos> there).
   ends_text = {"train": a >= len(whole), "valid": bool(valid_path) or b >= len(whole),
                "test": True}
   del whole
-  if tokenizer == "bpe":
+  if tokenizer is None:
     tokenizer = tokenizers.train_bpe([texts["train"]], bpe_vocab_size, lowercase=lowercase,
                                      letters_only=letters_only, cleaned=True)
   splits = {split: None if t is None else tokenizer.tokenize(
@@ -386,7 +408,7 @@ def load_text(path: str | os.PathLike, *,
       raise CorpusError(f"{os.fspath(where)}: split {split!r} has no tokens (a longer file, "
                         "or larger fractions)")
   name = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
-  return _encode(name, "char" if tokenizer.name == "char" else "word", splits,
+  return _encode(name, token_level(kind), splits,
                  vocab=_text_vocab(tokenizer, splits["train"], vocab_kwargs),
                  characters={k: len(t) for k, t in texts.items() if t is not None},
                  tokenizer=tokenizer)
@@ -442,10 +464,7 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None, **kwargs: 
     if data_dir is not None and not os.path.isabs(path):
       path = os.path.join(root, path)
     return load_text(path, **kwargs)
-  if name == "timemachine":
-    kwargs = {"lowercase": True, "letters_only": True, "name": "timemachine", **kwargs}
-    return load_text(os.path.join(root, "timemachine", "timemachine.txt"), **kwargs)
-  if name == "tinyshakespeare":
-    kwargs = {"name": "tinyshakespeare", **kwargs}
-    return load_text(os.path.join(root, "tinyshakespeare", "input.txt"), **kwargs)
+  if name in PRESETS:
+    file, options = PRESETS[name]
+    return load_text(os.path.join(root, *file.split("/")), **{**options, "name": name, **kwargs})
   raise CorpusError(f"unknown corpus {name!r}; expected one of {NAMES}")

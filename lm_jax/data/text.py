@@ -35,6 +35,14 @@ _FORMAT = "lm_jax.Vocab"
 _VERSION = 1
 
 
+def clean(s: str, *, lowercase: bool = False, letters_only: bool = False) -> str:
+  """``s`` with ``letters_only`` (every run of characters other than A-Z, a-z becomes one
+  space; first, as D2L: "K" (Kelvin sign) is not a letter here) and ``lowercase`` applied."""
+  if letters_only:
+    s = _NON_LETTERS.sub(" ", s)
+  return s.lower() if lowercase else s
+
+
 def tokenize(line: str, level: str = "word") -> list[str]:
   """Splits a line into word tokens (on whitespace) or character tokens."""
   if level == "word":
@@ -74,11 +82,7 @@ class StreamTokenizer:
     self.in_run = False      # char level, letters_only: last output was a mapped space
 
   def _clean(self, s: str) -> str:
-    if self.letters_only:  # first, as D2L: "K" (Kelvin sign) is not a letter here
-      s = _NON_LETTERS.sub(" ", s)
-    if self.lowercase:
-      s = s.lower()
-    return s
+    return clean(s, lowercase=self.lowercase, letters_only=self.letters_only)
 
   def _chars(self, s: str) -> None:
     s = self._clean(s)

@@ -40,8 +40,7 @@ TOKENIZERS = ("char", "whitespace", "words", "bpe")
 WORD_PATTERN = re.compile(r"\d+(?:[.,:]\d+)+|[^\W_]+(?:['\u2019\-][^\W_]+)*|[^\w\s]|_+")
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}%'\u2019")
 _NO_SPACE_AFTER = frozenset("([{$")
-_NON_LETTERS = re.compile(r"[^A-Za-z]+")
-_RESERVED = frozenset(("<unk>", "<pad>", "<bos>", "<eos>"))
+_RESERVED = frozenset(text_lib.RESERVED_TOKENS)
 _FORMAT = "lm_jax.TextTokenizer"
 _VERSION = 1
 INSTALL_HINT = "pip install 'lm_jax[tokenizers]' (HF tokenizers) for --tokenizer=bpe"
@@ -88,16 +87,10 @@ class TextTokenizer:
       raise TokenizerError("a trained BPE model is needed for name='bpe' (train_bpe), and "
                            "only for it")
 
-  @property
-  def ends_lines(self) -> bool:
-    """Whether every line's tokens end with ``<eos>`` (``words``)."""
-    return self.name == "words"
-
   def clean(self, text: str) -> str:
-    """``text`` with ``letters_only`` (first, as D2L) and ``lowercase`` applied."""
-    if self.letters_only:
-      text = _NON_LETTERS.sub(" ", text)
-    return text.lower() if self.lowercase else text
+    """``text`` with ``letters_only`` (first, as D2L) and ``lowercase`` applied
+    (:func:`lm_jax.data.text.clean`, the rule of the older readers too)."""
+    return text_lib.clean(text, lowercase=self.lowercase, letters_only=self.letters_only)
 
   def tokenize(self, text: str, *, end_last_line: bool = True,
                cleaned: bool = False) -> list[str]:
@@ -193,9 +186,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, lowercase: bool = False,
   trainer = hf.trainers.BpeTrainer(
       vocab_size=vocab_size, show_progress=False,
       initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
-  clean = TextTokenizer("char", lowercase=lowercase, letters_only=letters_only).clean
-  model.train_from_iterator(
-      (line for t in texts for line in lines_with_ends(t if cleaned else clean(t))), trainer)
+  def lines(t):
+    return lines_with_ends(t if cleaned else text_lib.clean(t, lowercase=lowercase,
+                                                             letters_only=letters_only))
+
+  model.train_from_iterator((line for t in texts for line in lines(t)), trainer)
   return TextTokenizer("bpe", lowercase=lowercase, letters_only=letters_only, bpe=model)
 
 

@@ -539,7 +539,7 @@ def model_fingerprint(config: TrainConfig, vocab_size: int, *,
                  **{k: flags[k] for k in DATA_OPTION_FIELDS.get(config.data.corpus, ())}}
   if config.data.corpus == "text":  # resolved: --level=word and --tokenizer=whitespace agree
     fingerprint["tokenizer"] = config.data.text_tokenizer()
-    fingerprint["level"] = "char" if fingerprint["tokenizer"] == "char" else "word"
+    fingerprint["level"] = corpora.token_level(fingerprint["tokenizer"])
   if data_sha256 is not None:
     fingerprint["data_sha256"] = data_sha256
   return fingerprint

@@ -40,10 +40,8 @@ def config_tokenizer(config: TrainConfig) -> tokenizers.TextTokenizer | None:
   :func:`load_tokenizer`); None for PTB, WikiText-2 (:func:`reading_options`) and synthetic.
   A BPE tokenizer is learned from the data, so the flags cannot give it: CorpusError."""
   data = config.data
-  presets = {"timemachine": dict(name="char", lowercase=True, letters_only=True),
-             "tinyshakespeare": dict(name="char")}
-  if data.corpus in presets:
-    return tokenizers.TextTokenizer(**presets[data.corpus])
+  if data.corpus in corpora.PRESETS:
+    return tokenizers.TextTokenizer("char", **corpora.PRESETS[data.corpus][1])
   if data.corpus != "text":
     return None
   if data.text_tokenizer() == "bpe":
@@ -98,14 +96,13 @@ def prompt_tokens(config: TrainConfig, prompt: str, *,
   gives the tokens of a line break (``<eos>`` where the text has none), so that generation
   starts as at the beginning of a line. BPE prompts lose trailing spaces: ``"The "`` would
   end on a lone space token, rare in training, where the next word's token carries it."""
-  tokenizer = tokenizer or config_tokenizer(config)
-  if tokenizer is not None:
-    if tokenizer.name == "bpe":
-      prompt = prompt.rstrip(" ")
-    tokens = tokenizer.tokenize(prompt, end_last_line=False)
-    return tokens or tokenizer.line_break or ["<eos>"], tokenizer.detokenize
-  words = tokenizers.TextTokenizer("whitespace")
-  return text.tokenize(prompt, "word") or ["<eos>"], words.detokenize
+  # PTB, WikiText-2 and the synthetic language: whitespace-separated words.
+  tokenizer = (tokenizer or config_tokenizer(config)
+               or tokenizers.TextTokenizer("whitespace"))
+  if tokenizer.name == "bpe":
+    prompt = prompt.rstrip(" ")
+  tokens = tokenizer.tokenize(prompt, end_last_line=False)
+  return tokens or tokenizer.line_break or ["<eos>"], tokenizer.detokenize
 
 
 def unk_rate(tokens: list[str], ids, vocab: text.Vocab) -> float:
@@ -138,5 +135,6 @@ def evaluate_text_file(config: TrainConfig, vocab: text.Vocab, model: Any, param
   return {"file": os.fspath(path), "tokens": len(tokens), "predicted_tokens": summary["tokens"],
           "characters": characters, "loss_nats": summary["loss_nats"],
           "perplexity": summary["perplexity"], "bits_per_token": summary["bits_per_token"],
-          "bits_per_character": summary["bits_per_token"] * len(tokens) / max(characters, 1),
+          "bits_per_character": corpora.bits_per_character(summary["bits_per_token"],
+                                                           len(tokens), characters),
           "unk_rate": unk_rate(tokens, ids, vocab)}

@@ -250,8 +250,7 @@ class Trainer:
     if self.is_writer:  # only now: a checkpoint that does not match stopped the run above
       run_logging.write_json(os.path.join(self.workdir, "config.json"), self.config.flags())
       if self.corpus.tokenizer is not None:  # lm-jax-evaluate / -generate read text with it
-        run_logging.write_json(os.path.join(self.workdir, evaluation.TOKENIZER_FILE),
-                               self.corpus.tokenizer.config())
+        self.corpus.tokenizer.save(os.path.join(self.workdir, evaluation.TOKENIZER_FILE))
       # The head (tree, classes, noise) is built from these; generate.py reads them.
       run_logging.write_json(os.path.join(self.workdir, COUNTS_FILE), self.counts.tolist())
     # Evaluations recorded in the restored checkpoint are not repeated (nor re-logged).
@@ -418,8 +417,8 @@ class Trainer:
               "grad_norm": window.grad_norm / window.steps if window.steps else math.nan,
               "skipped_steps": int(window.skipped), "wall_time": time.time() - self.t_start,
               "train_time": self.training_time()}
-    if cpt := self.corpus.chars_per_token("train"):
-      record["bits_per_character"] = summary["bits_per_token"] / cpt
+    if (bpc := self.corpus.bits_per_character("train", summary["bits_per_token"])) is not None:
+      record["bits_per_character"] = bpc
     self.writer.write(record)
     skipped = (f" | skipped {int(window.skipped)} (total {self.skipped_total})"
                if self.config.run.skip_nonfinite else "")
@@ -447,8 +446,8 @@ class Trainer:
     summary = self.last_eval[(self.step, split)] = parallel.evaluate(
         self.dp, self.state.params, tokens, initial_state=self.model.initial_state,
         batch_size=self.config.data.eval_batch_size, bptt=self.config.data.bptt)
-    if cpt := self.corpus.chars_per_token(split):  # comparable across tokenizers
-      summary["bits_per_character"] = summary["bits_per_token"] / cpt
+    if (bpc := self.corpus.bits_per_character(split, summary["bits_per_token"])) is not None:
+      summary["bits_per_character"] = bpc  # comparable across tokenizers
     self.writer.write({"step": self.step, "epoch": epoch, "split": split, **summary,
                        "wall_time": time.time() - self.t_start,
                        "train_time": self.training_time()})

@@ -1,6 +1,5 @@
 """Tests for lm_jax.models.language_model: reference maths, causality, state carrying, masking, dropout."""
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -312,17 +311,6 @@ def test_generation_from_a_non_finite_model_says_so():
     generation.generate(model, bad, np.array([1, 2]), num_tokens=4, key=jax.random.PRNGKey(1))
 
 
-def _dot_dtypes(jaxpr):
-  """The operand dtypes of every dot_general in a (closed) jaxpr, sub-jaxprs included."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      found += _dot_dtypes(sub)
-  return found
-
-
 # Heads whose every matmul is plain and so runs in bfloat16 under --dtype=bfloat16; the
 # others (class, hsm, sampled, ...) upcast the bfloat16 hidden state and compute in float32.
 BFLOAT16_HEADS = ("full", "dsoftmax")
@@ -330,7 +318,7 @@ BFLOAT16_HEADS = ("full", "dsoftmax")
 
 @pytest.mark.parametrize("cell,head", [("lstm", h) for h in heads.HEAD_NAMES]
                          + [("gru", "full"), ("elman", "full")])
-def test_bfloat16_compute_keeps_float32_params_grads_and_losses(cell, head):
+def test_bfloat16_compute_keeps_float32_params_grads_and_losses(cell, head, dot_dtypes):
   """--dtype=bfloat16: the matmuls of the loss and its gradient take bfloat16 operands (the
   embedding and layers always; the head's too for BFLOAT16_HEADS), never a bfloat16 operand
   promoted beside a float32 one; the params, their gradients and the loss stay float32, and
@@ -349,8 +337,7 @@ def test_bfloat16_compute_keeps_float32_params_grads_and_losses(cell, head):
     return model.loss(p, tokens, tokens, model.initial_state(3),
                       dropout_key=jax.random.PRNGKey(2))[0].mean()
 
-  jaxpr = jax.make_jaxpr(jax.value_and_grad(lambda p: mean_loss(bf16, p)))(params)
-  dots = _dot_dtypes(jaxpr.jaxpr)
+  dots = dot_dtypes(jax.value_and_grad(lambda p: mean_loss(bf16, p)), params)
   assert ("bfloat16", "bfloat16") in dots
   assert all(len(set(d)) == 1 for d in dots), dots  # no silent promotion
   if head in BFLOAT16_HEADS:

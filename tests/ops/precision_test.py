@@ -1,6 +1,5 @@
 """Tests for lm_jax.ops.precision.matmul: bfloat16 both ways, float32 accumulation."""
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,28 +8,13 @@ from jax.test_util import check_grads
 from lm_jax.ops import precision
 
 
-def _dots(fn, *args):
-  """Operand dtypes of every dot_general in ``fn``'s jaxpr."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
-
-
 def _operands(dtype):
   a = jax.random.normal(jax.random.PRNGKey(0), (5, 7)).astype(dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (7, 3)).astype(dtype)
   return a, b
 
 
-def test_bfloat16_forward_and_backward_matmuls_are_bfloat16():
+def test_bfloat16_forward_and_backward_matmuls_are_bfloat16(dot_dtypes):
   a, b = _operands(jnp.bfloat16)
   out = precision.matmul(a, b)
   assert out.dtype == jnp.float32
@@ -39,7 +23,7 @@ def test_bfloat16_forward_and_backward_matmuls_are_bfloat16():
                              rtol=1e-6, atol=1e-6)
   ct = jax.random.normal(jax.random.PRNGKey(2), (5, 3))
   loss = lambda a, b: jnp.sum(precision.matmul(a, b) * ct)  # (vdot would be a dot too)
-  assert _dots(jax.grad(loss, argnums=(0, 1)), a, b) == [("bfloat16", "bfloat16")] * 3
+  assert dot_dtypes(jax.grad(loss, argnums=(0, 1)), a, b) == [("bfloat16", "bfloat16")] * 3
   da, db = jax.grad(loss, argnums=(0, 1))(a, b)
   assert da.dtype == db.dtype == jnp.bfloat16
   # The cotangent rounded to bfloat16 (8-bit mantissa), then exact products in float32.
@@ -50,18 +34,18 @@ def test_bfloat16_forward_and_backward_matmuls_are_bfloat16():
                              rtol=1e-2, atol=1e-2)
   # Plain autodiff of preferred_element_type would multiply a float32 cotangent by bfloat16.
   plain = lambda a, b: jnp.sum(jnp.matmul(a, b, preferred_element_type=jnp.float32) * ct)
-  assert ("float32", "bfloat16") in _dots(jax.grad(plain, argnums=(0, 1)), a, b)
+  assert ("float32", "bfloat16") in dot_dtypes(jax.grad(plain, argnums=(0, 1)), a, b)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
-def test_other_dtypes_are_jnp_matmul(dtype):
+def test_other_dtypes_are_jnp_matmul(dtype, dot_dtypes):
   a, b = _operands(dtype)
   np.testing.assert_array_equal(precision.matmul(a, b),
                                 jnp.matmul(a, b, preferred_element_type=jnp.float32))
   if dtype == jnp.float32:
     check_grads(precision.matmul, (a, b), order=2, modes=("fwd", "rev"))
   else:  # float16: autodiff's float32 cotangent is kept (no flush of small gradients)
-    dots = _dots(jax.grad(lambda a: precision.matmul(a, b).sum()), a)
+    dots = dot_dtypes(jax.grad(lambda a: precision.matmul(a, b).sum()), a)
     assert ("float32", "float16") in dots or ("float16", "float32") in dots, dots
 
 
